@@ -1,0 +1,1 @@
+"""Evaluation: MMVP-VLM zero-shot scoring, attribute probes, plots."""

@@ -1,0 +1,1 @@
+"""Orchestration: wires the jobs of shards/, pipeline/ and eval/ into runs."""

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The two quickstart commands. Each sets up what is missing (a virtual environment in
+# .venv from the pinned requirements, reinstalled only when they change), then runs:
+#   ./run.sh demo [args]   the demo on the synthetic world (python -m launch demo)
+#   ./run.sh test [args]   the test suite (python -m pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+STAMP=$VENV/.requirements.sha256
+
+find_python() {
+  for py in ${PYTHON:-} python3.11 python3; do
+    if command -v "$py" >/dev/null 2>&1 &&
+       "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+      echo "$py"; return 0
+    fi
+  done
+  echo "run.sh: error: Python 3.11 not found (set PYTHON=/path/to/python3.11)" >&2
+  exit 2
+}
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "run.sh: creating $VENV" >&2
+    "$(find_python)" -m venv "$VENV"
+  fi
+  local want
+  want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
+    echo "run.sh: installing requirements into $VENV (first time: a few minutes)" >&2
+    "$VENV/bin/pip" install --disable-pip-version-check -q -r requirements-dev.txt
+    echo "$want" > "$STAMP"
+  fi
+}
+
+cmd=${1:-}
+case "$cmd" in
+  demo) shift; setup; exec "$VENV/bin/python" -m launch demo "$@" ;;
+  test) shift; setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: ./run.sh demo [args] | ./run.sh test [pytest args]" >&2; exit 2 ;;
+esac

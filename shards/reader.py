@@ -1,0 +1,344 @@
+"""Reading webdataset shards the way real img2dataset output needs.
+
+Shard specs: `data/{00000..00099}.tar` (brace-expanded), several joined with `::` (as
+open_clip does), a local folder (its `*.tar`), and any URL webdataset's `gopen` opens
+(`pipe:cmd`, `http(s)://`, `gs://`, ...); other schemes (`s3://`, `memory://`, ...) go
+through fsspec.
+
+Problems real shards contain are counted, logged once each with shard and key, and the
+sample is skipped; a job never dies in the middle of a shard:
+
+| kind              | what                                                          |
+|-------------------|---------------------------------------------------------------|
+| unreadable_shard  | the shard cannot be opened (missing file, failed command)     |
+| empty_tar         | zero bytes                                                    |
+| corrupt_tar       | not a tar archive                                             |
+| truncated_tar     | the archive stops early; the complete samples before it count |
+| missing_image     | a key with no .jpg/.jpeg/.png/.webp (e.g. failed download)    |
+| missing_caption   | a key with no .txt                                            |
+| duplicate_key     | a key seen before in the same shard (the first one is kept)   |
+| bad_text_encoding | a caption that is not UTF-8                                   |
+| empty_caption     | a caption that is empty or only white space                   |
+| corrupt_image     | an image that does not decode (checked when images decode)    |
+| bad_json          | unparsable .json: counted, the sample kept with json = None   |
+
+The stages are webdataset pipeline filters, so they compose with its shard lists,
+node/worker splitters and shuffles:
+
+    wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
+                     tar_samples(problems), check_samples(problems), decode_images(problems))
+
+Samples come out as {"__key__", "__url__", "image" (bytes, or PIL after decode_images),
+"image_ext", "text" (str), "json" (dict or None)}.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import io
+import json
+import logging
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+from urllib.parse import urlparse
+
+import braceexpand
+import webdataset as wds
+from PIL import Image
+from webdataset.gopen import gopen, gopen_schemes
+
+from shards.cli import UsageError
+
+log = logging.getLogger("shards.reader")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHARD_PROBLEMS = ("unreadable_shard", "empty_tar", "corrupt_tar", "truncated_tar")
+SAMPLE_PROBLEMS = ("missing_image", "missing_caption", "duplicate_key", "bad_text_encoding",
+                   "empty_caption", "corrupt_image", "bad_json")
+PROBLEM_KINDS = SHARD_PROBLEMS + SAMPLE_PROBLEMS
+SKIPPING = set(PROBLEM_KINDS) - {"bad_json"}
+
+
+# --- shard specs ----------------------------------------------------------------------
+
+
+def is_local(url: str) -> bool:
+    scheme = urlparse(url).scheme
+    return scheme in ("", "file") or len(scheme) == 1  # "C:" style drive letters
+
+
+def expand_urls(spec: str | Sequence[str]) -> list[str]:
+    """Expand a shard spec into URLs; local paths must exist. Raises UsageError."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for part in parts:
+        for sub in str(part).split("::"):
+            sub = sub.strip()
+            if not sub:
+                continue
+            for url in braceexpand.braceexpand(sub):
+                if not is_local(url) or url == "-":
+                    urls.append(url)
+                    continue
+                path = urlparse(url).path if url.startswith("file:") else url
+                if os.path.isdir(path):
+                    found = sorted(glob.glob(os.path.join(path, "*.tar")))
+                    if not found:
+                        raise UsageError(f"{path}: folder holds no .tar shards")
+                    urls.extend(found)
+                elif os.path.exists(path):
+                    urls.append(url)
+                else:
+                    raise UsageError(f"{path}: no such shard")
+    if not urls:
+        raise UsageError(f"shard spec {spec!r} names no shards")
+    return urls
+
+
+def open_stream(url: str):
+    """Open a shard for reading: webdataset's gopen, or fsspec for schemes gopen lacks."""
+    scheme = urlparse(url).scheme
+    if is_local(url) or url == "-" or scheme in gopen_schemes:
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+# --- problems -------------------------------------------------------------------------
+
+
+class ProblemLog:
+    """Counts problems, each (kind, shard, key) once, and logs the first few of each kind."""
+
+    def __init__(self, max_logged_per_kind: int = 20, logger: logging.Logger | None = log):
+        self.max_logged = max_logged_per_kind
+        self.logger = logger
+        self.counts: collections.Counter = collections.Counter()
+        self.per_shard: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.items: list[dict] = []
+        self._seen: set = set()
+
+    def add(self, kind: str, url: str, key: str | None = None, detail: str = "") -> None:
+        assert kind in PROBLEM_KINDS, kind
+        ident = (kind, url, key)
+        if ident in self._seen:
+            return
+        self._seen.add(ident)
+        self.counts[kind] += 1
+        self.per_shard[url][kind] += 1
+        self.items.append({"kind": kind, "shard": url, "key": key, "detail": detail})
+        if self.logger is None:
+            return
+        n = self.counts[kind]
+        where = f"{url}" + (f" key {key}" if key is not None else "")
+        if n <= self.max_logged:
+            self.logger.warning("%s: %s%s, skipped", where, kind, f" ({detail})" if detail else "")
+        if n == self.max_logged:
+            self.logger.warning("further %s problems are counted but not logged", kind)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def merge(self, other: "ProblemLog") -> None:
+        for item in other.items:
+            ident = (item["kind"], item["shard"], item["key"])
+            if ident not in self._seen:
+                self._seen.add(ident)
+                self.counts[item["kind"]] += 1
+                self.per_shard[item["shard"]][item["kind"]] += 1
+                self.items.append(item)
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no problems"
+        return ", ".join(f"{k}={self.counts[k]}" for k in PROBLEM_KINDS if self.counts[k])
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(self.counts), "items": list(self.items)}
+
+
+# --- stages ---------------------------------------------------------------------------
+
+
+class _WatchedTarInfo(tarfile.TarInfo):
+    """Notes a proper end-of-archive block: Python's tarfile treats a truncated stream
+    as a silent end, so without this a cut-off shard would look complete."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:
+            tf.mcl_clean_end = True
+            raise
+
+
+def tar_members(url: str, problems: ProblemLog) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of one shard's regular files; shard problems are recorded."""
+    try:
+        stream = open_stream(url)
+    except Exception as exc:  # noqa: BLE001 - any opener failure is the shard's problem
+        problems.add("unreadable_shard", url, detail=_short(exc))
+        return
+    n, failed = 0, False
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo) as tf:
+            tf.mcl_clean_end = False
+            for info in tf:
+                if not info.isreg():
+                    continue
+                data = tf.extractfile(info).read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} has {len(data)} of {info.size} bytes")
+                n += 1
+                yield info.name, data
+            if not tf.mcl_clean_end:
+                raise tarfile.ReadError(f"archive ends without an end-of-archive block after {n} files")
+    except Exception as exc:  # noqa: BLE001 - whatever the stream raises is this shard's problem
+        failed = True
+        problems.add(_classify(exc, n), url, detail=_short(exc) + (f"; {n} files read before it" if n else ""))
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - e.g. a pipe: command that failed
+                if not failed and n == 0:
+                    problems.add("unreadable_shard", url, detail=_short(exc))
+
+
+def _classify(exc: Exception, files_read: int) -> str:
+    msg = str(exc)
+    if not isinstance(exc, (tarfile.TarError, EOFError)):
+        return "unreadable_shard" if files_read == 0 else "truncated_tar"  # the stream itself failed
+    if files_read == 0 and "empty file" in msg:
+        return "empty_tar"
+    if files_read == 0 and ("invalid header" in msg or "checksum" in msg):
+        return "corrupt_tar"
+    return "truncated_tar"
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    base = os.path.basename(name)
+    if "." not in base:
+        return None, ""
+    dirname = os.path.dirname(name)
+    stem, ext = base.split(".", 1)
+    return (f"{dirname}/{stem}" if dirname else stem), ext.lower()
+
+
+def group_members(members: Iterable[tuple[str, bytes]], url: str, problems: ProblemLog) -> Iterator[dict]:
+    """Group consecutive members by key (webdataset's convention) into raw samples.
+
+    A key seen before in the shard, or a member repeating a suffix of the current key,
+    starts a new sample that is dropped as a duplicate_key.
+    """
+    seen: set[str] = set()
+    current: dict | None = None
+    for name, data in members:
+        key, ext = _split_name(name)
+        if key is None or key.startswith("__"):
+            continue
+        if current is None or key != current["__key__"] or ext in current:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url, "__duplicate__": key in seen}
+            seen.add(key)
+        current[ext] = data
+    if current is not None:
+        yield current
+
+
+def _tar_samples(urls: Iterable[Any], problems: ProblemLog) -> Iterator[dict]:
+    for item in urls:
+        url = item["url"] if isinstance(item, dict) else item
+        yield from group_members(tar_members(url, problems), url, problems)
+
+
+def _check_samples(samples: Iterable[dict], problems: ProblemLog) -> Iterator[dict]:
+    for raw in samples:
+        url, key = raw["__url__"], raw["__key__"]
+        if raw.get("__duplicate__"):
+            problems.add("duplicate_key", url, key)
+            continue
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None:
+            problems.add("missing_image", url, key)
+            continue
+        if "txt" not in raw:
+            problems.add("missing_caption", url, key)
+            continue
+        try:
+            text = raw["txt"].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.add("bad_text_encoding", url, key, _short(exc))
+            continue
+        text = text.strip()
+        if not text:
+            problems.add("empty_caption", url, key)
+            continue
+        meta = None
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except ValueError as exc:
+                problems.add("bad_json", url, key, _short(exc))
+        yield {"__key__": key, "__url__": url, "image": raw[ext], "image_ext": ext,
+               "text": text, "json": meta}
+
+
+def decode_image(data: bytes, mode: str = "RGB") -> Image.Image:
+    """Decode fully (a truncated JPEG fails here, not later in a transform)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.convert(mode)
+
+
+def _decode_images(samples: Iterable[dict], problems: ProblemLog, mode: str = "RGB") -> Iterator[dict]:
+    for s in samples:
+        try:
+            img = decode_image(s["image"], mode)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
+            problems.add("corrupt_image", s["__url__"], s["__key__"], _short(exc))
+            continue
+        yield {**s, "image": img}
+
+
+tar_samples = wds.pipelinefilter(_tar_samples)
+check_samples = wds.pipelinefilter(_check_samples)
+decode_images = wds.pipelinefilter(_decode_images)
+
+
+def read_samples(spec: str | Sequence[str], problems: ProblemLog | None = None, *,
+                 decode: bool = True, split: bool = False) -> Iterator[dict]:
+    """All good samples of a spec, in shard order. `split` divides shards over
+    torch.distributed ranks and DataLoader workers."""
+    problems = problems if problems is not None else ProblemLog()
+    stages: list = [wds.SimpleShardList(expand_urls(spec))]
+    if split:
+        stages += [wds.split_by_node, wds.split_by_worker]
+    stages += [tar_samples(problems), check_samples(problems)]
+    if decode:
+        stages.append(decode_images(problems))
+    return iter(wds.DataPipeline(*stages))
+
+
+def shard_basename(url: str) -> str:
+    return os.path.basename(urlparse(url).path) if not is_local(url) else os.path.basename(url)
+
+
+def local_sibling(url: str, suffix: str) -> Path | None:
+    """`00000.tar` -> `00000<suffix>` beside it, for local shards; None otherwise."""
+    if not is_local(url):
+        return None
+    path = Path(urlparse(url).path if url.startswith("file:") else url)
+    stem = path.name.split(".", 1)[0]
+    return path.with_name(stem + suffix)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

@@ -1,0 +1,36 @@
+"""Shared test helpers: the repo root, a CLI runner, the tiny world, raw tar writing."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from shards import world as W  # noqa: E402
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m ARGS...` with this interpreter; capture text output."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar with exactly these members, in this order (for malformed shards)."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> W.WorldSpec:
+    return W.load_spec(str(REPO / "configs" / "worlds" / "tiny.yaml"))
