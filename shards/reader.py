@@ -183,7 +183,7 @@ def tar_members(url: str, problems: ProblemLog) -> Iterator[tuple[str, bytes]]:
     except Exception as exc:  # noqa: BLE001 - any opener failure is the shard's problem
         problems.add("unreadable_shard", url, detail=_short(exc))
         return
-    n, failed = 0, False
+    n, error = 0, None
     try:
         with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo) as tf:
             tf.mcl_clean_end = False
@@ -198,16 +198,18 @@ def tar_members(url: str, problems: ProblemLog) -> Iterator[tuple[str, bytes]]:
             if not tf.mcl_clean_end:
                 raise tarfile.ReadError(f"archive ends without an end-of-archive block after {n} files")
     except Exception as exc:  # noqa: BLE001 - whatever the stream raises is this shard's problem
-        failed = True
-        problems.add(_classify(exc, n), url, detail=_short(exc) + (f"; {n} files read before it" if n else ""))
+        error = exc
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception as exc:  # noqa: BLE001 - e.g. a pipe: command that failed
-                if not failed and n == 0:
-                    problems.add("unreadable_shard", url, detail=_short(exc))
+        close_error = None
+        try:
+            getattr(stream, "close", lambda: None)()
+        except Exception as exc:  # noqa: BLE001 - e.g. a pipe: command that exited non-zero
+            close_error = exc
+        if close_error is not None and n == 0:
+            problems.add("unreadable_shard", url, detail=_short(close_error))
+        elif error is not None:
+            detail = _short(error) + (f"; {n} files read before it" if n else "")
+            problems.add(_classify(error, n), url, detail=detail)
 
 
 def _classify(exc: Exception, files_read: int) -> str:

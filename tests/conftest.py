@@ -34,3 +34,12 @@ def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_spec() -> W.WorldSpec:
     return W.load_spec(str(REPO / "configs" / "worlds" / "tiny.yaml"))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, tiny_spec) -> Path:
+    """600 samples of the tiny world in 3 shards, with sizes.json."""
+    from shards.generate import generate
+    out = tmp_path_factory.mktemp("tiny_shards")
+    generate(out, tiny_spec, 600, 200, seed=0, progress=False)
+    return out

@@ -1,0 +1,143 @@
+"""The configuration of one stage's training job: a YAML file plus `key=value` overrides.
+
+Keys are the fields of `TrainConfig`; a file may also hold them under a `train:` section.
+Unknown keys and wrong types are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""                   # shard spec (brace pattern, folder, ::-joined, URLs)
+    out: str = ""                    # the stage folder: checkpoints/, model/, metrics.jsonl, done.json
+    # model and init
+    model: str = "mcl-tiny-vit"      # open_clip architecture or a config in configs/models
+    pretrained: str | None = None    # open_clip tag, checkpoint file, or saved stage folder
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    # data
+    seed: int = 0
+    batch_size: int = 64             # per rank
+    workers: int = 1                 # DataLoader workers per rank
+    shuffle_buffer: int = 1000
+    augment: bool = False            # open_clip's train transform instead of the eval one
+    train_num_samples: int | None = None  # samples per epoch (default: the shards' sizes.json)
+    epochs: int = 1
+    steps: int | None = None         # total steps; overrides epochs
+    labels: str = "none"             # none | json:<field.path> (e.g. json:attributes.shape)
+    # loss
+    caption_dedup: bool = False      # identical captions are not negatives of each other
+    local_loss: bool = False
+    gather_with_grad: bool = True
+    # optimisation (open_clip's defaults for small models)
+    lr: float = 5e-4
+    wd: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup: int = 100
+    lr_scheduler: str = "cosine"     # cosine | const
+    grad_clip: float | None = None
+    # engine and precision
+    engine: str = "ddp"              # ddp | deepspeed
+    zero_stage: int = 2              # DeepSpeed ZeRO stage (1 or 2)
+    precision: str = "auto"          # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    dist_backend: str = "auto"       # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    threads: int | None = None       # torch CPU threads per process
+    # bookkeeping
+    save_every: int = 100            # steps between checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    tensorboard: bool = True         # when the tensorboard package is installed
+    extra: dict = field(default_factory=dict)  # free-form, recorded with the run
+
+    def validate(self) -> list[str]:
+        errors = []
+        if not self.data:
+            errors.append("data: a shard spec is required")
+        if not self.out:
+            errors.append("out: the stage folder is required")
+        for name in ("batch_size", "epochs", "save_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            errors.append(f"steps: must be >= 1, got {self.steps}")
+        if self.workers < 0 or self.warmup < 0:
+            errors.append("workers and warmup must be >= 0")
+        choices = {"lr_scheduler": ("cosine", "const"), "engine": ("ddp", "deepspeed"),
+                   "precision": ("auto", "fp32", "bf16"), "dist_backend": ("auto", "gloo", "nccl")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name}: must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.zero_stage not in (1, 2):
+            errors.append(f"zero_stage: must be 1 or 2, got {self.zero_stage}")
+        if not (self.labels == "none" or self.labels.startswith("json:")):
+            errors.append(f"labels: must be 'none' or 'json:<field.path>', got {self.labels!r}")
+        return errors
+
+
+def _coerce(name: str, value: Any, hint) -> Any:
+    args = typing.get_args(hint)
+    target = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{name}: must not be empty")
+    if target is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-3 as a string
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if not isinstance(value, target) or (isinstance(value, bool) and target is not bool):
+        raise ValueError(f"{name}: expected {target.__name__}, got {value!r}")
+    return value
+
+
+def load_train_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a config file (optional) and apply `key=value` overrides; raises ValueError."""
+    raw: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read config ({exc.strerror})") from exc
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
+            raw = raw["train"]
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a train config must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        raw[key.strip()] = yaml.safe_load(value) if value != "" else None
+    hints = typing.get_type_hints(TrainConfig)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ValueError(f"{path or 'overrides'}: unknown key {key!r}")
+        values[key] = _coerce(key, value, hints[key])
+    cfg = TrainConfig(**values)
+    if cfg.out:
+        cfg.out = str(Path(cfg.out))
+    errors = cfg.validate()
+    if errors:
+        raise ValueError("; ".join(errors))
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
