@@ -20,117 +20,209 @@ import hashlib
 import logging
 import math
 import random
-from typing import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
+from pipeline.artifacts import read_sidecar, sidecar_path
+from pipeline.buckets import BucketStats, coarsen_labels, plan_batches
 from shards.reader import ProblemLog, check_samples, decode_image, tar_samples
 
 log = logging.getLogger("pipeline.data")
-Labeler = Callable[[dict], int]
-
 
 def stable_hash64(text: str) -> int:
     """A signed int64 hash of a string, the same in every process and run."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
-def no_labels(sample: dict) -> int:
-    return 0
+class Labeler:
+    """sample -> (label, parent label); `stats` is the worker's BucketStats to count into."""
+    stats: BucketStats | None = None
+
+    def __call__(self, sample: dict) -> tuple[int, int]:
+        raise NotImplementedError
+
+
+class NoLabels(Labeler):
+    def __call__(self, sample: dict) -> tuple[int, int]:
+        return 0, 0
+
+
+no_labels = NoLabels()
+
+
+class JsonLabeler(Labeler):
+    """Label = hash of a field of the sample's json (e.g. "attributes.shape"); for tests."""
+
+    def __init__(self, path: str):
+        self.path, self.keys = path, path.split(".")
+
+    def __call__(self, sample: dict) -> tuple[int, int]:
+        value = sample.get("json")
+        for k in self.keys:
+            if not isinstance(value, dict) or k not in value:
+                raise KeyError(f"{sample['__url__']} key {sample['__key__']}: json has no field {self.path!r}")
+            value = value[k]
+        label = stable_hash64(repr(value))
+        return label, label
 
 
 def json_labeler(path: str) -> Labeler:
-    """Label = hash of a field of the sample's json (e.g. "attributes.shape")."""
-    keys = path.split(".")
+    return JsonLabeler(path)
 
-    def label(sample: dict) -> int:
-        value = sample.get("json")
-        for k in keys:
-            if not isinstance(value, dict) or k not in value:
-                raise KeyError(f"{sample['__url__']} key {sample['__key__']}: json has no field {path!r}")
-            value = value[k]
-        return stable_hash64(repr(value))
 
-    return label
+MISSING_LABEL = stable_hash64("mcl:no-sidecar-entry")
+
+
+class SidecarLabeler(Labeler):
+    """Pseudo-labels of a stage's sidecars, joined by key; small groups coarsened.
+
+    `table` maps each packed pseudo-label to (label for the loss, parent label for the
+    bucketing, whether it fell back to an ancestor): see `sidecar_label_table`. A sample
+    without an entry is an error naming shard and key, or with `missing="own"` joins one
+    label of its own and is counted.
+    """
+
+    def __init__(self, stage_dir: str, expect, table: dict, missing: str = "error"):
+        self.stage_dir, self.expect, self.table, self.missing = Path(stage_dir), expect, table, missing
+        self._url, self._labels = None, {}
+
+    def __call__(self, sample: dict) -> tuple[int, int]:
+        url = sample["__url__"]
+        if url != self._url:
+            self._url, self._labels = url, read_sidecar(sidecar_path(self.stage_dir, url), self.expect)
+        packed = self._labels.get(sample["__key__"])
+        if packed is None:
+            if self.missing != "own":
+                raise KeyError(f"{sidecar_path(self.stage_dir, url)}: no pseudo-label for key {sample['__key__']} "
+                               f"of shard {url} (set missing_labels=own to give such samples a label of their own)")
+            if self.stats is not None:
+                self.stats.missing_labels += 1
+            return MISSING_LABEL, MISSING_LABEL
+        label, parent, fell_back = self.table[packed]
+        if fell_back and self.stats is not None:
+            self.stats.fallback_samples += 1
+        return label, parent
+
+
+def sidecar_label_table(group_sizes: dict[int, int], ks: Sequence[int], min_size: float) -> dict:
+    """packed pseudo-label -> (loss label, parent label, fell back), groups coarsened by
+    pipeline.buckets.coarsen_labels; labels of different levels never collide."""
+    top = len(ks)
+    table = {}
+    for packed, (level, value) in coarsen_labels(group_sizes, ks, min_size).items():
+        label = stable_hash64(f"{level}:{value}")
+        parent = stable_hash64(f"{level - 1}:{value // ks[level - 1]}") if level > 0 else label
+        table[packed] = (label, parent, level < top)
+    return table
 
 
 def _seed(*parts) -> int:
     return stable_hash64(":".join(map(str, parts))) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def shards_for_slot(urls: Sequence[str], slot: int, slots: int) -> list[str]:
-    """Shards of one (rank, worker) slot: every slots-th shard; with fewer shards than slots,
-    slots share shards (each slot still gets one)."""
-    if len(urls) >= slots:
+def shards_for_slot(urls: Sequence[str], slot: int, slots: int, exclusive: bool = False) -> list[str]:
+    """Shards of one (rank, worker) slot: every slots-th shard. With fewer shards than
+    slots, slots share shards (each still gets one) unless `exclusive`, where every shard
+    is read once and some slots get none."""
+    if len(urls) >= slots or exclusive:
         return list(urls[slot::slots])
     return [urls[slot % len(urls)]]
 
 
 class TrainStream(IterableDataset):
-    """Batches (images, tokens, labels, caption_ids, position) for one rank."""
+    """Batches (images, tokens, labels, caption_ids, valid, info, keys) for one rank.
 
-    def __init__(self, urls: Sequence[str], transform, tokenizer, batch_size: int, worker_batches: int,
+    Plain mode (`bucket_cap` None): each worker makes `worker_batches` batches of
+    consecutive samples per epoch, starting over on its shards when they run out.
+    Bucketed mode: each worker reads its shards once per epoch and batches them with
+    pipeline.buckets (same-label batches; every sample exactly once).
+    `info` = [worker, batches made, *BucketStats.as_list()]; `keys` lists the samples'
+    keys ("" for padding).
+    """
+
+    def __init__(self, urls: Sequence[str], transform, tokenizer, batch_size: int, worker_batches: int | None,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
-                 labeler: Labeler = no_labels):
+                 labeler: Labeler = no_labels, bucket_cap: int | None = None):
         super().__init__()
         self.urls, self.transform, self.tokenizer = list(urls), transform, tokenizer
-        self.batch_size, self.worker_batches = batch_size, worker_batches
+        self.batch_size, self.worker_batches, self.bucket_cap = batch_size, worker_batches, bucket_cap
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.labeler = shuffle_buffer, labeler
         self.epoch = 0
-        self.start: dict[int, tuple[int, int]] = {}  # worker -> (raw samples, batches) already consumed
+        self.start: dict[int, int] = {}  # worker -> batches already consumed this epoch
         self.problems = ProblemLog()
 
-    def set_epoch(self, epoch: int, start: dict[int, tuple[int, int]] | None = None) -> None:
+    def set_epoch(self, epoch: int, start: dict[int, int] | None = None) -> None:
         self.epoch, self.start = epoch, dict(start or {})
 
-    def _raw(self, worker: int, workers: int) -> Iterator[dict]:
-        """Checked, labelled, shuffled, undecoded samples of this slot, forever."""
+    def _raw(self, worker: int, workers: int, forever: bool) -> Iterator[dict]:
+        """Checked, labelled, shuffled, undecoded samples of this slot."""
         slot, slots = self.rank * workers + worker, self.world_size * workers
-        shards = shards_for_slot(self.urls, slot, slots)
-        for rnd in range(1 << 62):
+        shards = shards_for_slot(self.urls, slot, slots, exclusive=not forever)
+        for rnd in range(1 << 62 if forever else 1):
             rng = random.Random(_seed(self.seed, self.epoch, slot, rnd))
             order = shards[:]
             rng.shuffle(order)
-            stream = check_samples(self.problems)(tar_samples(self.problems)(order))
+            stream = self._labelled(check_samples(self.problems)(tar_samples(self.problems)(order)), rnd)
             n = 0
             for s in _shuffle(stream, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng):
                 n += 1
-                s["label"] = self.labeler(s)
-                s["caption_id"] = stable_hash64(s["text"])
-                s["round"] = rnd
                 yield s
-            if n == 0:
+            if n == 0 and forever:
                 raise RuntimeError(f"no usable samples in shards {order} ({self.problems.summary()})")
+
+    def _labelled(self, samples, rnd: int):
+        for s in samples:  # in shard order, before the shuffle: one sidecar read per shard
+            s["label"], s["parent"] = self.labeler(s)
+            s["caption_id"] = stable_hash64(s["text"])
+            s["round"] = rnd
+            yield s
+
+    def _plans(self, worker: int, workers: int, stats: BucketStats) -> Iterator[list]:
+        if self.bucket_cap is None:
+            raw = self._raw(worker, workers, forever=True)
+            for _ in range(self.worker_batches):
+                yield [next(raw) for _ in range(self.batch_size)]
+        else:
+            raw = self._raw(worker, workers, forever=False)
+            yield from plan_batches(((s["label"], s["parent"], s) for s in raw), self.batch_size,
+                                    self.bucket_cap, stats)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        raw_done, batches_done = self.start.get(worker, (0, 0))
-        raw = self._raw(worker, workers)
-        for _ in range(raw_done):
-            next(raw)
-        while batches_done < self.worker_batches:
-            images, texts, labels, caption_ids = [], [], [], []
-            while len(images) < self.batch_size:
-                s = next(raw)
-                raw_done += 1
+        stats = BucketStats()
+        self.labeler.stats = stats
+        done = self.start.get(worker, 0)
+        blank = self.transform(Image.new("RGB", (8, 8)))
+        for made, plan in enumerate(self._plans(worker, workers, stats), start=1):
+            if made <= done:
+                continue  # consumed before a resume: skipped without decoding
+            images, valid = [], []
+            for s in plan:
                 try:
                     img = decode_image(s["image"])
-                except Exception as exc:  # noqa: BLE001 - any decoder failure skips the sample
+                except Exception as exc:  # noqa: BLE001 - any decoder failure: a masked entry
                     self.problems.add("corrupt_image", s["__url__"], s["__key__"], str(exc)[:200])
+                    images.append(blank)
+                    valid.append(False)
                     continue
                 torch.manual_seed(_seed(self.seed, self.epoch, s["round"], s["__url__"], s["__key__"]))
                 images.append(self.transform(img))
-                texts.append(s["text"])
-                labels.append(s["label"])
-                caption_ids.append(s["caption_id"])
-            batches_done += 1
-            yield (torch.stack(images), self.tokenizer(texts), torch.tensor(labels, dtype=torch.int64),
-                   torch.tensor(caption_ids, dtype=torch.int64),
-                   torch.tensor([worker, raw_done, batches_done], dtype=torch.int64))
+                valid.append(True)
+            pad = self.batch_size - len(plan)
+            texts = [s["text"] for s in plan] + [""] * pad
+            yield (torch.stack(images + [blank] * pad), self.tokenizer(texts),
+                   torch.tensor([s["label"] for s in plan] + [-1] * pad, dtype=torch.int64),
+                   torch.tensor([s["caption_id"] for s in plan] + [0] * pad, dtype=torch.int64),
+                   torch.tensor(valid + [False] * pad),
+                   torch.tensor([worker, made, *stats.as_list()], dtype=torch.int64),
+                   [s["__key__"] for s in plan] + [""] * pad)
 
 
 def epoch_plan(num_samples: int, batch_size: int, world_size: int, workers: int) -> tuple[int, int]:

@@ -9,8 +9,12 @@ With one label for all samples nothing is masked and the loss equals `ClipLoss` 
 Option `caption_ids`: pairs with identical captions (same id) are not negatives of each
 other either; web data has many duplicates, and inside a cluster they abound.
 
+Option `valid`: entries marked False (padding of a short batch, or of a rank whose data
+ran out before the others') take no part: their rows add no loss, their columns are no
+one's negatives.
+
 After each call, `last_effective_negatives` holds the mean number of unmasked negatives
-per anchor, which the trainer reports.
+per (valid) anchor, which the trainer reports.
 """
 from __future__ import annotations
 
@@ -35,33 +39,42 @@ class MaskedClipLoss(ClipLoss):
         return torch.cat(out)
 
     def negative_mask(self, labels: torch.Tensor | None, caption_ids: torch.Tensor | None,
-                      n_rows: int, n_cols: int, device) -> torch.Tensor | None:
+                      valid: torch.Tensor | None, n_rows: int, n_cols: int, device) -> torch.Tensor | None:
         """Bool [rows, cols]: True where the pair must NOT compete (the diagonal excluded)."""
-        if labels is None and caption_ids is None:
+        if labels is None and caption_ids is None and valid is None:
             return None
-        offset = n_cols // self.world_size * self.rank if (self.local_loss and self.world_size > 1) else 0
+        local = self.local_loss and self.world_size > 1
+        offset = n_cols // self.world_size * self.rank if local else 0
         rows = torch.arange(n_rows, device=device) + offset
         mask = torch.zeros(n_rows, n_cols, dtype=torch.bool, device=device)
-        for ids in (labels, caption_ids):
+        for kind, ids in (("label", labels), ("caption", caption_ids), ("valid", valid)):
             if ids is None:
                 continue
             ids = ids.to(device)
             all_ids = self._gather_ids(ids)
-            row_ids = ids if (self.local_loss and self.world_size > 1) else all_ids
-            if ids is labels:
+            row_ids = ids if local else all_ids
+            if kind == "label":
                 mask |= row_ids[:, None] != all_ids[None, :]
-            else:
+            elif kind == "caption":
                 mask |= row_ids[:, None] == all_ids[None, :]
+            else:
+                mask |= ~all_ids.bool()[None, :]
         mask[torch.arange(n_rows, device=device), rows] = False
         return mask
 
-    def forward(self, image_features, text_features, logit_scale, labels=None, caption_ids=None,
+    def forward(self, image_features, text_features, logit_scale, labels=None, caption_ids=None, valid=None,
                 logit_bias=None, output_dict=False):
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale,
                                                             logit_bias=logit_bias)
         n_rows, n_cols = logits_per_image.shape
-        ground_truth = self.get_ground_truth(image_features.device, n_rows)
-        mask = self.negative_mask(labels, caption_ids, n_rows, n_cols, image_features.device)
+        device = image_features.device
+        ground_truth = self.get_ground_truth(device, n_rows)
+        mask = self.negative_mask(labels, caption_ids, valid, n_rows, n_cols, device)
+        row_valid = None
+        if valid is not None:
+            row_valid = valid.to(device).bool()
+            if not (self.local_loss and self.world_size > 1):
+                row_valid = self._gather_ids(row_valid.to(torch.int64)).bool()
         if mask is not None:
             # logits_per_text is logits_per_image.T in the global case: mask it with the transpose
             text_mask = mask if (self.local_loss and self.world_size > 1) else mask.T
@@ -70,6 +83,14 @@ class MaskedClipLoss(ClipLoss):
             negatives = (~mask).sum(1).float() - 1
         else:
             negatives = torch.full((n_rows,), float(n_cols - 1))
-        self.last_effective_negatives = negatives.mean().item()
-        loss = (F.cross_entropy(logits_per_image, ground_truth) + F.cross_entropy(logits_per_text, ground_truth)) / 2
+        if row_valid is None:
+            loss = (F.cross_entropy(logits_per_image, ground_truth)
+                    + F.cross_entropy(logits_per_text, ground_truth)) / 2
+            self.last_effective_negatives = negatives.mean().item()
+        else:
+            per_row = (F.cross_entropy(logits_per_image, ground_truth, reduction="none")
+                       + F.cross_entropy(logits_per_text, ground_truth, reduction="none")) / 2
+            n_valid = row_valid.sum()
+            loss = (per_row * row_valid).sum() / n_valid.clamp(min=1)
+            self.last_effective_negatives = (negatives[row_valid].mean().item() if n_valid > 0 else 0.0)
         return {"contrastive_loss": loss} if output_dict else loss

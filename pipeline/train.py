@@ -32,7 +32,10 @@ from typing import Sequence
 import torch
 
 from pipeline import models
-from pipeline.data import TrainStream, epoch_plan, json_labeler, make_loader, no_labels, _seed
+from pipeline.artifacts import read_sidecar
+from pipeline.buckets import BucketStats
+from pipeline.data import (SidecarLabeler, TrainStream, _seed, epoch_plan, json_labeler, make_loader, no_labels,
+                           sidecar_label_table)
 from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
 from pipeline.loss import MaskedClipLoss
 from pipeline.train_config import TrainConfig, load_train_config, to_dict
@@ -44,8 +47,9 @@ log = logging.getLogger("pipeline.train")
 # Keys of the config that change what is trained; others (logging, workers...) may differ on resume.
 RESULT_KEYS = ("data", "model", "pretrained", "lock_image", "lock_image_unlocked_groups", "lock_text",
                "lock_text_unlocked_layers", "seed", "batch_size", "augment", "train_num_samples", "epochs",
-               "steps", "labels", "caption_dedup", "local_loss", "lr", "wd", "beta1", "beta2", "eps",
-               "warmup", "lr_scheduler", "grad_clip")
+               "steps", "labels", "bucket", "bucket_cap", "fallback_min_batches", "missing_labels",
+               "caption_dedup", "local_loss", "lr", "wd", "beta1", "beta2", "eps", "warmup", "lr_scheduler",
+               "grad_clip")
 
 
 def count_samples(urls: Sequence[str]) -> int:
@@ -223,39 +227,50 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                              rank=info.rank, world_size=info.world_size)
 
     ckpts = Checkpoints(out / "checkpoints", cfg.engine == "deepspeed", cfg.keep_checkpoints)
-    step, start_positions = 0, {}
+    step, epoch, start_positions = 0, 0, {}
     latest = ckpts.latest()
     if latest is not None:
         state = ckpts.load(latest, model, optimizer)
         if not all(state["config"].get(k) == getattr(cfg, k) for k in RESULT_KEYS):
             raise UsageError(f"{latest}: checkpoint of another config; use another `out` or remove it")
-        step = int(state["step"])
+        step, epoch = int(state["step"]), int(state["epoch"])
         torch.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
         positions = state["positions"]
         if len(positions) == info.world_size and state["workers"] == cfg.workers:
-            start_positions = {int(w): tuple(p) for w, p in positions[info.rank].items()}
-        elif step % steps_per_epoch:
-            log.warning("world size or workers changed: epoch %d restarts from its first batch",
-                        step // steps_per_epoch)
+            start_positions = {int(w): int(n) for w, n in positions[info.rank].items()}
+        else:
+            log.warning("world size or workers changed: epoch %d restarts from its first batch", epoch)
         if info.is_main:
-            log.info("resumed from %s at step %d", latest, step)
+            log.info("resumed from %s at step %d (epoch %d)", latest, step, epoch)
 
-    labeler = json_labeler(cfg.labels[5:]) if cfg.labels.startswith("json:") else no_labels
+    labeler, bucketed = make_labeler(cfg, urls, info)
     use_labels = cfg.labels != "none"
     stream = TrainStream(urls, pre_train if cfg.augment else pre_val, tokenizer, cfg.batch_size,
-                         worker_batches, cfg.seed, info.rank, info.world_size, cfg.shuffle_buffer, labeler)
+                         worker_batches, cfg.seed, info.rank, info.world_size, cfg.shuffle_buffer, labeler,
+                         bucket_cap=(cfg.bucket_cap or 16 * cfg.batch_size) if bucketed else None)
     metrics = MetricsLog(out, step, info, cfg.tensorboard)
     t_start, step_at_start = time.time(), step
     last = {}
     try:
         while step < total_steps:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            stream.set_epoch(epoch, start_positions if in_epoch else None)
-            positions = dict(start_positions) if in_epoch else {}
+            stream.set_epoch(epoch, start_positions)
+            positions, worker_stats = dict(start_positions), {}
             start_positions = {}
             model.train()
-            for images, tokens, labels, caption_ids, pos in make_loader(stream, cfg.workers, _seed(cfg.seed, epoch)):
-                positions[int(pos[0])] = (int(pos[1]), int(pos[2]))
+            batches = iter(make_loader(stream, cfg.workers, _seed(cfg.seed, epoch)))
+            while step < total_steps:
+                batch = next(batches, None)
+                if bucketed and info.distributed:  # ranks run out at different steps: pad until all have
+                    if not any_rank(batch is not None, info):
+                        break
+                    if batch is None:
+                        batch = padding_batch(stream, info)
+                elif batch is None:
+                    break
+                images, tokens, labels, caption_ids, valid, binfo, _keys = batch
+                if binfo is not None:
+                    positions[int(binfo[0])] = int(binfo[1])
+                    worker_stats[int(binfo[0])] = BucketStats.from_list(binfo[2:].tolist())
                 images = images.to(info.device, non_blocking=True)
                 tokens = tokens.to(info.device, non_blocking=True)
                 lr = schedule(step)
@@ -263,7 +278,8 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                     feats = model(images, tokens)
                     image_f, text_f, scale = _features(feats)
                     loss = loss_fn(image_f, text_f, scale, labels.to(info.device) if use_labels else None,
-                                   caption_ids.to(info.device) if cfg.caption_dedup else None)
+                                   caption_ids.to(info.device) if cfg.caption_dedup else None,
+                                   valid.to(info.device))
                 if cfg.engine == "deepspeed":
                     model.backward(loss)
                     model.step()
@@ -280,7 +296,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                 sps = (step - step_at_start) * cfg.batch_size * info.world_size / max(elapsed, 1e-9)
                 last = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "samples_per_s": sps,
                         "effective_negatives": loss_fn.last_effective_negatives,
-                        "logit_scale": _unwrap(model).logit_scale.exp().item()}
+                        "logit_scale": _unwrap(model).logit_scale.exp().item(), "time": time.time()}
                 metrics.write(last)
                 if info.is_main and (step % cfg.log_every == 0 or step == total_steps):
                     eta = (total_steps - step) * elapsed / max(step - step_at_start, 1)
@@ -289,8 +305,11 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                              last["effective_negatives"], last["logit_scale"])
                 if step % cfg.save_every == 0 or step == total_steps:
                     _save(ckpts, step, epoch, positions, cfg, model, optimizer, info)
-                if step >= total_steps:
-                    break
+            if step >= total_steps:
+                break  # the step budget ran out (the epoch may be unfinished: the checkpoint knows where)
+            if bucketed:
+                _report_epoch(out, epoch, step, worker_stats, info)
+            epoch += 1
     finally:
         metrics.close()
 
@@ -304,6 +323,75 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
     return record
 
 
+def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
+    """(labeler, bucketed) for the config's `labels`."""
+    bucketed = cfg.bucket if cfg.bucket is not None else cfg.labels.startswith("sidecars:")
+    if cfg.labels.startswith("json:"):
+        return json_labeler(cfg.labels[5:]), bucketed
+    if not cfg.labels.startswith("sidecars:"):
+        return no_labels, bucketed
+    from pipeline.artifacts import StaleSidecarError, read_sidecar_columns, sidecar_path
+    from pipeline.assign import stage_record, stage_meta
+
+    stage_dir = Path(cfg.labels[len("sidecars:"):])
+    index, parent = stage_record(stage_dir)
+    try:
+        expect = stage_meta(stage_dir, index, parent)
+        sizes: dict[int, int] = {}
+        for url in urls:
+            path = sidecar_path(stage_dir, url)
+            if not path.exists():
+                raise UsageError(f"{path}: no sidecar for shard {url}; run the assign step of {stage_dir}")
+            read_sidecar(path, expect)  # refuses stale or foreign sidecars before training starts
+            for lab in read_sidecar_columns(path)[2].tolist():
+                sizes[lab] = sizes.get(lab, 0) + 1
+    except StaleSidecarError as exc:
+        raise UsageError(str(exc)) from exc
+    min_size = cfg.fallback_min_batches * cfg.batch_size * info.world_size * max(1, cfg.workers)
+    table = sidecar_label_table(sizes, expect.ks, min_size)
+    if info.is_main:
+        fell = sum(n for lab, n in sizes.items() if table[lab][2])
+        log.info("%s: %d pseudo-labels, %d samples; %d samples in groups below %d fall back to a parent label",
+                 stage_dir, len(sizes), sum(sizes.values()), fell, int(min_size))
+    return SidecarLabeler(str(stage_dir), expect, table, cfg.missing_labels), bucketed
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    t = torch.tensor([1 if flag else 0], device=info.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def padding_batch(stream: TrainStream, info: DistInfo):
+    """A batch of masked entries, for a rank whose data ran out before the others'."""
+    from PIL import Image
+
+    blank = stream.transform(Image.new("RGB", (8, 8)))
+    b = stream.batch_size
+    return (blank.expand(b, *blank.shape).contiguous(), stream.tokenizer([""] * b),
+            torch.full((b,), -1, dtype=torch.int64), torch.zeros(b, dtype=torch.int64),
+            torch.zeros(b, dtype=torch.bool), None, [""] * b)
+
+
+def _report_epoch(out: Path, epoch: int, step: int, worker_stats: dict, info: DistInfo) -> None:
+    """Sum the loader's counters over workers and ranks; log and append to loader_stats.jsonl."""
+    total = BucketStats()
+    for stats in worker_stats.values():
+        total = total.merge(stats)
+    ranks = all_gather_object(total.as_list(), info)
+    total = BucketStats()
+    for values in ranks:
+        total = total.merge(BucketStats.from_list(values))
+    if info.is_main:
+        record = {"epoch": epoch, "step": step, **total.__dict__}
+        with open(out / "loader_stats.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("epoch %d loader: %d samples, %d pure and %d mixed batches (%d early at the cap, %d short), "
+                 "%d fallback samples, %d without a label, max %d buffered per worker", epoch, total.samples,
+                 total.pure_batches, total.mixed_batches, total.early_batches, total.short_batches,
+                 total.fallback_samples, total.missing_labels, total.max_buffered)
+
+
 def _features(out):
     if isinstance(out, dict):
         return out["image_features"], out["text_features"], out["logit_scale"]
@@ -313,7 +401,7 @@ def _features(out):
 def _save(ckpts: Checkpoints, step: int, epoch: int, positions: dict, cfg: TrainConfig, model, optimizer,
           info: DistInfo) -> None:
     state = {"step": step, "epoch": epoch, "name": cfg.model, "config": to_dict(cfg), "workers": cfg.workers,
-             "positions": [{str(k): list(v) for k, v in p.items()} for p in all_gather_object(positions, info)],
+             "positions": [{str(k): int(v) for k, v in p.items()} for p in all_gather_object(positions, info)],
              "rng": all_gather_object(torch.get_rng_state(), info)}
     ckpts.save(step, state, model, optimizer, info)
 

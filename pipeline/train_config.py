@@ -34,7 +34,11 @@ class TrainConfig:
     train_num_samples: int | None = None  # samples per epoch (default: the shards' sizes.json)
     epochs: int = 1
     steps: int | None = None         # total steps; overrides epochs
-    labels: str = "none"             # none | json:<field.path> (e.g. json:attributes.shape)
+    labels: str = "none"             # none | sidecars:<stage dir> | json:<field.path> (tests)
+    bucket: bool | None = None       # same-label batches (cluster-bucketed loader); default: on for sidecars
+    bucket_cap: int | None = None    # buffered samples per DataLoader worker (default 16 x batch_size)
+    fallback_min_batches: float = 1.0  # groups below this many batches per rank x worker use their parent label
+    missing_labels: str = "error"    # error | own: a sample without a sidecar entry gets a label of its own
     # loss
     caption_dedup: bool = False      # identical captions are not negatives of each other
     local_loss: bool = False
@@ -81,8 +85,13 @@ class TrainConfig:
                 errors.append(f"{name}: must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.zero_stage not in (1, 2):
             errors.append(f"zero_stage: must be 1 or 2, got {self.zero_stage}")
-        if not (self.labels == "none" or self.labels.startswith("json:")):
-            errors.append(f"labels: must be 'none' or 'json:<field.path>', got {self.labels!r}")
+        if not (self.labels == "none" or self.labels.startswith(("json:", "sidecars:"))):
+            errors.append(f"labels: must be 'none', 'sidecars:<stage dir>' or 'json:<field.path>', "
+                          f"got {self.labels!r}")
+        if self.missing_labels not in ("error", "own"):
+            errors.append(f"missing_labels: must be 'error' or 'own', got {self.missing_labels!r}")
+        if self.bucket_cap is not None and self.bucket_cap < self.batch_size:
+            errors.append(f"bucket_cap: must be >= batch_size ({self.batch_size}), got {self.bucket_cap}")
         return errors
 
 

@@ -1,0 +1,148 @@
+"""On-disk formats between the clustering jobs: per-shard embeddings and cluster-id sidecars.
+
+Stage folder layout (s = the stage whose model produced them):
+
+    stage<s>/embeddings/<shard>.npz     one per input shard (written by pipeline.embed)
+        embeddings  float16 [n, d], L2-normalised
+        keys        str [n]          the samples' __key__ (never positions)
+        captions    str [n]
+        attributes  str [n]          the json "attributes" of each sample ("" when absent)
+        model_fp    str []           fingerprint of the model (and tower) that embedded them
+    stage<s>/clusters/centroids.npy     float32 [K, d]      (pipeline.cluster)
+    stage<s>/clusters/stats.json        K, objective, time, sample size, sizes, NMI per attribute
+    stage<s>/sidecars/<shard>.parquet   one per input shard (pipeline.assign)
+        key      string   the sample's __key__
+        cluster  int32    its cluster id at this stage, c_s
+        label    int64    its pseudo-label for stage s+1: the packed (c_1, ..., c_s),
+                          label_s = label_{s-1} * K_s + c_s (label_0 = 0)
+      and, in the parquet schema metadata, `mcl.sidecar` = JSON
+        {"stage", "k", "ks" (K of every stage 1..s), "model_fp", "centroids_fp", "parent_fp", "shard"}
+    stage<s>/sidecars/_groups.json      size of every pseudo-label group (the reduce step)
+
+Parquet is the per-shard table format of the ecosystem (img2dataset writes one per shard)
+and keeps the stage metadata inside the file, so a sidecar cannot be separated from what
+made it. `read_sidecar` refuses a sidecar of another stage, model or set of centroids.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.io import atomic_output, atomic_path
+from shards.reader import shard_basename
+
+SIDECAR_META_KEY = b"mcl.sidecar"
+
+
+class StaleSidecarError(ValueError):
+    """A sidecar made by another stage, model or centroids than the one expected."""
+
+
+def shard_stem(url: str) -> str:
+    return shard_basename(url).split(".", 1)[0]
+
+
+def file_fingerprint(path: str | os.PathLike, extra: str = "") -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(extra.encode())
+    return h.hexdigest()[:16]
+
+
+def array_fingerprint(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+# --- embeddings -----------------------------------------------------------------------
+
+
+def embeddings_path(stage_dir: Path, url: str) -> Path:
+    return Path(stage_dir) / "embeddings" / f"{shard_stem(url)}.npz"
+
+
+def write_embeddings(path: Path, embeddings: np.ndarray, keys: list[str], captions: list[str],
+                     attributes: list[str], model_fp: str) -> None:
+    with atomic_output(path, "wb") as f:
+        np.savez(f, embeddings=embeddings.astype(np.float16), keys=np.array(keys, dtype=str),
+                 captions=np.array(captions, dtype=str), attributes=np.array(attributes, dtype=str),
+                 model_fp=np.array(model_fp))
+
+
+def read_embeddings(path: Path, fields=("embeddings", "keys")) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in fields}
+
+
+def embeddings_model_fp(path: Path) -> str | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["model_fp"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# --- sidecars -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SidecarMeta:
+    stage: int
+    k: int
+    ks: tuple
+    model_fp: str
+    centroids_fp: str
+    parent_fp: str  # centroids_fp of the previous stage ("" at stage 1)
+
+    def to_json(self, shard: str) -> bytes:
+        return json.dumps({"stage": self.stage, "k": self.k, "ks": list(self.ks), "model_fp": self.model_fp,
+                           "centroids_fp": self.centroids_fp, "parent_fp": self.parent_fp,
+                           "shard": shard}, sort_keys=True).encode()
+
+
+def sidecar_path(stage_dir: Path, url: str) -> Path:
+    return Path(stage_dir) / "sidecars" / f"{shard_stem(url)}.parquet"
+
+
+def write_sidecar(path: Path, keys, clusters: np.ndarray, labels: np.ndarray, meta: SidecarMeta) -> None:
+    table = pa.table({"key": pa.array(list(keys), pa.string()),
+                      "cluster": pa.array(clusters.astype(np.int32)),
+                      "label": pa.array(labels.astype(np.int64))})
+    table = table.replace_schema_metadata({SIDECAR_META_KEY: meta.to_json(path.stem)})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def sidecar_meta(path: Path) -> dict:
+    md = pq.read_schema(path).metadata or {}
+    if SIDECAR_META_KEY not in md:
+        raise StaleSidecarError(f"{path}: not an MCL sidecar (no {SIDECAR_META_KEY.decode()} metadata)")
+    return json.loads(md[SIDECAR_META_KEY])
+
+
+def read_sidecar(path: Path, expect: SidecarMeta | None = None) -> dict[str, int]:
+    """{key: label} of one shard's sidecar; refuses one that does not match `expect`."""
+    meta = sidecar_meta(path)
+    if expect is not None:
+        want = json.loads(expect.to_json(path.stem))
+        for field in ("stage", "k", "ks", "model_fp", "centroids_fp", "parent_fp", "shard"):
+            if meta.get(field) != want[field]:
+                raise StaleSidecarError(
+                    f"{path}: stale or foreign sidecar: {field} is {meta.get(field)!r}, expected {want[field]!r} "
+                    "(rerun the assign step of this stage)")
+    table = pq.read_table(path, columns=["key", "label"])
+    return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+
+
+def read_sidecar_columns(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    table = pq.read_table(path)
+    return (table.column("key").to_pylist(), table.column("cluster").to_numpy(),
+            table.column("label").to_numpy())

@@ -1,0 +1,143 @@
+"""Faiss k-means on a bounded uniform sample of a stage's embeddings.
+
+    python -m pipeline.cluster --stage runs/r/stage1 --k 10 [--sample-size 200000]
+
+Reads `STAGE/embeddings/*.npz` twice: once for the counts, once to gather a uniform
+sample (without replacement, across all shards) of at most --sample-size points, so
+memory is bounded by the sample and one shard, not the data set. Trains `faiss.Kmeans`
+on it, on the GPU when `faiss.get_num_gpus() > 0`. Faiss silently subsamples its
+training set to `max_points_per_centroid` x K; here that bound is set from the sample
+size on purpose (every sampled point is used) and reported.
+
+Writes `STAGE/clusters/centroids.npy` and `STAGE/clusters/stats.json`: K, iterations,
+sample size, objective, time, cluster sizes in the sample and, when samples carry
+attribute labels (the synthetic world does), the normalised mutual information between
+the clusters and each attribute: which feature the stage separated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+from pipeline.artifacts import read_embeddings
+from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
+from shards.io import atomic_output, write_json
+
+log = logging.getLogger("pipeline.cluster")
+
+
+def embedding_files(stage_dir: Path) -> list[Path]:
+    files = sorted((Path(stage_dir) / "embeddings").glob("*.npz"))
+    if not files:
+        raise UsageError(f"{Path(stage_dir) / 'embeddings'}: no embeddings; run pipeline.embed first")
+    return files
+
+
+def uniform_sample(files: list[Path], size: int, seed: int, with_attributes: bool = True):
+    """(points float32 [m, d], attributes list[str]) drawn uniformly from all files."""
+    counts = np.array([len(read_embeddings(f, ("keys",))["keys"]) for f in files])
+    total = int(counts.sum())
+    if total == 0:
+        raise UsageError("the embeddings hold no samples")
+    m = min(size, total)
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size=m, replace=False))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    points, attrs = [], []
+    for i, f in enumerate(files):
+        lo, hi = np.searchsorted(chosen, [starts[i], starts[i + 1]])
+        if lo == hi:
+            continue
+        z = read_embeddings(f, ("embeddings", "attributes") if with_attributes else ("embeddings",))
+        idx = chosen[lo:hi] - starts[i]
+        points.append(z["embeddings"][idx].astype(np.float32))
+        if with_attributes:
+            attrs += z["attributes"][idx].tolist()
+    return np.concatenate(points), attrs, total
+
+
+def attribute_nmi(assignments: np.ndarray, attributes: list[str]) -> dict[str, float]:
+    """NMI between cluster ids and each attribute found in the samples' labels."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    parsed = [json.loads(a) if a else None for a in attributes]
+    if not parsed or any(p is None for p in parsed):
+        return {}
+    out = {}
+    for name in sorted(parsed[0]):
+        values = [str(p.get(name)) for p in parsed]
+        out[name] = round(float(normalized_mutual_info_score(values, assignments)), 4)
+    return out
+
+
+def cluster(stage_dir: str | Path, k: int, niter: int = 20, seed: int = 0, sample_size: int | None = None,
+            spherical: bool = True, gpu: bool | None = None) -> dict:
+    """Train the centroids of a stage; skipped when they exist for the same parameters."""
+    if k < 2:
+        raise UsageError(f"--k must be >= 2, got {k}")
+    stage_dir = Path(stage_dir)
+    out = stage_dir / "clusters"
+    files = embedding_files(stage_dir)
+    sample_size = sample_size or 1024 * k
+    params = {"k": k, "niter": niter, "seed": seed, "sample_size": sample_size, "spherical": spherical,
+              "shards": [f.stem for f in files]}
+    stats_path = out / "stats.json"
+    if stats_path.exists() and (out / "centroids.npy").exists():
+        old = json.loads(stats_path.read_text())
+        if old.get("params") == params:
+            log.info("%s: centroids already trained, skipped", out)
+            return old
+    t0 = time.time()
+    x, attrs, total = uniform_sample(files, sample_size, seed)
+    if len(x) < k:
+        raise UsageError(f"--k {k} is more than the {len(x)} samples")
+    t_sample = time.time() - t0
+    use_gpu = faiss.get_num_gpus() > 0 if gpu is None else gpu
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu,
+                          max_points_per_centroid=math.ceil(len(x) / k) + 1, verbose=False)
+    t1 = time.time()
+    kmeans.train(x)
+    t_train = time.time() - t1
+    _, assign = kmeans.index.search(x, 1)
+    assign = assign[:, 0]
+    sizes = np.bincount(assign, minlength=k)
+    stats = {
+        "params": params, "k": k, "dim": int(x.shape[1]), "samples_total": total,
+        "samples_trained": int(len(x)), "faiss_max_points_per_centroid": math.ceil(len(x) / k) + 1,
+        "objective": float(kmeans.obj[-1]) if len(kmeans.obj) else None,
+        "time_sample_s": round(t_sample, 3), "time_train_s": round(t_train, 3), "gpu": bool(use_gpu),
+        "sample_cluster_sizes": sizes.tolist(), "empty_clusters": int((sizes == 0).sum()),
+        "nmi_sample": attribute_nmi(assign, attrs),
+    }
+    with atomic_output(out / "centroids.npy", "wb") as f:
+        np.save(f, kmeans.centroids.astype(np.float32))
+    write_json(stats_path, stats)
+    log.info("k-means K=%d on %d of %d samples (dim %d) in %.1fs, objective %.4g%s", k, len(x), total, x.shape[1],
+             t_train, stats["objective"] or float("nan"),
+             f"; NMI {stats['nmi_sample']}" if stats["nmi_sample"] else "")
+    return stats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m pipeline.cluster", description=__doc__)
+    p.add_argument("--stage", required=True, help="stage folder holding embeddings/")
+    p.add_argument("--k", type=int, required=True, help="number of clusters")
+    p.add_argument("--niter", type=int, default=20, help="k-means iterations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-size", type=int,
+                   help="points to train on (default 1024 x K; Faiss alone would cap it at 256 x K)")
+    p.add_argument("--no-spherical", action="store_true", help="plain (not spherical) k-means")
+    args = p.parse_args(argv)
+    setup_logging()
+    cluster(args.stage, args.k, args.niter, args.seed, args.sample_size, not args.no_spherical)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "python -m pipeline.cluster")

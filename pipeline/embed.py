@@ -1,0 +1,166 @@
+"""Embed every sample of a stage's training shards with that stage's model.
+
+    python -m pipeline.embed --model runs/r/stage1/model --data SPEC --out runs/r/stage1 \\
+        [--tower image|text|both] [--task I --tasks N]
+
+Task I of N takes every N-th shard (a Slurm array runs the N tasks). For each shard it
+writes `OUT/embeddings/<shard>.npz` (see pipeline.artifacts): L2-normalised float16
+embeddings of the chosen tower (image by default; text; or both, each normalised, then
+concatenated and normalised again) with the samples' keys. Shards already embedded by the
+same model are skipped, so a rerun resumes. Runs on the GPU (bf16 autocast) when present.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from pipeline import models
+from pipeline.artifacts import embeddings_model_fp, embeddings_path, file_fingerprint, write_embeddings
+from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
+from shards.reader import ProblemLog, check_samples, decode_images, expand_urls, tar_samples
+
+log = logging.getLogger("pipeline.embed")
+TOWERS = ("image", "text", "both")
+
+
+class ShardBatches(IterableDataset):
+    """Batches of decoded, transformed samples, whole shards per DataLoader worker; the
+    last batch of each shard is flagged so the caller can write the shard."""
+
+    def __init__(self, urls, transform, tokenizer, batch_size: int):
+        super().__init__()
+        self.urls, self.transform, self.tokenizer, self.batch_size = list(urls), transform, tokenizer, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        problems = ProblemLog()
+        for url in self.urls[worker::workers]:
+            samples = decode_images(problems)(check_samples(problems)(tar_samples(problems)([url])))
+            batch = []
+            for s in samples:
+                batch.append(s)
+                if len(batch) == self.batch_size:
+                    yield self._collate(url, batch, last=False)
+                    batch = []
+            yield self._collate(url, batch, last=True)
+
+    def _collate(self, url, batch, last):
+        images = torch.stack([self.transform(s["image"]) for s in batch]) if batch else torch.empty(0)
+        tokens = self.tokenizer([s["text"] for s in batch]) if batch else torch.empty(0, dtype=torch.long)
+        attrs = [json.dumps(s["json"]["attributes"], sort_keys=True)
+                 if isinstance(s["json"], dict) and "attributes" in s["json"] else "" for s in batch]
+        return {"url": url, "last": last, "keys": [s["__key__"] for s in batch],
+                "captions": [s["text"] for s in batch], "attributes": attrs, "images": images, "tokens": tokens}
+
+
+def model_fingerprint(model_ref: str, pretrained: str | None, tower: str) -> str:
+    if os.path.isdir(model_ref):
+        return file_fingerprint(Path(model_ref) / models.WEIGHTS_NAME, extra=f"tower={tower}")
+    return f"{model_ref}:{pretrained}:{tower}"
+
+
+def load_model(model_ref: str, pretrained: str | None, device):
+    """A saved stage folder, or an open_clip architecture with a pretrained tag/file."""
+    if os.path.isdir(model_ref):
+        return models.create("", pretrained=model_ref, device=device)
+    return models.create(model_ref, pretrained=pretrained, device=device)
+
+
+@torch.no_grad()
+def encode(model, batch: dict, tower: str, device, autocast) -> np.ndarray:
+    feats = []
+    with autocast:
+        if tower in ("image", "both"):
+            feats.append(F.normalize(model.encode_image(batch["images"].to(device)).float(), dim=-1))
+        if tower in ("text", "both"):
+            feats.append(F.normalize(model.encode_text(batch["tokens"].to(device)).float(), dim=-1))
+    out = torch.cat(feats, dim=-1)
+    if tower == "both":
+        out = F.normalize(out, dim=-1)
+    return out.cpu().numpy()
+
+
+def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str = "image",
+          pretrained: str | None = None, task: int = 0, tasks: int = 1, batch_size: int = 256,
+          workers: int = 2, progress: bool = True) -> list[Path]:
+    """Embed this task's shards; returns the embedding files of the task (old and new)."""
+    if tower not in TOWERS:
+        raise UsageError(f"--tower must be one of {TOWERS}, got {tower!r}")
+    if not 0 <= task < tasks:
+        raise UsageError(f"--task must be in [0, {tasks}), got {task}")
+    urls = expand_urls(data)[task::tasks]
+    fp = model_fingerprint(model_ref, pretrained, tower)
+    paths = {u: embeddings_path(Path(out), u) for u in urls}
+    todo = [u for u in urls if embeddings_model_fp(paths[u]) != fp]
+    if len(todo) < len(urls):
+        log.info("%d of %d shards already embedded by this model, skipped", len(urls) - len(todo), len(urls))
+    if not todo:
+        return list(paths.values())
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    model, _, preprocess, tokenizer = load_model(model_ref, pretrained, device)
+    model.eval()
+    loader = DataLoader(ShardBatches(todo, preprocess, tokenizer, batch_size), batch_size=None,
+                        num_workers=min(workers, len(todo)), pin_memory=device.type == "cuda")
+    pending: dict[str, dict] = {}
+    bar = tqdm(total=len(todo), desc="embed", unit="shard", disable=not progress)
+    n_samples = 0
+    for batch in loader:
+        acc = pending.setdefault(batch["url"], {"emb": [], "keys": [], "captions": [], "attributes": []})
+        if batch["keys"]:
+            acc["emb"].append(encode(model, batch, tower, device, autocast))
+            acc["keys"] += batch["keys"]
+            acc["captions"] += batch["captions"]
+            acc["attributes"] += batch["attributes"]
+            n_samples += len(batch["keys"])
+        if batch["last"]:
+            acc = pending.pop(batch["url"])
+            emb = np.concatenate(acc["emb"]) if acc["emb"] else np.zeros((0, 0), np.float32)
+            write_embeddings(paths[batch["url"]], emb, acc["keys"], acc["captions"], acc["attributes"], fp)
+            bar.update()
+            bar.set_postfix(samples=n_samples)
+    bar.close()
+    log.info("embedded %d samples of %d shards (task %d of %d) into %s", n_samples, len(todo), task, tasks,
+             Path(out) / "embeddings")
+    return list(paths.values())
+
+
+def add_task_args(p: ArgumentParser) -> None:
+    p.add_argument("--task", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
+                   help="this task's index (default: $SLURM_ARRAY_TASK_ID or 0)")
+    p.add_argument("--tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
+                   help="number of tasks (default: $SLURM_ARRAY_TASK_COUNT or 1)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m pipeline.embed", description=__doc__)
+    p.add_argument("--model", required=True, help="saved stage model folder, or an open_clip architecture")
+    p.add_argument("--pretrained", help="pretrained tag or file, with an architecture name")
+    p.add_argument("--data", required=True, help="shard spec of the training data")
+    p.add_argument("--out", required=True, help="the stage folder (embeddings/ goes inside)")
+    p.add_argument("--tower", default="image", choices=TOWERS, help="what to embed")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    add_task_args(p)
+    args = p.parse_args(argv)
+    setup_logging()
+    if not os.path.isdir(args.model) and not models.known_architecture(args.model):
+        raise UsageError(f"--model: {args.model} is neither a model folder nor an open_clip architecture")
+    embed(args.model, args.data, args.out, args.tower, args.pretrained, args.task, args.tasks, args.batch_size,
+          args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "python -m pipeline.embed")
