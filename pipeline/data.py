@@ -212,7 +212,9 @@ class TrainStream(IterableDataset):
                     images.append(blank)
                     valid.append(False)
                     continue
-                torch.manual_seed(_seed(self.seed, self.epoch, s["round"], s["__url__"], s["__key__"]))
+                # the CPU generator alone: torch.manual_seed also queues a CUDA seed with a stack trace
+                seed = _seed(self.seed, self.epoch, s["round"], s["__url__"], s["__key__"])
+                torch.default_generator.manual_seed(seed)
                 images.append(self.transform(img))
                 valid.append(True)
             pad = self.batch_size - len(plan)

@@ -1,0 +1,184 @@
+"""The cluster-bucketed loader: same-label batches, every sample once, bounded memory."""
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from pipeline import models
+from pipeline.artifacts import SidecarMeta, sidecar_path, write_sidecar
+from pipeline.buckets import BucketStats, _take_fullest, coarsen_labels, plan_batches
+from pipeline.data import SidecarLabeler, TrainStream, make_loader, sidecar_label_table
+from shards.reader import ProblemLog, expand_urls, read_samples
+
+BG = {"red": 0, "green": 1, "blue": 2, "yellow": 3}
+
+
+# --- the policy alone --------------------------------------------------------------------
+
+
+def _stream(labels, parents=None):
+    parents = parents or [lab // 10 for lab in labels]
+    return [(lab, par, (i, lab)) for i, (lab, par) in enumerate(zip(labels, parents))]
+
+
+def test_plan_uses_every_sample_once_and_pure_batches_when_groups_fill():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(4, size=1000).tolist()
+    stats = BucketStats()
+    batches = list(plan_batches(_stream(labels), 16, cap=1000, stats=stats))
+    seen = [item for b in batches for item in b]
+    assert sorted(i for i, _ in seen) == list(range(1000))
+    pure = [b for b in batches if len({lab for _, lab in b}) == 1 and len(b) == 16]
+    assert len(pure) == stats.pure_batches and stats.pure_batches >= 1000 // 16 - 4
+    assert stats.mixed_batches == len(batches) - len(pure) <= 4 and stats.early_batches == 0
+    assert stats.short_batches == (1 if 1000 % 16 else 0)
+
+
+def test_memory_stays_under_the_cap_when_labels_outnumber_it():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(500, size=5000).tolist()  # 500 labels, a cap of 64 samples
+    stats = BucketStats()
+    batches = list(plan_batches(_stream(labels), 16, cap=64, stats=stats))
+    assert stats.max_buffered <= 64 and stats.early_batches > 0
+    assert sorted(i for b in batches for i, _ in b) == list(range(5000))
+    assert all(len(b) == 16 for b in batches[:-1])
+    # an early batch is the fullest bucket topped up from its parent label's buckets first
+    buckets = {11: [(11, "a")] * 5, 12: [(12, "b")] * 2, 21: [(21, "c")] * 4}
+    batch = _take_fullest(buckets, {11: 1, 12: 1, 21: 2}, 8)
+    assert [lab for lab, _ in batch] == [11] * 5 + [12] * 2 + [21]
+    assert buckets == {21: [(21, "c")] * 3}
+
+
+def test_small_groups_fall_back_to_their_parent_level_by_level():
+    ks = (3, 4)  # label = c1 * 4 + c2
+    sizes = {0: 100, 1: 8, 2: 8, 3: 8, 4: 2, 5: 1, 8: 40, 9: 40}
+    mapping = coarsen_labels(sizes, ks, min_size=20)
+    assert mapping[0] == (2, 0) and mapping[8] == (2, 8) and mapping[9] == (2, 9)
+    assert mapping[1] == mapping[2] == mapping[3] == (1, 0)  # 8 < 20 alone; 24 together under c1 = 0
+    assert mapping[4] == mapping[5] == (0, 0)  # c1 = 1 has only 3 samples: up to the root
+    table = sidecar_label_table(sizes, ks, 20)
+    assert table[1][0] == table[2][0] != table[0][0] and table[1][2] and not table[0][2]
+    assert table[1][1] == table[4][0]  # the parent of (1, 0) is the root
+
+
+# --- the loader over real shards and sidecars ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, tiny_shards):
+    """Sidecars for the tiny shards: c1 = background (4), c2 = count - 1 (2)."""
+    stage = tmp_path_factory.mktemp("stage2")
+    meta = SidecarMeta(stage=2, k=2, ks=(4, 2), model_fp="m", centroids_fp="c", parent_fp="p")
+    truth = {}
+    for url in expand_urls(str(tiny_shards)):
+        samples = list(read_samples(url, decode=False))
+        keys = [s["__key__"] for s in samples]
+        c1 = np.array([BG[s["json"]["attributes"]["background"]] for s in samples])
+        c2 = np.array([s["json"]["attributes"]["count"] - 1 for s in samples])
+        write_sidecar(sidecar_path(stage, url), keys, c2, c1 * 2 + c2, meta)
+        truth.update(zip(keys, (c1 * 2 + c2).tolist()))
+    return stage, meta, truth
+
+
+def _tiny_stream(tiny_shards, labeler, rank, world=2, batch=16, cap=64, seed=0):
+    model_cfg = models.model_config("mcl-tiny-vit")
+    transform = open_clip.image_transform(model_cfg["vision_cfg"]["image_size"], is_train=False)
+    tokenizer = open_clip.get_tokenizer("mcl-tiny-vit")
+    return TrainStream(expand_urls(str(tiny_shards)), transform, tokenizer, batch, None, seed, rank, world, 50,
+                       labeler, bucket_cap=cap)
+
+
+def _epoch(tiny_shards, labeler, workers=2, **kw):
+    out = []
+    for rank in (0, 1):
+        stream = _tiny_stream(tiny_shards, labeler, rank, **kw)
+        stream.set_epoch(0)
+        stats = {}
+        for images, tokens, labels, caption_ids, valid, info, keys in make_loader(stream, workers, seed=0):
+            out.append((rank, keys, labels, valid))
+            stats[int(info[0])] = BucketStats.from_list(info[2:].tolist())
+        total = BucketStats()
+        for s in stats.values():
+            total = total.merge(s)
+        out.append((rank, "stats", total, None))
+    return out
+
+
+def test_two_ranks_two_workers_yield_every_key_once_in_same_label_batches(tiny_shards, labelled):
+    stage, meta, truth = labelled
+    table = sidecar_label_table(collections.Counter(truth.values()), meta.ks, min_size=0)
+    labeler = SidecarLabeler(str(stage), meta, table)
+    result = _epoch(tiny_shards, labeler, cap=256)  # room for every label's bucket: pure batches
+    batches = [r for r in result if r[1] != "stats"]
+    stats = [r[2] for r in result if r[1] == "stats"]
+    keys = [k for _, ks, _, valid in batches for k, v in zip(ks, valid.tolist()) if v]
+    assert collections.Counter(keys) == collections.Counter(list(truth))  # the data set, each key once
+    mixed = 0
+    for _, ks, labels, valid in batches:
+        real = [truth[k] for k, v in zip(ks, valid.tolist()) if v]
+        loss_labels = set(labels[valid].tolist())
+        assert len(loss_labels) == len(set(real))  # the labels travel with the batch
+        mixed += len(set(real)) > 1 or len(real) < 16
+    assert mixed == sum(s.mixed_batches for s in stats)
+    # 3 shards over 4 slots, 8 labels: at most 15 leftovers per label and slot end in mixed batches
+    assert sum(s.pure_batches for s in stats) >= (600 - 3 * 8 * 15) // 16
+    assert sum(s.samples for s in stats) == 600 and all(s.max_buffered <= 256 for s in stats)
+    assert sum(s.early_batches for s in stats) == 0
+    # same seed, rank and workers: the same batches
+    again = [r for r in _epoch(tiny_shards, labeler, cap=256) if r[1] != "stats"]
+    assert [(r, ks) for r, ks, _, _ in again] == [(r, ks) for r, ks, _, _ in batches]
+
+
+def test_labels_outnumbering_the_cap_keep_memory_bounded(tiny_shards, labelled, tmp_path):
+    stage, meta, truth = labelled
+    # one label per 3 keys: 200 labels, far more than a 32-sample cap can hold
+    many = {k: i // 3 for i, k in enumerate(sorted(truth))}
+    meta2 = SidecarMeta(stage=2, k=200, ks=(1, 200), model_fp="m", centroids_fp="c", parent_fp="p")
+    for url in expand_urls(str(tiny_shards)):
+        keys = [s["__key__"] for s in read_samples(url, decode=False)]
+        labels = np.array([many[k] for k in keys])
+        write_sidecar(sidecar_path(tmp_path, url), keys, labels, labels, meta2)
+    table = sidecar_label_table(collections.Counter(many.values()), meta2.ks, min_size=0)
+    result = _epoch(tiny_shards, SidecarLabeler(str(tmp_path), meta2, table), cap=32)
+    stats = [r[2] for r in result if r[1] == "stats"]
+    keys = [k for r in result if r[1] != "stats" for k, v in zip(r[1], r[3].tolist()) if v]
+    assert sorted(keys) == sorted(truth)
+    assert all(0 < s.max_buffered <= 32 for s in stats) and sum(s.early_batches for s in stats) > 0
+
+
+def test_a_sample_without_sidecar_entry(tiny_shards, labelled, tmp_path):
+    stage, meta, truth = labelled
+    url = expand_urls(str(tiny_shards))[0]
+    import pyarrow.parquet as pq
+    table = pq.read_table(sidecar_path(stage, url))
+    import pyarrow.compute as pc
+    dropped = table.column("key")[5].as_py()
+    keep = table.filter(pc.not_equal(table.column("key"), dropped))
+    for u in expand_urls(str(tiny_shards)):
+        src = sidecar_path(stage, u)
+        dst = sidecar_path(tmp_path, u)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+    write_sidecar(sidecar_path(tmp_path, url), keep.column("key").to_pylist(), keep.column("cluster").to_numpy(),
+                  keep.column("label").to_numpy(), meta)
+    labels = sidecar_label_table(collections.Counter(truth.values()), meta.ks, min_size=0)
+    strict = SidecarLabeler(str(tmp_path), meta, labels)
+    with pytest.raises(KeyError, match=f"no pseudo-label for key {dropped} of shard {url}"):
+        list(read_and_label(url, strict))
+    lenient = SidecarLabeler(str(tmp_path), meta, labels, missing="own")
+    stream = _tiny_stream(tiny_shards, lenient, rank=0, world=1)
+    stream.set_epoch(0)
+    batches = list(make_loader(stream, 0, seed=0))
+    keys = [k for b in batches for k, v in zip(b[6], b[4].tolist()) if v]
+    assert sorted(keys) == sorted(truth)
+    assert BucketStats.from_list(batches[-1][5][2:].tolist()).missing_labels == 1
+
+
+def read_and_label(url, labeler):
+    for s in read_samples(url, ProblemLog(logger=None), decode=False):
+        yield labeler(s)
