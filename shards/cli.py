@@ -30,12 +30,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
+def _not_library_chatter(record: logging.LogRecord) -> bool:
+    """open_clip logs its every step of model creation at INFO on the root logger."""
+    return record.levelno >= logging.WARNING or "open_clip" not in record.pathname
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_not_library_chatter)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], prog: str,

@@ -54,10 +54,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as indented, key-sorted JSON, atomically."""
+def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
+    """Write `obj` as indented JSON (keys sorted unless their order means something), atomically."""
     with atomic_output(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
 
 

@@ -1,0 +1,125 @@
+"""Attribute probes on the synthetic world: which attribute each model has learned.
+
+    python -m eval.probes --data HELD_OUT_SHARDS --model mcl=runs/r/merged.pt --model stage1=runs/r/stage1/model \\
+        --out results/
+
+For every model and every attribute of the world (read from the shards' world.json):
+- linear probe: logistic regression on the model's normalised image features, trained on
+  a random 70% of the samples and scored on the other 30%;
+- zero-shot: each image classified among the prompts "a photo of " + the phrase of each
+  value of that attribute alone (e.g. "some triangles", "two shapes").
+This is the paper's unimodal table in our world. Writes OUT/probes.json and
+OUT/probes.png (accuracy per attribute and model, with chance marked) and prints the table.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from eval.mmvp import Encoder, load_encoder
+from shards import world as W
+from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
+from shards.io import atomic_output, write_json
+from shards.reader import ProblemLog, expand_urls, read_samples
+
+log = logging.getLogger("eval.probes")
+
+
+def load_world(data: str) -> W.WorldSpec:
+    urls = expand_urls(data)
+    record = Path(urls[0]).parent / "world.json"
+    if not record.is_file():
+        raise UsageError(f"{record}: missing; probes need shards of the synthetic world (shards.generate)")
+    return W.spec_from_dict(json.loads(record.read_text())["world"], source=str(record))
+
+
+def probe(encoders: list[Encoder], data: str, max_samples: int = 2000, seed: int = 0) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    spec = load_world(data)
+    samples = []
+    for s in read_samples(data, ProblemLog()):
+        if isinstance(s["json"], dict) and "attributes" in s["json"]:
+            samples.append(s)
+        if len(samples) >= max_samples:
+            break
+    if len(samples) < 20:
+        raise UsageError(f"{data}: only {len(samples)} samples with attribute labels")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(samples))
+    train, test = order[: int(0.7 * len(order))], order[int(0.7 * len(order)):]
+    results = {}
+    for enc in encoders:
+        feats = torch.cat([enc.images([s["image"] for s in samples[i:i + 128]])
+                           for i in range(0, len(samples), 128)]).numpy()
+        per_attr = {}
+        for attr in spec.attributes:
+            y = np.array([str(s["json"]["attributes"][attr.kind]) for s in samples])
+            clf = LogisticRegression(max_iter=2000).fit(feats[train], y[train])
+            linear = float((clf.predict(feats[test]) == y[test]).mean())
+            prompts = ["a photo of " + W.describe(spec, {attr.kind: v}, {attr.kind: True}) for v in attr.values]
+            text = enc.texts(prompts).numpy()
+            zero = np.array([str(v) for v in attr.values])[(feats @ text.T).argmax(1)]
+            per_attr[attr.kind] = {"linear": round(100 * linear, 2), "zero_shot": round(100 * float((zero == y).mean()), 2),
+                                   "chance": round(100 / len(attr.values), 2)}
+        results[enc.name] = per_attr
+        log.info("%s: %s", enc.name, ", ".join(f"{a} {v['linear']:.0f}/{v['zero_shot']:.0f}" for a, v in per_attr.items()))
+    return results
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attrs = list(next(iter(results.values())))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.4 * len(attrs)), 3.8), sharey=True)
+    width = 0.8 / len(results)
+    for ax, kind in zip(axes, ("linear", "zero_shot")):
+        for i, (name, per) in enumerate(results.items()):
+            xs = np.arange(len(attrs)) + i * width - 0.4 + width / 2
+            ax.bar(xs, [per[a][kind] for a in attrs], width, label=name)
+        for j, a in enumerate(attrs):
+            chance = next(iter(results.values()))[a]["chance"]
+            ax.hlines(chance, j - 0.45, j + 0.45, colors="black", linestyles="dotted")
+        ax.set_xticks(np.arange(len(attrs)), attrs)
+        ax.set_title("linear probe" if kind == "linear" else "zero-shot")
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("accuracy (%), dotted: chance")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m eval.probes", description=__doc__)
+    p.add_argument("--data", required=True, help="held-out shards of the synthetic world")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]SPEC", help="a model; repeat")
+    p.add_argument("--out", required=True, help="folder for probes.json and probes.png")
+    p.add_argument("--max-samples", type=int, default=2000)
+    args = p.parse_args(argv)
+    setup_logging()
+    encoders = [load_encoder(m) for m in args.model]
+    results = probe(encoders, args.data, args.max_samples)
+    out = Path(args.out)
+    write_json(out / "probes.json", results, sort_keys=False)
+    plot(results, out / "probes.png")
+    attrs = list(next(iter(results.values())))
+    print(f"{'model':<16}" + "".join(f"{a:>22}" for a in attrs))
+    for name, per in results.items():
+        print(f"{name:<16}" + "".join(f"{per[a]['linear']:>9.1f} / {per[a]['zero_shot']:>5.1f} ({per[a]['chance']:.0f})"
+                                      for a in attrs))
+    print("(linear probe / zero-shot accuracy %, chance in parentheses)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "python -m eval.probes")

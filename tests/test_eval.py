@@ -1,0 +1,178 @@
+"""Merge and evaluation: MMVP scoring with known answers, merge by hand, fresh-process load, probes."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import REPO, run_cli
+from eval.mmvp import Encoder, evaluate, write_outputs
+from pipeline import models
+from pipeline.merge import load_merged, merge
+
+
+def _write_fixture(root, plan):
+    """The public layout; plan = {type: [(statement1, statement2), ...]}; image qid = red 10*qid."""
+    rows, qid = [], 0
+    for typ, pairs in plan.items():
+        folder = root / "MLLM_VLM Images" / typ
+        folder.mkdir(parents=True)
+        for s1, s2 in pairs:
+            for s in (s1, s2):
+                qid += 1
+                Image.new("RGB", (16, 16), (10 * qid, 0, 0)).save(folder / f"{qid}.jpg", quality=95)
+                rows.append([qid, typ, s])
+    with open(root / "Questions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Question ID", "Type", "Statement"], *rows])
+    return root
+
+
+class KnownAnswers(Encoder):
+    """Image of qid q -> one-hot e_q; statement "matches q" -> e_q."""
+
+    def __init__(self):
+        super().__init__("known", None, None, None)
+
+    def images(self, pils):
+        ids = [round(np.asarray(p)[..., 0].mean() / 10) for p in pils]
+        return F.one_hot(torch.tensor(ids), 32).float()
+
+    def texts(self, texts):
+        return F.one_hot(torch.tensor([int(t.split()[-1]) for t in texts]), 32).float()
+
+
+def test_mmvp_scorer_gives_the_expected_per_pattern_numbers(tmp_path):
+    plan = {
+        "Orientation": [("matches 1", "matches 2"), ("matches 3", "matches 4")],     # both right: 100
+        "Quantity": [("matches 5", "matches 5"), ("matches 8", "matches 7")],        # one / two wrong: 0
+        "Spatial": [("matches 9", "matches 10"), ("matches 12", "matches 12"),       # right, wrong,
+                    ("matches 13", "matches 14"), ("matches 16", "matches 15")],     # right, wrong: 50
+    }
+    data = _write_fixture(tmp_path / "mmvp", plan)
+    results = evaluate(data, [KnownAnswers()])
+    assert dict(results["known"]["patterns"]) == {"Orientation": 100.0, "Quantity": 0.0, "Spatial": 50.0,
+                                                  "average": 50.0}
+    pairs = results["known"]["pairs"]
+    assert (pairs[2]["pred1"], pairs[2]["pred2"], pairs[2]["gt1"], pairs[2]["gt2"]) == ("img1", "img1", "img1", "img2")
+    assert pairs[3]["pred1"] == "img2" and pairs[3]["q1score"] < 0.5
+    summary = write_outputs(results, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "mmvp_summary.json").read_text()) == json.loads(json.dumps(summary))
+    lines = (tmp_path / "out" / "mmvp_pairs.csv").read_text().splitlines()
+    assert lines[0].startswith("model,type,qid1,qid2,pred1,pred2,gt1,gt2,q1score,q2score") and len(lines) == 9
+    assert Image.open(tmp_path / "out" / "mmvp_patterns.png").size[0] > 300
+
+
+@pytest.fixture(scope="module")
+def two_stages(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stages")
+    dirs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model, *_ = models.create("mcl-tiny-vit")
+        dirs.append(models.save_model(model, "mcl-tiny-vit", models.model_config("mcl-tiny-vit"),
+                                      out / f"stage{seed}" / "model"))
+    return dirs
+
+
+@pytest.mark.parametrize("per_stage_norm", [True, False])
+def test_merge_of_two_stages_is_the_concatenation(tmp_path, two_stages, per_stage_norm):
+    path = merge(two_stages, tmp_path / "merged.pt", per_stage_norm=per_stage_norm)
+    merged = load_merged(path)
+    assert merged.names == ["stage1", "stage2"]
+    a, _, pre, tok = models.create("", pretrained=str(two_stages[0]))
+    b, *_ = models.create("", pretrained=str(two_stages[1]))
+    x = torch.randn(3, 3, 32, 32)
+    t = tok(["a photo of two red circles", "some shapes", "a blue background"])
+    norm = F.normalize if per_stage_norm else (lambda v, dim: v)
+    with torch.no_grad():
+        want_i = F.normalize(torch.cat([norm(a.encode_image(x), dim=-1), norm(b.encode_image(x), dim=-1)], -1), dim=-1)
+        want_t = F.normalize(torch.cat([norm(a.encode_text(t), dim=-1), norm(b.encode_text(t), dim=-1)], -1), dim=-1)
+    torch.testing.assert_close(merged.encode_image(x), want_i, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged.encode_text(merged.tokenizer(["a photo of two red circles", "some shapes",
+                                                                     "a blue background"])), want_t,
+                               rtol=1e-5, atol=1e-6)
+    assert merged.encode_image(x).shape == (3, 128)
+    assert not any(p.requires_grad for p in merged.parameters())
+
+
+def test_merged_artifact_loads_in_a_fresh_process_without_the_run(tmp_path, two_stages):
+    run = tmp_path / "run"
+    shutil.copytree(two_stages[0].parent.parent, run)
+    merged_path = merge([run / "stage1" / "model", run / "stage2" / "model"], tmp_path / "elsewhere" / "m.pt")
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        expected = load_merged(merged_path).encode_image(x)
+    torch.save(x, tmp_path / "x.pt")
+    shutil.rmtree(run)
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        from pipeline.merge import load_merged
+        m = load_merged({str(merged_path)!r})
+        x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+        from PIL import Image
+        img = m.preprocess(Image.new("RGB", (64, 64), "red"))
+        assert img.shape == (3, 32, 32)
+        torch.save(m.encode_image(x), {str(tmp_path / 'y.pt')!r})
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), expected)
+
+
+def test_mmvp_cli_compares_models_and_rejects_bad_input(tmp_path, two_stages, tiny_spec):
+    from shards.mmvp_writer import write_benchmark
+    bench = write_benchmark(tmp_path / "bench", tiny_spec, pairs=3, seed=1)
+    merged = merge(two_stages, tmp_path / "merged.pt")
+    r = run_cli("eval.mmvp", "--data", str(bench), "--model", f"mcl={merged}", "--model", f"s1={two_stages[0]}",
+                "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "mmvp_summary.json").read_text())
+    assert list(summary) == ["mcl", "s1"]
+    assert list(summary["mcl"]) == [a.pattern for a in tiny_spec.attributes] + ["average"]
+    assert "Background" in r.stdout and "mcl" in r.stdout
+    # bad input: one line each, naming the file or model
+    (bench / "MLLM_VLM Images" / "Spatial" / "20.jpg").unlink()
+    r = run_cli("eval.mmvp", "--data", str(bench), "--model", str(merged), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "Spatial/20.jpg: missing image" in r.stderr
+    shutil.rmtree(bench / "MLLM_VLM Images" / "Spatial")
+    r = run_cli("eval.mmvp", "--data", str(bench), "--model", str(merged), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "Spatial: missing image folder for type 'Spatial'" in r.stderr
+    (bench / "Questions.csv").write_text("Question ID,Type,Statement\n1,Spatial\n2,Spatial,one circle\n")
+    r = run_cli("eval.mmvp", "--data", str(bench), "--model", str(merged), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "Questions.csv:2: expected 3 columns" in r.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    good = write_benchmark(tmp_path / "bench2", tiny_spec, pairs=1, seed=1)
+    r = run_cli("eval.mmvp", "--data", str(good), "--model", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "junk.pt: cannot load merged model" in r.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+def test_probes_beat_chance_on_an_attribute_the_model_learned(tmp_path, tiny_shards, tiny_spec):
+    from eval.mmvp import load_encoder
+    from eval.probes import probe
+    from shards.generate import generate
+    stage = tmp_path / "stage1"
+    r = run_cli("pipeline.train", f"data={tiny_shards}", f"out={stage}", "steps=40", "batch_size=32", "warmup=2",
+                "lr=1e-3", "workers=1", "threads=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    held_out = tmp_path / "held_out"
+    generate(held_out, tiny_spec, 400, 200, seed=123, progress=False)
+    torch.manual_seed(5)
+    untrained, *_ = models.create("mcl-tiny-vit")
+    models.save_model(untrained, "mcl-tiny-vit", models.model_config("mcl-tiny-vit"), tmp_path / "untrained")
+    res = probe([load_encoder(f"trained={stage / 'model'}"), load_encoder(f"untrained={tmp_path / 'untrained'}")],
+                str(held_out))
+    bg = res["trained"]["background"]
+    assert bg["chance"] == 25.0 and bg["zero_shot"] > 60 and bg["linear"] > 90
+    assert res["untrained"]["background"]["zero_shot"] < bg["zero_shot"]
+    assert set(res["trained"]) == {"background", "shape", "count", "position"}
