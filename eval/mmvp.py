@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -210,9 +209,9 @@ def write_outputs(results: dict, out: str | Path) -> dict:
 
 
 def plot_patterns(summary: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from eval.plots import save_png
     import numpy as np
 
     patterns = [k for k in next(iter(summary.values()))]
@@ -226,11 +225,7 @@ def plot_patterns(summary: dict, path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.set_title("MMVP-VLM per pattern")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_output(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import torch
 from eval.mmvp import Encoder, load_encoder
 from shards import world as W
 from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import atomic_output, write_json
+from shards.io import write_json
 from shards.reader import ProblemLog, expand_urls, read_samples
 
 log = logging.getLogger("eval.probes")
@@ -65,17 +65,19 @@ def probe(encoders: list[Encoder], data: str, max_samples: int = 2000, seed: int
             prompts = ["a photo of " + W.describe(spec, {attr.kind: v}, {attr.kind: True}) for v in attr.values]
             text = enc.texts(prompts).numpy()
             zero = np.array([str(v) for v in attr.values])[(feats @ text.T).argmax(1)]
-            per_attr[attr.kind] = {"linear": round(100 * linear, 2), "zero_shot": round(100 * float((zero == y).mean()), 2),
+            per_attr[attr.kind] = {"linear": round(100 * linear, 2),
+                                   "zero_shot": round(100 * float((zero == y).mean()), 2),
                                    "chance": round(100 / len(attr.values), 2)}
         results[enc.name] = per_attr
-        log.info("%s: %s", enc.name, ", ".join(f"{a} {v['linear']:.0f}/{v['zero_shot']:.0f}" for a, v in per_attr.items()))
+        log.info("%s: %s", enc.name,
+                 ", ".join(f"{a} {v['linear']:.0f}/{v['zero_shot']:.0f}" for a, v in per_attr.items()))
     return results
 
 
 def plot(results: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from eval.plots import save_png
 
     attrs = list(next(iter(results.values())))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.4 * len(attrs)), 3.8), sharey=True)
@@ -92,11 +94,7 @@ def plot(results: dict, path: Path) -> Path:
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("accuracy (%), dotted: chance")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_output(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

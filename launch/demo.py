@@ -12,12 +12,10 @@ import json
 import logging
 from pathlib import Path
 
-import yaml
-
 from shards import world as W
 from shards.cli import UsageError
 from shards.generate import generate
-from shards.io import write_json
+from shards.io import read_yaml, write_json
 from shards.mmvp_writer import write_benchmark
 from shards.validate import validate
 
@@ -27,12 +25,9 @@ CONFIGS = {False: "configs/demo.yaml", True: "configs/demo_quick.yaml"}
 
 def load_config(path: str | Path) -> dict:
     try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read config ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        cfg = read_yaml(path, "config")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     if not isinstance(cfg, dict) or "data" not in cfg:
         raise UsageError(f"{path}: a demo config needs a 'data' section")
     return cfg

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from shards.io import read_yaml
+
 
 @dataclass
 class TrainConfig:
@@ -116,13 +118,7 @@ def load_train_config(path: str | None = None, overrides: Sequence[str] = ()) ->
     """Read a config file (optional) and apply `key=value` overrides; raises ValueError."""
     raw: dict = {}
     if path:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read config ({exc.strerror})") from exc
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        raw = read_yaml(path, "config") or {}
         if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
             raw = raw["train"]
         if not isinstance(raw, dict):

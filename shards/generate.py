@@ -117,17 +117,14 @@ def _claim_folder(out: Path, params: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m shards.generate", description=__doc__)
     p.add_argument("out", help="output folder for the shards")
-    p.add_argument("--world", default="configs/worlds/default.yaml", help="world spec (YAML)")
+    W.add_world_argument(p)
     p.add_argument("--num-samples", type=int, default=10000, help="samples in all")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     args = p.parse_args(argv)
     setup_logging()
-    try:
-        spec = W.load_spec(args.world)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    spec = W.spec_from_args(args)
     sizes = generate(args.out, spec, args.num_samples, args.samples_per_shard, args.seed, args.workers)
     log.info("wrote %d samples in %d shards to %s", sum(sizes.values()), len(sizes), args.out)
     return 0

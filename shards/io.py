@@ -64,3 +64,16 @@ def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> Non
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_output(path, "wb") as f:
         f.write(data)
+
+
+def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parse a YAML file; a missing file or bad YAML is a ValueError naming the path."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc

@@ -92,15 +92,12 @@ def write_benchmark(out: str | Path, spec: W.WorldSpec, pairs: int = 15, seed: i
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m shards.mmvp_writer", description=__doc__)
     p.add_argument("out", help="output folder (must not exist, or hold this same benchmark)")
-    p.add_argument("--world", default="configs/worlds/default.yaml", help="world spec (YAML)")
+    W.add_world_argument(p)
     p.add_argument("--pairs", type=int, default=15, help="pairs per pattern (15 like MMVP-VLM)")
     p.add_argument("--seed", type=int, default=1, help="random seed (use one unlike the training shards')")
     args = p.parse_args(argv)
     setup_logging()
-    try:
-        spec = W.load_spec(args.world)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    spec = W.spec_from_args(args)
     write_benchmark(args.out, spec, args.pairs, args.seed)
     return 0
 

@@ -308,17 +308,25 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 def load_spec(path: str) -> WorldSpec:
     """Read a world spec from a YAML or JSON file."""
-    import yaml
+    from shards.io import read_yaml
 
-    try:
-        with open(path) as f:
-            d = yaml.safe_load(f)
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read world spec ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    d = read_yaml(path, "world spec")
     if not isinstance(d, Mapping):
         raise ValueError(f"{path}: a world spec must be a mapping")
     if "world" in d and isinstance(d["world"], Mapping):  # a whole run config also works
         d = d["world"]
     return spec_from_dict(d, source=path)
+
+
+def add_world_argument(parser) -> None:
+    parser.add_argument("--world", default="configs/worlds/default.yaml", help="world spec (YAML)")
+
+
+def spec_from_args(args) -> WorldSpec:
+    """The --world spec of a command line; errors as UsageError (one line, exit 2)."""
+    from shards.cli import UsageError
+
+    try:
+        return load_spec(args.world)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc

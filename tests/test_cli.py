@@ -6,7 +6,6 @@ import re
 import shutil
 import tarfile
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import collections
-import json
 
 import numpy as np
 import open_clip
 import pytest
-import torch
 
 from pipeline import models
 from pipeline.artifacts import SidecarMeta, sidecar_path, write_sidecar
