@@ -1,7 +1,9 @@
 """`python -m launch COMMAND`: the project's entry point for whole runs.
 
 Commands:
-  demo   generate the synthetic world and run the demo on it (see launch/demo.py)
+  run     run (or resume) the whole MCL DAG of a config (see launch/run.py, launch/config.py)
+  status  print every step of a run with its state, job ids and log
+  demo    generate the synthetic world and run the demo on it (see launch/demo.py)
 """
 from __future__ import annotations
 
@@ -20,9 +22,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--config", help="demo config (default: configs/demo.yaml, or demo_quick.yaml)")
     demo.add_argument("--out", default="runs/demo", help="run folder")
     demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
-    args = p.parse_args(argv)
+    run = sub.add_parser("run", help="run or resume the MCL DAG of a config",
+                         description=__import__("launch.run").run.__doc__)
+    run.add_argument("--config", required=True, help="run config (YAML; see launch/config.py)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. stages=2 train.steps=100")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and executor parameters only")
+    st = sub.add_parser("status", help="print the steps of a run")
+    st.add_argument("run_dir")
+    args, extra = p.parse_known_args(argv)  # key=value overrides may follow options too
+    stray = [e for e in extra if args.command != "run" or "=" not in e or e.startswith("-")]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if args.command == "run":
+        args.overrides += extra
     setup_logging()
-    if args.command == "demo":
+    if args.command == "run":
+        from launch.config import load_run_config
+        from launch.run import run as run_dag
+
+        run_dag(load_run_config(args.config, args.overrides), dry_run=args.dry_run)
+    elif args.command == "status":
+        from launch.run import status
+
+        for name, state, jobs, logpath in status(args.run_dir):
+            print(f"{name:<20} {state:<8} {jobs:<16} {logpath}")
+    elif args.command == "demo":
         from launch.demo import CONFIGS, run_demo
 
         run_demo(args.config or CONFIGS[args.quick], args.out, args.workers)

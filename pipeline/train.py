@@ -257,14 +257,17 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
             start_positions = {}
             model.train()
             batches = iter(make_loader(stream, cfg.workers, _seed(cfg.seed, epoch)))
+            exhausted = False
             while step < total_steps:
                 batch = next(batches, None)
                 if bucketed and info.distributed:  # ranks run out at different steps: pad until all have
                     if not any_rank(batch is not None, info):
+                        exhausted = True
                         break
                     if batch is None:
                         batch = padding_batch(stream, info)
                 elif batch is None:
+                    exhausted = True
                     break
                 images, tokens, labels, caption_ids, valid, binfo, _keys = batch
                 if binfo is not None:
@@ -304,10 +307,10 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                              last["effective_negatives"], last["logit_scale"])
                 if step % cfg.save_every == 0 or step == total_steps:
                     _save(ckpts, step, epoch, positions, cfg, model, optimizer, info)
-            if step >= total_steps:
-                break  # the step budget ran out (the epoch may be unfinished: the checkpoint knows where)
             if bucketed:
-                _report_epoch(out, epoch, step, worker_stats, info)
+                _report_epoch(out, epoch, step, worker_stats, info, complete=exhausted)
+            if not exhausted:
+                break  # the step budget ran out inside the epoch (the checkpoint knows where)
             epoch += 1
     finally:
         metrics.close()
@@ -372,7 +375,7 @@ def padding_batch(stream: TrainStream, info: DistInfo):
             torch.zeros(b, dtype=torch.bool), None, [""] * b)
 
 
-def _report_epoch(out: Path, epoch: int, step: int, worker_stats: dict, info: DistInfo) -> None:
+def _report_epoch(out: Path, epoch: int, step: int, worker_stats: dict, info: DistInfo, complete: bool) -> None:
     """Sum the loader's counters over workers and ranks; log and append to loader_stats.jsonl."""
     total = BucketStats()
     for stats in worker_stats.values():
@@ -382,11 +385,12 @@ def _report_epoch(out: Path, epoch: int, step: int, worker_stats: dict, info: Di
     for values in ranks:
         total = total.merge(BucketStats.from_list(values))
     if info.is_main:
-        record = {"epoch": epoch, "step": step, **total.__dict__}
+        record = {"epoch": epoch, "step": step, "complete": complete, **total.__dict__}
         with open(out / "loader_stats.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        log.info("epoch %d loader: %d samples, %d pure and %d mixed batches (%d early at the cap, %d short), "
-                 "%d fallback samples, %d without a label, max %d buffered per worker", epoch, total.samples,
+        log.info("epoch %d%s loader: %d samples, %d pure and %d mixed batches (%d early at the cap, %d short), "
+                 "%d fallback samples, %d without a label, max %d buffered per worker", epoch,
+                 "" if complete else " (stopped at the step budget)", total.samples,
                  total.pure_batches, total.mixed_batches, total.early_batches, total.short_batches,
                  total.fallback_samples, total.missing_labels, total.max_buffered)
 

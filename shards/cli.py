@@ -44,6 +44,7 @@ def setup_logging(verbose: bool = False) -> None:
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_not_library_chatter)
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], prog: str,

@@ -54,8 +54,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
-    """Write `obj` as indented JSON (keys sorted unless their order means something), atomically."""
+def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True, if_changed: bool = False) -> None:
+    """Write `obj` as indented JSON (keys sorted unless their order means something), atomically.
+    With `if_changed`, a file that already holds the same content is left alone (and its mtime)."""
+    if if_changed:
+        try:
+            if json.loads(Path(path).read_text()) == json.loads(json.dumps(obj)):
+                return
+        except (OSError, ValueError):
+            pass
     with atomic_output(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=sort_keys)
         f.write("\n")

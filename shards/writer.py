@@ -110,11 +110,5 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
 def write_sizes(out_dir: str | os.PathLike, sizes: Mapping[str, int]) -> Path:
     """Write open_clip's sizes.json: {shard basename: sample count}."""
     path = Path(out_dir) / "sizes.json"
-    content = {os.path.basename(k): int(v) for k, v in sorted(sizes.items())}
-    try:
-        if json.loads(path.read_text()) == content:
-            return path  # unchanged: leave the file (and its mtime) alone
-    except (OSError, ValueError):
-        pass
-    write_json(path, content)
+    write_json(path, {os.path.basename(k): int(v) for k, v in sorted(sizes.items())}, if_changed=True)
     return path

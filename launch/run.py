@@ -1,0 +1,238 @@
+"""Run the whole MCL DAG of one config through submitit, resumably.
+
+For each stage: train -> embed (array) -> cluster -> assign (array) -> reduce -> next
+stage; then merge -> MMVP evaluation. A step whose outputs exist and check is skipped, so
+running the same command again resumes a run (training from its latest checkpoint) and a
+finished run does no work. The executor is submitit's: `local` runs each job as a process
+on this machine (no scheduler), `slurm` submits sbatch jobs and arrays.
+Step states, job ids and log paths are kept in RUN_DIR/launch_state.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from launch import steps as S
+from launch.config import RunConfig
+from shards.io import write_json
+
+log = logging.getLogger("launch.run")
+
+
+@dataclass
+class Step:
+    name: str
+    fn: Callable
+    args: list            # one tuple of arguments per task (several = an array job)
+    done: Callable[[], bool]
+    gpus: int = 0
+
+
+def stage_names(cfg: RunConfig) -> list[int]:
+    return ([0] if cfg.has_stage0 else []) + list(range(1, cfg.stages + 1))
+
+
+def train_config(cfg: RunConfig, stage: int) -> dict:
+    from pipeline.train_config import TrainConfig, to_dict
+
+    run = Path(cfg.run_dir)
+    train = dict(cfg.train)
+    train.update(data=cfg.data, out=str(run / f"stage{stage}"))
+    previous = stage - 1 if stage > 1 or cfg.has_stage0 else None
+    train["labels"] = f"sidecars:{run / f'stage{previous}'}" if previous is not None else "none"
+    if cfg.stage_init == "previous" and previous is not None:
+        train["pretrained"] = str(run / f"stage{previous}" / "model")
+    elif not cfg.has_stage0:
+        train["seed"] = int(train.get("seed", 0)) + stage - 1  # scratch: a new seed per stage
+    return to_dict(TrainConfig(**train))
+
+
+def plan(cfg: RunConfig) -> list[Step]:
+    from pipeline.artifacts import embeddings_model_fp, embeddings_path
+    from pipeline.embed import model_fingerprint
+    from shards.reader import expand_urls
+
+    run = Path(cfg.run_dir)
+    urls = expand_urls(cfg.data)
+    tasks = int(cfg.executor.get("tasks", 1))
+    out: list[Step] = []
+    names = stage_names(cfg)
+    for position, stage in enumerate(names):
+        sdir = run / f"stage{stage}"
+        model_dir = sdir / "model"
+        if stage == 0:
+            arch = cfg.train.get("model")
+            out.append(Step("stage0/save", S.save_stage0, [(arch, cfg.train["pretrained"], str(model_dir))],
+                            lambda m=model_dir: (m / "open_clip_config.json").is_file()))
+        else:
+            out.append(Step(f"stage{stage}/train", S.train_stage, [(train_config(cfg, stage),)],
+                            lambda d=sdir: (d / "done.json").is_file(), gpus=1))
+        if stage == names[-1]:
+            break  # the last stage is not clustered
+        k = cfg.k(position)
+        parent = str(run / f"stage{names[position - 1]}") if position > 0 else None
+
+        def embedded(d=sdir, m=model_dir):
+            fp = model_fingerprint(str(m), None, cfg.tower) if (m / "open_clip_pytorch_model.bin").exists() else None
+            return fp is not None and all(embeddings_model_fp(embeddings_path(d, u)) == fp for u in urls)
+
+        out.append(Step(f"stage{stage}/embed", S.embed_task,
+                        [(str(model_dir), cfg.data, str(sdir), cfg.tower, t, tasks, 256, 2) for t in range(tasks)],
+                        embedded, gpus=1))
+        out.append(Step(f"stage{stage}/cluster", S.cluster_stage,
+                        [(str(sdir), k, cfg.cluster_niter, 0, cfg.cluster_sample_size)],
+                        lambda d=sdir, k=k: _clustered(d, k, cfg.cluster_niter, cfg.cluster_sample_size), gpus=1))
+        out.append(Step(f"stage{stage}/assign", S.assign_task,
+                        [(str(sdir), stage, parent, t, tasks) for t in range(tasks)],
+                        lambda d=sdir, i=stage, p=parent: _assigned(d, i, p, urls)))
+        out.append(Step(f"stage{stage}/reduce", S.reduce_stage, [(str(sdir), stage, parent, cfg.data)],
+                        lambda d=sdir: (d / "clusters" / "assign_stats.json").is_file()
+                        and _newer(d / "clusters" / "assign_stats.json", d / "clusters" / "centroids.npy")))
+    merged = run / "merged.pt"
+    model_dirs = [str(run / f"stage{s}" / "model") for s in names]
+    out.append(Step("merge", S.merge_stages, [(model_dirs, str(merged), [f"stage{s}" for s in names],
+                                                cfg.per_stage_norm)],
+                    lambda: merged.is_file() and all(_newer(merged, Path(m) / "open_clip_pytorch_model.bin")
+                                                     for m in model_dirs)))
+    if cfg.mmvp:
+        specs = [f"mcl={merged}"] + [f"stage{s}={run / f'stage{s}' / 'model'}" for s in names]
+        summary = run / "eval" / "mmvp_summary.json"
+        out.append(Step("eval/mmvp", S.evaluate, [(cfg.mmvp, specs, str(run / "eval"))],
+                        lambda: summary.is_file() and _newer(summary, merged)))
+    return out
+
+
+def _newer(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and a.stat().st_mtime >= b.stat().st_mtime
+
+
+def _clustered(stage_dir: Path, k: int, niter: int, sample_size) -> bool:
+    stats = stage_dir / "clusters" / "stats.json"
+    if not stats.is_file():
+        return False
+    params = json.loads(stats.read_text()).get("params", {})
+    return params.get("k") == k and params.get("niter") == niter and \
+        params.get("sample_size") == (sample_size or 1024 * k)
+
+
+def _assigned(stage_dir: Path, index: int, parent: str | None, urls) -> bool:
+    from pipeline.artifacts import read_sidecar, sidecar_path
+    from pipeline.assign import stage_meta
+
+    try:
+        meta = stage_meta(stage_dir, index, Path(parent) if parent else None)
+        for u in urls:
+            read_sidecar(sidecar_path(stage_dir, u), meta)
+        return True
+    except Exception:  # noqa: BLE001 - anything missing or stale means: not done
+        return False
+
+
+def make_executor(cfg: RunConfig, step: Step):
+    import submitit
+
+    ex = cfg.executor
+    folder = Path(cfg.run_dir) / "logs" / "%j"
+    if ex.get("name", "local") == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=int(ex.get("timeout_min", 600)))  # submitit's default is 2
+    else:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        executor.update_parameters(**slurm_parameters(cfg, step))
+    executor.update_parameters(name=f"mcl-{step.name.replace('/', '-')}")
+    if len(step.args) > 1:
+        executor.update_parameters(**({"slurm_array_parallelism": int(ex.get("array_parallelism", 8))}
+                                      if ex.get("name") == "slurm" else {}))
+    return executor
+
+
+def slurm_parameters(cfg: RunConfig, step: Step) -> dict:
+    sl = dict(cfg.executor.get("slurm", {}))
+    params = {"timeout_min": int(cfg.executor.get("timeout_min", 600))}
+    for key in ("partition", "account", "cpus_per_task", "mem_gb", "nodes", "constraint", "qos"):
+        if key in sl:
+            params[f"slurm_{key}"] = sl[key]
+    gpus = int(sl.get("gpus_per_node", 0)) if step.gpus else 0
+    if gpus:
+        params["slurm_gpus_per_node"] = gpus
+        if step.name.endswith("/train"):
+            params["slurm_tasks_per_node"] = gpus  # one task per GPU; torch.distributed from the Slurm job
+    if sl.get("additional_parameters"):
+        params["slurm_additional_parameters"] = dict(sl["additional_parameters"])
+    return params
+
+
+class StateFile:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "launch_state.json"
+        self.state = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def set(self, step: str, **fields) -> None:
+        self.state[step] = {**self.state.get(step, {}), **fields, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json(self.path, self.state, sort_keys=False)
+
+
+def run(cfg: RunConfig, dry_run: bool = False) -> dict:
+    """Run (or print, with dry_run) every step not yet done; returns {step: state}."""
+    run_dir = Path(cfg.run_dir)
+    steps = plan(cfg)
+    if not dry_run:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "run_config.json", dataclasses.asdict(cfg), if_changed=True)
+    state = StateFile(run_dir)
+    result = {}
+    for step in steps:
+        if step.done():
+            result[step.name] = "done"
+            if not dry_run and state.state.get(step.name, {}).get("state") != "done":
+                state.set(step.name, state="done")
+            print(f"{step.name:<20} done")
+            continue
+        if dry_run:
+            params = slurm_parameters(cfg, step) if cfg.executor.get("name") == "slurm" else \
+                {"timeout_min": int(cfg.executor.get("timeout_min", 600))}
+            print(f"{step.name:<20} would run {len(step.args)} task(s) on {cfg.executor.get('name', 'local')}: "
+                  f"{params}")
+            result[step.name] = "planned"
+            continue
+        executor = make_executor(cfg, step)
+        if len(step.args) == 1:
+            jobs = [executor.submit(step.fn, *step.args[0])]
+        else:
+            jobs = executor.map_array(step.fn, *zip(*step.args))
+        logs = [str(j.paths.stderr) for j in jobs]
+        state.set(step.name, state="running", job_ids=[j.job_id for j in jobs], logs=logs)
+        print(f"{step.name:<20} running job(s) {', '.join(j.job_id for j in jobs)}", flush=True)
+        try:
+            outputs = [j.result() for j in jobs]
+        except Exception as exc:
+            state.set(step.name, state="failed", error=str(exc).splitlines()[-1][:300] if str(exc) else "")
+            raise RuntimeError(f"step {step.name} failed; see {logs[0]}") from exc
+        state.set(step.name, state="done", output=outputs if len(outputs) > 1 else outputs[0])
+        result[step.name] = "done"
+    return result
+
+
+def status(run_dir: str) -> list[tuple[str, str, str, str]]:
+    """(step, state, job ids, log) for every step of a run."""
+    from launch.config import RunConfig
+
+    cfg_path = Path(run_dir) / "run_config.json"
+    if not cfg_path.is_file():
+        from shards.cli import UsageError
+        raise UsageError(f"{cfg_path}: missing; not a run folder (python -m launch run writes it)")
+    cfg = RunConfig(**json.loads(cfg_path.read_text()))
+    recorded = StateFile(Path(run_dir)).state
+    rows = []
+    for step in plan(cfg):
+        rec = recorded.get(step.name, {})
+        state = "done" if step.done() else rec.get("state", "pending")
+        if state == "done" and rec.get("state") not in (None, "done"):
+            state = "done"
+        rows.append((step.name, state, ",".join(rec.get("job_ids", [])), (rec.get("logs") or [""])[0]))
+    return rows

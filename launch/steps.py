@@ -1,0 +1,79 @@
+"""The functions the executor runs, one per kind of step: thin wrappers over the jobs of
+pipeline/ and eval/ that set up logging (and torch.distributed under Slurm) in the job's
+own process. Each returns something small and picklable."""
+from __future__ import annotations
+
+import os
+
+
+def _setup() -> None:
+    from shards.cli import setup_logging
+
+    setup_logging()
+
+
+def save_stage0(arch: str, pretrained: str, out: str) -> str:
+    """Stage 0 (fine-tune mode): the pretrained model, saved like a trained stage."""
+    _setup()
+    from pipeline import models
+
+    model, *_ = models.create(arch, pretrained=pretrained)
+    return str(models.save_model(model, arch, models.model_config(arch), out))
+
+
+def train_stage(cfg: dict) -> dict:
+    _setup()
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    from pipeline.train import train
+    from pipeline.train_config import TrainConfig
+
+    record = train(TrainConfig(**cfg))
+    return {"steps": record["steps"], "final_loss": record["final_loss"]}
+
+
+def embed_task(model_dir: str, data: str, out: str, tower: str, task: int, tasks: int, batch_size: int,
+               workers: int) -> int:
+    _setup()
+    from pipeline.embed import embed
+
+    return len(embed(model_dir, data, out, tower, None, task, tasks, batch_size, workers, progress=False))
+
+
+def cluster_stage(stage_dir: str, k: int, niter: int, seed: int, sample_size: int | None) -> dict:
+    _setup()
+    from pipeline.cluster import cluster
+
+    stats = cluster(stage_dir, k, niter, seed, sample_size)
+    return {"objective": stats["objective"], "nmi_sample": stats["nmi_sample"]}
+
+
+def assign_task(stage_dir: str, index: int, parent: str | None, task: int, tasks: int) -> int:
+    _setup()
+    from pipeline.assign import assign
+
+    return len(assign(stage_dir, index, parent, task, tasks))
+
+
+def reduce_stage(stage_dir: str, index: int, parent: str | None, data: str) -> dict:
+    _setup()
+    from pipeline.assign import reduce
+
+    stats = reduce(stage_dir, index, parent, data)
+    return {"nmi": stats["nmi"], "groups": stats["groups"]["groups"]}
+
+
+def merge_stages(model_dirs: list[str], out: str, names: list[str], per_stage_norm: bool) -> str:
+    _setup()
+    from pipeline.merge import merge
+
+    return str(merge(model_dirs, out, names, per_stage_norm))
+
+
+def evaluate(mmvp: str, models: list[str], out: str) -> dict:
+    _setup()
+    from eval.mmvp import evaluate as run_mmvp, load_encoder, write_outputs
+
+    return write_outputs(run_mmvp(mmvp, [load_encoder(m) for m in models]), out)
