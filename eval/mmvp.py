@@ -13,7 +13,8 @@ grouped by their Type (the official script counts 15 rows per pattern in file or
 which is the same on the real file); per-pattern percentages and their average.
 
 A model is NAME=SPEC (or SPEC): a merged artifact (`.pt` from pipeline.merge), a stage
-model folder, or an open_clip architecture with a pretrained tag or file (`ARCH:TAG`).
+model folder, a training checkpoint (`checkpoints/step_N.pt`), or an open_clip
+architecture with a pretrained tag or file (`ARCH:TAG`).
 Writes OUT/mmvp_pairs.csv (per pair and model), OUT/mmvp_summary.json and
 OUT/mmvp_patterns.png, each atomically.
 """
@@ -111,11 +112,19 @@ def load_encoder(spec: str, device="cpu") -> Encoder:
     if not name:
         name = Path(ref).name if os.path.isdir(ref) else Path(ref).stem
     try:
-        if ref.endswith(".pt") and os.path.isfile(ref):
-            from pipeline.merge import load_merged
-            m = load_merged(ref, device)
-            return Encoder(name, m, m.preprocess, m.tokenizer, device)
         from pipeline import models
+        if ref.endswith(".pt") and os.path.isfile(ref):
+            from pipeline.merge import FORMAT, load_merged
+            blob = torch.load(ref, map_location="cpu", weights_only=True)
+            if isinstance(blob, dict) and blob.get("format") == FORMAT:
+                m = load_merged(ref, device)
+                return Encoder(name, m, m.preprocess, m.tokenizer, device)
+            if isinstance(blob, dict) and "state_dict" in blob and "name" in blob:  # a training checkpoint
+                model, _, pre, tok = models.create(blob["name"], device=device)
+                model.load_state_dict({k: v.reshape(model.state_dict()[k].shape)
+                                       for k, v in blob["state_dict"].items()})
+                return Encoder(name, model.eval(), pre, tok, device)
+            raise UsageError(f"{ref}: neither a merged MCL model nor a training checkpoint")
         if os.path.isdir(ref):
             model, _, pre, tok = models.create("", pretrained=ref, device=device)
         else:

@@ -153,7 +153,7 @@ def test_mmvp_cli_compares_models_and_rejects_bad_input(tmp_path, two_stages, ti
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     good = write_benchmark(tmp_path / "bench2", tiny_spec, pairs=1, seed=1)
     r = run_cli("eval.mmvp", "--data", str(good), "--model", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "o2"))
-    assert r.returncode == 2 and "junk.pt: cannot load merged model" in r.stderr
+    assert r.returncode == 2 and "junk.pt" in r.stderr and "does not load" in r.stderr
     assert not (tmp_path / "o2").exists()
 
 
@@ -176,3 +176,16 @@ def test_probes_beat_chance_on_an_attribute_the_model_learned(tmp_path, tiny_sha
     assert bg["chance"] == 25.0 and bg["zero_shot"] > 60 and bg["linear"] > 90
     assert res["untrained"]["background"]["zero_shot"] < bg["zero_shot"]
     assert set(res["trained"]) == {"background", "shape", "count", "position"}
+
+
+def test_a_training_checkpoint_is_a_model_too(tmp_path, two_stages):
+    from eval.mmvp import load_encoder
+    model, *_ = models.create("", pretrained=str(two_stages[0]))
+    torch.save({"step": 3, "name": "mcl-tiny-vit", "state_dict": model.state_dict(), "optimizer": {}},
+               tmp_path / "step_00000003.pt")
+    enc = load_encoder(f"ckpt={tmp_path / 'step_00000003.pt'}")
+    pil = Image.new("RGB", (40, 40), "blue")
+    with torch.no_grad():
+        want = F.normalize(model.encode_image(enc.preprocess(pil)[None]), dim=-1)
+    torch.testing.assert_close(enc.images([pil]), want)
+    assert enc.name == "ckpt"
