@@ -145,9 +145,6 @@ def make_executor(cfg: RunConfig, step: Step):
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
         executor.update_parameters(**slurm_parameters(cfg, step))
     executor.update_parameters(name=f"mcl-{step.name.replace('/', '-')}")
-    if len(step.args) > 1:
-        executor.update_parameters(**({"slurm_array_parallelism": int(ex.get("array_parallelism", 8))}
-                                      if ex.get("name") == "slurm" else {}))
     return executor
 
 
@@ -164,6 +161,8 @@ def slurm_parameters(cfg: RunConfig, step: Step) -> dict:
             params["slurm_tasks_per_node"] = gpus  # one task per GPU; torch.distributed from the Slurm job
     if sl.get("additional_parameters"):
         params["slurm_additional_parameters"] = dict(sl["additional_parameters"])
+    if len(step.args) > 1:
+        params["slurm_array_parallelism"] = int(cfg.executor.get("array_parallelism", 8))
     return params
 
 
@@ -232,7 +231,5 @@ def status(run_dir: str) -> list[tuple[str, str, str, str]]:
     for step in plan(cfg):
         rec = recorded.get(step.name, {})
         state = "done" if step.done() else rec.get("state", "pending")
-        if state == "done" and rec.get("state") not in (None, "done"):
-            state = "done"
         rows.append((step.name, state, ",".join(rec.get("job_ids", [])), (rec.get("logs") or [""])[0]))
     return rows

@@ -52,9 +52,7 @@ def create(arch: str, pretrained: str | None = None, precision: str = "fp32", de
     if pretrained and os.path.isdir(pretrained):
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
             f"local-dir:{pretrained}", precision=precision, device=device)
-        arch_cfg = json.loads((Path(pretrained) / "open_clip_config.json").read_text())["model_cfg"]
         tokenizer = open_clip.get_tokenizer(f"local-dir:{pretrained}")
-        del arch_cfg
     else:
         if not known_architecture(arch):
             raise ValueError(f"unknown model architecture {arch!r} (not in open_clip nor {MODEL_CONFIG_DIR})")

@@ -57,7 +57,7 @@ def test_dry_run_prints_the_slurm_plan_without_submitting(tmp_path, tiny_shards,
     assert "'slurm_partition': 'gpu'" in train and "'slurm_gpus_per_node': 4" in train
     assert "'slurm_tasks_per_node': 4" in train and "'slurm_account': 'mcl'" in train
     embed = next(line for line in r.stdout.splitlines() if line.startswith("stage1/embed"))
-    assert "2 task(s)" in embed
+    assert "2 task(s)" in embed and "'slurm_array_parallelism': 8" in embed
     assert not (run_dir / "logs").exists()
 
 
