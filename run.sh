@@ -2,7 +2,9 @@
 # The two quickstart commands. Each sets up what is missing (a virtual environment in
 # .venv from the pinned requirements, reinstalled only when they change), then runs:
 #   ./run.sh demo [args]   the demo on the synthetic world (python -m launch demo)
-#   ./run.sh test [args]   the test suite (python -m pytest)
+#   ./run.sh test [args]   the test suite (python -m pytest); as root it first starts a
+#                          single-node Slurm on localhost (scripts/slurm_local.sh) for the
+#                          slurm executor's test
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -37,6 +39,10 @@ setup() {
 cmd=${1:-}
 case "$cmd" in
   demo) shift; setup; exec "$VENV/bin/python" -m launch demo "$@" ;;
-  test) shift; setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  test) shift; setup
+        if [ "$(id -u)" = 0 ]; then  # the slurm executor's tests need a Slurm: start one on localhost
+          bash scripts/slurm_local.sh || echo "run.sh: Slurm did not start; its test will fail" >&2
+        fi
+        exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: ./run.sh demo [args] | ./run.sh test [pytest args]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,42 @@
+"""The slurm executor against a real Slurm (single node on this machine: scripts/slurm_local.sh,
+which ./run.sh test starts when run as root, as CI does)."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    try:
+        up = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        up = None
+    if up is None or up.returncode != 0 or not up.stdout.strip():
+        pytest.fail("no Slurm answers here: run scripts/slurm_local.sh as root (./run.sh test does when root)")
+
+
+def test_the_dag_runs_through_slurm_with_array_jobs(slurm, tmp_path, tiny_shards, tiny_spec):
+    from shards.mmvp_writer import write_benchmark
+    bench = write_benchmark(tmp_path / "mmvp", tiny_spec, pairs=2, seed=1)
+    run_dir = tmp_path / "run"
+    r = run_cli("launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={run_dir}",
+                f"data={tiny_shards}", f"mmvp={bench}", "executor.name=slurm", "executor.slurm.cpus_per_task=1",
+                "executor.timeout_min=20", "train.steps=6")
+    assert r.returncode == 0, r.stderr[-4000:]
+    state = json.loads((run_dir / "launch_state.json").read_text())
+    embed_jobs = state["stage1/embed"]["job_ids"]
+    assert len(embed_jobs) == 2 and embed_jobs[0].endswith("_0") and embed_jobs[1].endswith("_1")  # an array
+    job = state["stage1/train"]["job_ids"][0]
+    folder = run_dir / "logs" / job
+    logs = "".join(p.read_text() for p in folder.glob("*_log.*"))
+    assert f"JobEnvironment(job_id={job}," in logs  # ran as Slurm job `job`
+    assert "#SBATCH --cpus-per-task=1" in (folder / f"{job}_submission.sh").read_text()
+    for path in ("stage1/sidecars/00000.parquet", "stage2/done.json", "merged.pt", "eval/mmvp_summary.json"):
+        assert (run_dir / path).exists(), path
+    r = run_cli("launch", "status", str(run_dir))
+    assert r.returncode == 0 and r.stdout.count(" done ") == 8
