@@ -94,6 +94,8 @@ def assign(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
     for f in files:
         path = stage_dir / "sidecars" / f"{f.stem}.parquet"
         out.append(path)
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # a write cut short by a kill
+            leftover.unlink(missing_ok=True)  # only this task writes this shard's sidecar
         if path.exists():
             try:
                 read_sidecar(path, meta)
