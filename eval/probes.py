@@ -97,6 +97,14 @@ def plot(results: dict, path: Path) -> Path:
     return save_png(fig, path)
 
 
+def write_outputs(results: dict, out: str | Path) -> dict:
+    """OUT/probes.json and OUT/probes.png."""
+    out = Path(out)
+    write_json(out / "probes.json", results, sort_keys=False)
+    plot(results, out / "probes.png")
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m eval.probes", description=__doc__)
     p.add_argument("--data", required=True, help="held-out shards of the synthetic world")
@@ -106,10 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     encoders = [load_encoder(m) for m in args.model]
-    results = probe(encoders, args.data, args.max_samples)
-    out = Path(args.out)
-    write_json(out / "probes.json", results, sort_keys=False)
-    plot(results, out / "probes.png")
+    results = write_outputs(probe(encoders, args.data, args.max_samples), args.out)
     attrs = list(next(iter(results.values())))
     print(f"{'model':<16}" + "".join(f"{a:>22}" for a in attrs))
     for name, per in results.items():

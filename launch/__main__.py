@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--config", help="demo config (default: configs/demo.yaml, or demo_quick.yaml)")
     demo.add_argument("--out", default="runs/demo", help="run folder")
     demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    demo.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the config's seeds)")
     run = sub.add_parser("run", help="run or resume the MCL DAG of a config",
                          description=__import__("launch.run").run.__doc__)
     run.add_argument("--config", required=True, help="run config (YAML; see launch/config.py)")
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "demo":
         from launch.demo import CONFIGS, run_demo
 
-        run_demo(args.config or CONFIGS[args.quick], args.out, args.workers)
+        run_demo(args.config or CONFIGS[args.quick], args.out, args.workers, args.seeds)
     return 0
 
 

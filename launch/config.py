@@ -3,6 +3,9 @@
     run_dir: runs/tiny                 # everything the run writes goes here
     data: data/train/{00000..00009}.tar
     mmvp: data/mmvp                    # optional: evaluate the merged model and each stage
+    probes: data/probe                 # optional: held-out shards of the synthetic world for attribute probes
+    method: mcl                        # mcl | ensemble (independently seeded plain CLIP stages, merged alike)
+    name: null                         # the merged model's name in the evaluations (default: the method)
     stages: 3                          # trained stages (a stage 0 is added when train.pretrained is set)
     clusters: 10                       # K after each stage (a number, or a list per stage)
     tower: image                       # what to cluster on: image | text | both
@@ -11,9 +14,12 @@
     stage_init: scratch                # scratch (new seed per stage) | previous (init from the last stage)
     per_stage_norm: true               # merge: normalise each stage's features before concatenating
     train: {...}                       # pipeline.train keys shared by every stage (model, batch_size, steps, ...)
+    finetune: {...}                    # train keys overriding `train` in stages initialised from another stage
     executor:
       name: local                      # local | slurm
       timeout_min: 120
+      signal_delay_s: 90               # USR2 this long before the timeout: training is requeued and resumes
+      max_num_timeout: 3               # requeues after timeouts (preemptions requeue without limit)
       tasks: 2                         # array tasks of the embed and assign steps
       array_parallelism: 8
       slurm: {partition: ..., account: ..., gpus_per_node: ..., cpus_per_task: ..., mem_gb: ...,
@@ -29,7 +35,7 @@ from pipeline.train_config import TrainConfig
 from shards.cli import UsageError
 from shards.io import read_yaml
 
-EXECUTOR_KEYS = {"name", "timeout_min", "tasks", "array_parallelism", "slurm"}
+EXECUTOR_KEYS = {"name", "timeout_min", "signal_delay_s", "max_num_timeout", "tasks", "array_parallelism", "slurm"}
 
 
 @dataclass
@@ -37,6 +43,9 @@ class RunConfig:
     run_dir: str
     data: str
     mmvp: str | None = None
+    probes: str | None = None
+    method: str = "mcl"
+    name: str | None = None
     stages: int = 3
     clusters: list = field(default_factory=lambda: [10])
     tower: str = "image"
@@ -45,6 +54,7 @@ class RunConfig:
     stage_init: str = "scratch"
     per_stage_norm: bool = True
     train: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)
     executor: dict = field(default_factory=lambda: {"name": "local"})
 
     def k(self, position: int) -> int:
@@ -75,6 +85,11 @@ def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
         for p in parents:
             target = target.setdefault(p, {})
         target[leaf] = yaml.safe_load(value)
+    return run_config(raw, path)
+
+
+def run_config(raw: dict, source: str) -> RunConfig:
+    """A validated RunConfig from a mapping; `source` names it in the error."""
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(raw) - known)
     errors = [f"unknown key {k!r}" for k in unknown]
@@ -82,14 +97,14 @@ def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
         if not raw.get(required):
             errors.append(f"{required}: required")
     if errors:
-        raise UsageError(f"{path}: " + "; ".join(errors))
-    raw = {k: v for k, v in raw.items() if k in known}
+        raise UsageError(f"{source}: " + "; ".join(errors))
+    raw = dict(raw)
     if not isinstance(raw.get("clusters", [10]), list):
         raw["clusters"] = [raw["clusters"]]
     cfg = RunConfig(**raw)
     errors = validate(cfg)
     if errors:
-        raise UsageError(f"{path}: " + "; ".join(errors))
+        raise UsageError(f"{source}: " + "; ".join(errors))
     return cfg
 
 
@@ -105,6 +120,15 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"data: {exc}")
     if cfg.mmvp and not (Path(cfg.mmvp) / "Questions.csv").is_file():
         errors.append(f"mmvp: {cfg.mmvp}/Questions.csv missing")
+    if cfg.method not in ("mcl", "ensemble"):
+        errors.append(f"method: must be mcl or ensemble, got {cfg.method!r}")
+    if cfg.method == "ensemble" and (cfg.has_stage0 or cfg.stage_init != "scratch"):
+        errors.append("method: an ensemble trains every stage from scratch (no train.pretrained, stage_init scratch)")
+    if cfg.probes:
+        try:
+            expand_urls(cfg.probes)
+        except UsageError as exc:
+            errors.append(f"probes: {exc}")
     if cfg.stages < 1:
         errors.append(f"stages: must be >= 1, got {cfg.stages}")
     if any(not isinstance(k, int) or k < 2 for k in cfg.clusters):
@@ -113,10 +137,11 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"tower: must be image, text or both, got {cfg.tower!r}")
     if cfg.stage_init not in ("scratch", "previous"):
         errors.append(f"stage_init: must be scratch or previous, got {cfg.stage_init!r}")
-    bad_train = sorted(set(cfg.train) - {f.name for f in dataclasses.fields(TrainConfig)} | (
-        set(cfg.train) & {"data", "out", "labels"}))
-    if bad_train:
-        errors.append(f"train: unknown or run-managed keys {bad_train}")
+    for section in ("train", "finetune"):
+        keys = set(getattr(cfg, section))
+        bad = sorted(keys - {f.name for f in dataclasses.fields(TrainConfig)} | (keys & {"data", "out", "labels"}))
+        if bad:
+            errors.append(f"{section}: unknown or run-managed keys {bad}")
     model = cfg.train.get("model", TrainConfig.model)
     if not models.known_architecture(model):
         errors.append(f"train.model: unknown architecture {model!r}")
@@ -125,7 +150,7 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"executor: unknown keys {unknown_exec}")
     if cfg.executor.get("name", "local") not in ("local", "slurm"):
         errors.append(f"executor.name: must be local or slurm, got {cfg.executor.get('name')!r}")
-    if urls and not errors and cfg.stages > 1:
+    if urls and not errors and cfg.stages > 1 and cfg.method == "mcl":
         from pipeline.train import count_samples
 
         try:

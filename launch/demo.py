@@ -1,15 +1,28 @@
-"""The demo run on the embedded synthetic world (the README's main command).
+"""The demo (the README's main command): MCL against plain CLIP on the synthetic world.
 
-    python -m launch demo [--quick] [--out runs/demo]
+    python -m launch demo [--quick] [--config configs/demo.yaml] [--out runs/demo] [--seeds 0 1 2]
 
-Today it generates the world's training shards and its MMVP-format benchmark and
-validates them; the MCL stages, merge and evaluation join it as those jobs land.
-Every step is skipped when its outputs already exist, so a rerun is cheap.
+1. Generates the world of the config's `data` section: training shards, held-out probe
+   shards and the MMVP-format benchmark (one pattern per attribute), and validates them.
+2. For each seed, runs three launch runs with the config's `run` section (local executor by
+   default), in OUT/seed<S>/:
+   - mcl: the MCL stages (clustering, sidecars, cluster-bucketed loader), merged;
+   - ensemble: as many independently seeded plain CLIP stages, merged the same way (it
+     separates the MCL effect from mere ensembling); its stage 1 is trained exactly like
+     MCL's stage 1 (plain CLIP, same seed), so it is copied from there, not trained twice;
+   - baseline: plain CLIP, one stage, as many steps as all MCL stages together.
+   Each is evaluated on the benchmark and with the attribute probes.
+3. Writes OUT/seed<S>/results.json, OUT/summary.json (mean and std over seeds), OUT/mmvp.png
+   and OUT/report.md, and prints the per-pattern table and the verdict.
+Every step is skipped when its outputs exist and check, so a rerun resumes and a finished
+demo does no work.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from shards import world as W
@@ -28,34 +41,97 @@ def load_config(path: str | Path) -> dict:
         cfg = read_yaml(path, "config")
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    if not isinstance(cfg, dict) or "data" not in cfg:
-        raise UsageError(f"{path}: a demo config needs a 'data' section")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("data"), dict) or not isinstance(cfg.get("run"), dict):
+        raise UsageError(f"{path}: a demo config needs 'data' and 'run' sections")
     return cfg
 
 
-def run_demo(config: str | Path, out: str | Path, workers: int = 1) -> dict:
-    cfg = load_config(config)
-    data = cfg["data"]
+def make_world(config: str | Path, data: dict, out: Path, workers: int) -> dict[str, Path]:
+    """Training shards, probe shards and the benchmark under OUT/data; returns their paths."""
     try:
         spec = W.load_spec(data["world"])
     except (KeyError, ValueError) as exc:
         raise UsageError(f"{config}: data.world: {exc}") from exc
-    out = Path(out)
-    train_dir, bench_dir = out / "data" / "train", out / "data" / "mmvp"
-    log.info("generating %d training samples in %s", data["num_samples"], train_dir)
-    sizes = generate(train_dir, spec, int(data["num_samples"]), int(data.get("samples_per_shard", 1000)),
-                     int(data.get("seed", 0)), workers)
-    write_benchmark(bench_dir, spec, int(data.get("mmvp_pairs", 15)), int(data.get("mmvp_seed", 1)))
-    record = train_dir / "validation.json"
+    paths = {"train": out / "data" / "train", "probe": out / "data" / "probe", "mmvp": out / "data" / "mmvp"}
+    seed = int(data.get("seed", 0))
+    log.info("generating %d training samples in %s", data["num_samples"], paths["train"])
+    sizes = generate(paths["train"], spec, int(data["num_samples"]), int(data.get("samples_per_shard", 1000)),
+                     seed, workers)
+    probe_samples = int(data.get("probe_samples", 2000))
+    generate(paths["probe"], spec, probe_samples, probe_samples, seed + 1_000_003, 1, progress=False)
+    write_benchmark(paths["mmvp"], spec, int(data.get("mmvp_pairs", 15)), int(data.get("mmvp_seed", 1)))
+    record = paths["train"] / "validation.json"
     if record.exists():
         report = json.loads(record.read_text())
     else:
-        report = validate(str(train_dir), decode=True, workers=workers)
+        report = validate(str(paths["train"]), decode=True, workers=workers)
         if report["problems"]:
-            raise RuntimeError(f"{train_dir}: generated shards have problems: {report['problem_counts']}")
+            raise RuntimeError(f"{paths['train']}: generated shards have problems: {report['problem_counts']}")
         write_json(record, report)
-    summary = {"train": str(train_dir), "shards": len(sizes), "samples": report["samples"],
-               "mmvp": str(bench_dir), "patterns": [a.pattern for a in spec.attributes]}
-    print(f"world: {summary['samples']} training samples in {summary['shards']} shards at {train_dir}")
-    print(f"benchmark: {bench_dir} with patterns {', '.join(summary['patterns'])}")
+    print(f"world: {report['samples']} training samples in {len(sizes)} shards at {paths['train']}; "
+          f"benchmark {paths['mmvp']} with patterns {', '.join(a.pattern for a in spec.attributes)}", flush=True)
+    return paths
+
+
+def method_configs(run: dict, paths: dict[str, Path], seed_dir: Path, seed: int) -> dict:
+    """The three launch RunConfigs of one seed (validated)."""
+    from launch.config import run_config
+    from launch.run import train_config
+
+    base = copy.deepcopy(run)
+    base.update(data=str(paths["train"]), mmvp=str(paths["mmvp"]), probes=str(paths["probe"]))
+    base["train"] = {**base.get("train", {}), "seed": 1000 * seed}  # stage seeds never overlap across seeds
+    mcl = run_config({**base, "run_dir": str(seed_dir / "mcl"), "method": "mcl"}, "demo run (mcl)")
+    ensemble = run_config({**base, "run_dir": str(seed_dir / "ensemble"), "method": "ensemble",
+                           "stage_init": "scratch", "finetune": {}}, "demo run (ensemble)")
+    total = sum(train_config(mcl, s)["steps"] for s in range(1, mcl.stages + 1))
+    baseline = run_config({**base, "run_dir": str(seed_dir / "baseline"), "method": "ensemble", "name": "baseline",
+                           "stages": 1, "stage_init": "scratch", "finetune": {},
+                           "train": {**base["train"], "steps": total}}, "demo run (baseline)")
+    return {"mcl": mcl, "ensemble": ensemble, "baseline": baseline}
+
+
+def share_stage1(mcl, ensemble) -> None:
+    """The ensemble's first member is MCL's stage 1 (same config but the folder): copy, don't retrain."""
+    from launch.run import train_config
+
+    src, dst = Path(mcl.run_dir) / "stage1", Path(ensemble.run_dir) / "stage1"
+    a, b = train_config(mcl, 1), train_config(ensemble, 1)
+    if {**a, "out": ""} != {**b, "out": ""} or not (src / "done.json").is_file() or (dst / "done.json").exists():
+        return
+    tmp = dst.with_name("stage1.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints", "clusters", "sidecars", "embeddings"))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def run_demo(config: str | Path, out: str | Path, workers: int = 1, seeds: list[int] | None = None) -> dict:
+    from eval import report
+    from launch.run import run
+
+    cfg = load_config(config)
+    out = Path(out)
+    paths = make_world(config, cfg["data"], out, workers)
+    seeds = seeds if seeds is not None else list(cfg.get("seeds", [0]))
+    per_seed, mcl_runs = [], {}
+    for seed in seeds:
+        seed_dir = out / f"seed{seed}"
+        runs = method_configs(cfg["run"], paths, seed_dir, seed)
+        for method in ("mcl", "ensemble", "baseline"):
+            if method == "ensemble":
+                share_stage1(runs["mcl"], runs["ensemble"])
+            print(f"--- seed {seed}: {method} in {runs[method].run_dir}", flush=True)
+            run(runs[method])
+        result = report.seed_results({m: Path(c.run_dir) for m, c in runs.items()}, seed,
+                                     {**cfg, "config_file": str(config)})
+        write_json(seed_dir / "results.json", result, sort_keys=False, if_changed=True)
+        per_seed.append(result)
+        mcl_runs[seed] = Path(runs["mcl"].run_dir)
+    summary = report.summarize(per_seed)
+    path = report.write_report(out, summary, per_seed, mcl_runs)
+    print(report.table(summary))
+    for line in report.verdict(summary):
+        print(line)
+    print(f"report: {path}")
     return summary

@@ -1,10 +1,12 @@
 """Run the whole MCL DAG of one config through submitit, resumably.
 
 For each stage: train -> embed (array) -> cluster -> assign (array) -> reduce -> next
-stage; then merge -> MMVP evaluation. A step whose outputs exist and check is skipped, so
-running the same command again resumes a run (training from its latest checkpoint) and a
-finished run does no work. The executor is submitit's: `local` runs each job as a process
-on this machine (no scheduler), `slurm` submits sbatch jobs and arrays.
+stage; then merge -> MMVP evaluation and attribute probes (when configured); an ensemble
+run trains its stages alone. A step whose outputs exist and check is skipped, so running
+the same command again resumes a run (training from its latest checkpoint, also when
+submitit requeues it after a timeout or preemption) and a finished run does no work. The
+executor is submitit's: `local` runs each job as a process on this machine (no scheduler),
+`slurm` submits sbatch jobs and arrays.
 Step states, job ids and log paths are kept in RUN_DIR/launch_state.json.
 """
 from __future__ import annotations
@@ -43,11 +45,13 @@ def train_config(cfg: RunConfig, stage: int) -> dict:
     run = Path(cfg.run_dir)
     train = dict(cfg.train)
     train.update(data=cfg.data, out=str(run / f"stage{stage}"))
-    previous = stage - 1 if stage > 1 or cfg.has_stage0 else None
+    previous = stage - 1 if (stage > 1 or cfg.has_stage0) and cfg.method == "mcl" else None
     train["labels"] = f"sidecars:{run / f'stage{previous}'}" if previous is not None else "none"
     if cfg.stage_init == "previous" and previous is not None:
-        train["pretrained"] = str(run / f"stage{previous}" / "model")
-    elif not cfg.has_stage0:
+        train.update(cfg.finetune, pretrained=str(run / f"stage{previous}" / "model"))
+    elif cfg.has_stage0:
+        train.update(cfg.finetune)  # every stage fine-tunes the pretrained stage 0
+    else:
         train["seed"] = int(train.get("seed", 0)) + stage - 1  # scratch: a new seed per stage
     return to_dict(TrainConfig(**train))
 
@@ -72,8 +76,8 @@ def plan(cfg: RunConfig) -> list[Step]:
         else:
             out.append(Step(f"stage{stage}/train", S.train_stage, [(train_config(cfg, stage),)],
                             lambda d=sdir: (d / "done.json").is_file(), gpus=1))
-        if stage == names[-1]:
-            break  # the last stage is not clustered
+        if stage == names[-1] or cfg.method == "ensemble":
+            continue  # the last stage is not clustered, nor any stage of an ensemble
         k = cfg.k(position)
         parent = str(run / f"stage{names[position - 1]}") if position > 0 else None
 
@@ -99,11 +103,12 @@ def plan(cfg: RunConfig) -> list[Step]:
                                                 cfg.per_stage_norm)],
                     lambda: merged.is_file() and all(_newer(merged, Path(m) / "open_clip_pytorch_model.bin")
                                                      for m in model_dirs)))
-    if cfg.mmvp:
-        specs = [f"mcl={merged}"] + [f"stage{s}={run / f'stage{s}' / 'model'}" for s in names]
-        summary = run / "eval" / "mmvp_summary.json"
-        out.append(Step("eval/mmvp", S.evaluate, [(cfg.mmvp, specs, str(run / "eval"))],
-                        lambda: summary.is_file() and _newer(summary, merged)))
+    specs = [f"{cfg.name or cfg.method}={merged}"] + [f"stage{s}={run / f'stage{s}' / 'model'}" for s in names]
+    for kind, data, record in (("mmvp", cfg.mmvp, "mmvp_summary.json"), ("probes", cfg.probes, "probes.json")):
+        if data:
+            path = run / "eval" / record
+            out.append(Step(f"eval/{kind}", getattr(S, f"evaluate_{kind}"), [(data, specs, str(run / "eval"))],
+                            lambda p=path: _newer(p, merged)))
     return out
 
 
@@ -138,11 +143,13 @@ def make_executor(cfg: RunConfig, step: Step):
 
     ex = cfg.executor
     folder = Path(cfg.run_dir) / "logs" / "%j"
+    requeues = int(ex.get("max_num_timeout", 3))  # requeues after a timeout; preemptions are not counted
     if ex.get("name", "local") == "local":
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=int(ex.get("timeout_min", 600)))  # submitit's default is 2
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=requeues)
+        executor.update_parameters(timeout_min=int(ex.get("timeout_min", 600)),  # submitit's default is 2
+                                   signal_delay_s=int(ex.get("signal_delay_s", 90)))
     else:
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=requeues)
         executor.update_parameters(**slurm_parameters(cfg, step))
     executor.update_parameters(name=f"mcl-{step.name.replace('/', '-')}")
     return executor
@@ -150,7 +157,8 @@ def make_executor(cfg: RunConfig, step: Step):
 
 def slurm_parameters(cfg: RunConfig, step: Step) -> dict:
     sl = dict(cfg.executor.get("slurm", {}))
-    params = {"timeout_min": int(cfg.executor.get("timeout_min", 600))}
+    params = {"timeout_min": int(cfg.executor.get("timeout_min", 600)),
+              "slurm_signal_delay_s": int(cfg.executor.get("signal_delay_s", 90))}
     for key in ("partition", "account", "cpus_per_task", "mem_gb", "nodes", "constraint", "qos"):
         if key in sl:
             params[f"slurm_{key}"] = sl[key]

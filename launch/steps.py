@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import submitit
+
 
 def _setup() -> None:
     from shards.cli import setup_logging
@@ -21,17 +23,23 @@ def save_stage0(arch: str, pretrained: str, out: str) -> str:
     return str(models.save_model(model, arch, models.model_config(arch), out))
 
 
-def train_stage(cfg: dict) -> dict:
-    _setup()
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
-        import submitit
+class TrainStage(submitit.helpers.Checkpointable):
+    """One stage's training as a checkpointable submitit callable: on preemption or timeout
+    (Slurm's, or the local executor's signal before its timeout) submitit requeues the same
+    call and training resumes from its latest checkpoint (at most save_every steps are redone)."""
 
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    from pipeline.train import train
-    from pipeline.train_config import TrainConfig
+    def __call__(self, cfg: dict) -> dict:
+        _setup()
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from pipeline.train import train
+        from pipeline.train_config import TrainConfig
 
-    record = train(TrainConfig(**cfg))
-    return {"steps": record["steps"], "final_loss": record["final_loss"]}
+        record = train(TrainConfig(**cfg))
+        return {"steps": record["steps"], "final_loss": record["final_loss"]}
+
+
+train_stage = TrainStage()
 
 
 def embed_task(model_dir: str, data: str, out: str, tower: str, task: int, tasks: int, batch_size: int,
@@ -72,8 +80,16 @@ def merge_stages(model_dirs: list[str], out: str, names: list[str], per_stage_no
     return str(merge(model_dirs, out, names, per_stage_norm))
 
 
-def evaluate(mmvp: str, models: list[str], out: str) -> dict:
+def evaluate_mmvp(mmvp: str, models: list[str], out: str) -> dict:
     _setup()
-    from eval.mmvp import evaluate as run_mmvp, load_encoder, write_outputs
+    from eval.mmvp import evaluate, load_encoder, write_outputs
 
-    return write_outputs(run_mmvp(mmvp, [load_encoder(m) for m in models]), out)
+    return write_outputs(evaluate(mmvp, [load_encoder(m) for m in models]), out)
+
+
+def evaluate_probes(data: str, models: list[str], out: str) -> dict:
+    _setup()
+    from eval.mmvp import load_encoder
+    from eval.probes import probe, write_outputs
+
+    return write_outputs(probe([load_encoder(m) for m in models], data), out)

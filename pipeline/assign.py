@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.artifacts import (SidecarMeta, StaleSidecarError, array_fingerprint, embeddings_model_fp,
                                 read_embeddings, read_sidecar, read_sidecar_columns, sidecar_meta,
                                 write_sidecar)
-from pipeline.cluster import attribute_nmi, embedding_files
+from pipeline.cluster import attribute_nmi, attribute_purity, embedding_files
 from pipeline.embed import add_task_args
 from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
 from shards.io import atomic_output, write_json
@@ -165,6 +165,7 @@ def reduce(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
     top_words = {str(c): [w for w, _ in words[c].most_common(5)] for c in range(meta.k)}
     stats = {"stage": stage_index, "k": meta.k, "cluster_sizes": cluster_sizes.tolist(),
              "nmi": attribute_nmi(np.concatenate(assignments), attributes) if assignments else {},
+             "purity": attribute_purity(np.concatenate(assignments), attributes) if assignments else {},
              "top_words": top_words, "groups": summary}
     write_json(stage_dir / "clusters" / "assign_stats.json", stats)
     if data:

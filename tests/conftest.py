@@ -43,3 +43,13 @@ def tiny_shards(tmp_path_factory, tiny_spec) -> Path:
     out = tmp_path_factory.mktemp("tiny_shards")
     generate(out, tiny_spec, 600, 200, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`python -m launch demo --quick` once for the session: its folder and the completed command.
+    Its seed0/mcl is also the tests' reference MCL run (2 stages through the local executor)."""
+    out = tmp_path_factory.mktemp("quick_demo")
+    r = run_cli("launch", "demo", "--quick", "--out", str(out), "--workers", "2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out, r

@@ -1,4 +1,4 @@
-"""The commands as a user runs them: validate, from_files, the demo, and their errors."""
+"""The commands as a user runs them: validate, from_files, and their errors."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, run_cli, write_raw_tar
+from conftest import run_cli, write_raw_tar
 from shards.generate import generate
 from shards.reader import read_samples
 
@@ -131,16 +131,3 @@ def test_help(module):
     r = run_cli(module, "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m ")
     assert len(r.stdout.splitlines()) > 8  # the module's description is part of it
-
-
-def test_quick_demo_generates_and_validates_then_reruns_without_work(tmp_path):
-    r = run_cli("launch", "demo", "--quick", "--out", str(tmp_path), "--workers", "2")
-    assert r.returncode == 0, r.stderr
-    assert "world: 600 training samples in 3 shards" in r.stdout
-    bench = tmp_path / "data" / "mmvp"
-    assert (bench / "Questions.csv").is_file() and len((bench / "Questions.csv").read_text().splitlines()) == 41
-    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "data" / "train").iterdir()}
-    r = run_cli("launch", "demo", "--quick", "--out", str(tmp_path), "--workers", "2")
-    assert r.returncode == 0, r.stderr
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data" / "train").iterdir()} == stamp
-    assert REPO.joinpath("configs", "demo_quick.yaml").is_file()

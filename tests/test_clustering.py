@@ -61,7 +61,7 @@ def test_kmeans_recovers_planted_clusters(tmp_path):
     keys = sorted(truth)
     assert adjusted_rand_score([truth[k] for k in keys], [got[k][0] for k in keys]) > 0.99
     red = reduce(tmp_path, 1)
-    assert red["nmi"]["planted"] > 0.99 and sum(red["cluster_sizes"]) == 900
+    assert red["nmi"]["planted"] > 0.99 and red["purity"]["planted"] > 0.99 and sum(red["cluster_sizes"]) == 900
     assert red["groups"]["groups"] == 6 and red["groups"]["samples"] == 900
     # centroids are reused on rerun with the same parameters, retrained with others
     assert cluster(tmp_path, k=6, sample_size=600, seed=1)["time_train_s"] == stats["time_train_s"]
@@ -198,3 +198,11 @@ def test_embed_keys_follow_the_good_samples_of_broken_shards(tmp_path, tiny_shar
     assert r.returncode == 0, r.stderr
     from PIL import Image
     assert Image.open(stage / "clusters" / "grid.png").size[1] == 3 * 66
+
+
+def test_purity_counts_each_clusters_majority_value():
+    from pipeline.cluster import attribute_purity
+
+    labels = ['{"a": "x", "b": 1}', '{"a": "y", "b": 1}', '{"a": "x", "b": 2}', '{"a": "x", "b": 2}']
+    assert attribute_purity(np.array([0, 0, 1, 1]), labels) == {"a": 0.75, "b": 1.0}
+    assert attribute_purity(np.array([0, 1, 0, 1]), labels) == {"a": 0.75, "b": 0.5}

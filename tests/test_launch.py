@@ -1,9 +1,18 @@
-"""The whole DAG through submitit's local executor: outputs, resume without work, status, dry run."""
+"""The whole DAG through submitit's local executor: outputs, resume without work, status, dry run,
+a whole run killed twice and rerun, and a training job requeued on preemption."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
+import torch
 
 from conftest import REPO, run_cli
 
@@ -19,16 +28,15 @@ def _args(run_dir, tiny_shards, bench):
             f"mmvp={bench}"]
 
 
-def test_local_executor_runs_two_stages_end_to_end_and_a_rerun_does_no_work(tmp_path, tiny_shards, bench):
-    run_dir = tmp_path / "run"
-    r = run_cli("launch", "run", *_args(run_dir, tiny_shards, bench))
-    assert r.returncode == 0, r.stderr[-4000:]
+def test_local_executor_runs_two_stages_end_to_end_and_a_rerun_does_no_work(quick_demo):
+    run_dir = quick_demo[0] / "seed0" / "mcl"
     for path in ("stage1/done.json", "stage1/sidecars/00000.parquet", "stage1/sidecars/_groups.json",
                  "stage1/clusters/grid.png", "stage2/done.json", "stage2/loader_stats.jsonl", "merged.pt",
-                 "eval/mmvp_summary.json", "eval/mmvp_patterns.png", "run_config.json"):
+                 "eval/mmvp_summary.json", "eval/mmvp_patterns.png", "eval/probes.json", "run_config.json"):
         assert (run_dir / path).exists(), path
     stage2 = json.loads((run_dir / "stage2" / "train_config.json").read_text())
-    assert stage2["labels"] == f"sidecars:{run_dir / 'stage1'}" and stage2["seed"] == 1
+    assert stage2["labels"] == f"sidecars:{run_dir / 'stage1'}" and stage2["pretrained"] == str(
+        run_dir / "stage1" / "model")
     summary = json.loads((run_dir / "eval" / "mmvp_summary.json").read_text())
     assert list(summary) == ["mcl", "stage1", "stage2"]
     state = json.loads((run_dir / "launch_state.json").read_text())
@@ -36,15 +44,15 @@ def test_local_executor_runs_two_stages_end_to_end_and_a_rerun_does_no_work(tmp_
 
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "logs" not in p.parts
               and p.name != "launch_state.json"}
-    r = run_cli("launch", "run", *_args(run_dir, tiny_shards, bench))
+    r = run_cli("launch", "run", "--config", str(run_dir / "run_config.json"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "running" not in r.stdout and r.stdout.count(" done") == 8
+    assert "running" not in r.stdout and r.stdout.count(" done") == 9
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     r = run_cli("launch", "status", str(run_dir))
     assert r.returncode == 0
     lines = r.stdout.splitlines()
-    assert len(lines) == 8 and all(" done " in line for line in lines)
+    assert len(lines) == 9 and all(" done " in line for line in lines)
     assert "stage1/assign" in lines[3] and "logs/" in lines[3]
 
 
@@ -70,3 +78,90 @@ def test_the_whole_config_is_validated_first(tmp_path):
                     "clusters: every K must be an integer >= 2", "train.model: unknown architecture 'no-such-net'"):
         assert problem in err
     assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())
+
+
+def _launch(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launch", "run", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _state(run_dir, step: str) -> str | None:
+    try:
+        return json.loads((run_dir / "launch_state.json").read_text()).get(step, {}).get("state")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_a_run_killed_in_training_and_in_assign_reruns_to_the_clean_result(tmp_path, quick_demo):
+    """SIGKILL to the launcher and every job process, twice; the same command then finishes the run
+    with the sidecars, models and scores of the clean run (the quick demo's MCL run)."""
+    from pipeline.artifacts import sidecar_path
+    from shards.reader import expand_urls
+    import pyarrow.parquet as pq
+
+    clean_run = quick_demo[0] / "seed0" / "mcl"
+    config = json.loads((clean_run / "run_config.json").read_text())
+    run_dir = tmp_path / "run"
+    args = ["--config", str(clean_run / "run_config.json"), f"run_dir={run_dir}"]
+    proc = _launch(*args)
+    _wait_for(lambda: list((run_dir / "stage1" / "checkpoints").glob("step_*.pt")), proc, "a stage-1 checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "stage1" / "done.json").exists(), "stage 1 finished before it could be killed"
+
+    proc = _launch(*args)
+    _wait_for(lambda: _state(run_dir, "stage1/assign") == "running", proc, "the assign step")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "stage1" / "clusters" / "assign_stats.json").exists()
+    assert not (run_dir / "stage2").exists()
+
+    r = run_cli("launch", "run", *args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "stage1/train         done" in r.stdout and "stage1/assign        running" in r.stdout
+    for shard in expand_urls(config["data"]):
+        ours = pq.read_table(sidecar_path(run_dir / "stage1", shard))
+        clean = pq.read_table(sidecar_path(clean_run / "stage1", shard))
+        assert ours.column("key").to_pylist() == clean.column("key").to_pylist()
+        assert ours.column("cluster").to_pylist() == clean.column("cluster").to_pylist(), shard
+    for stage in ("stage1", "stage2"):
+        ours = torch.load(run_dir / stage / "model" / "open_clip_pytorch_model.bin", weights_only=True)
+        clean = torch.load(clean_run / stage / "model" / "open_clip_pytorch_model.bin", weights_only=True)
+        assert ours.keys() == clean.keys()
+        assert all(torch.allclose(ours[k], clean[k], atol=1e-5) for k in ours), stage
+    ours, clean = (json.loads((d / "eval" / "mmvp_summary.json").read_text()) for d in (run_dir, clean_run))
+    assert ours == clean
+
+
+def test_training_is_requeued_on_timeout_and_resumes_from_its_checkpoint(tmp_path, tiny_shards):
+    """USR2 (what Slurm and the local executor send before a timeout) to the training task: with a
+    1-minute limit submitit counts it as a timeout, which requeues only a checkpointable call; the
+    local executor requeues it, and training resumes from its checkpoint, not from step 0."""
+    run_dir = tmp_path / "run"
+    proc = _launch("--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={run_dir}",
+                   f"data={tiny_shards}", "mmvp=", "stages=1", "train.steps=40", "train.save_every=5",
+                   "train.log_every=1", "executor.timeout_min=1", "executor.signal_delay_s=5")
+    ckpts = run_dir / "stage1" / "checkpoints"
+    _wait_for(lambda: list(ckpts.glob("step_*.pt")), proc, "a checkpoint")
+    tasks = [p for p in psutil.Process(proc.pid).children(recursive=True)  # not its DataLoader workers
+             if "submitit.core._submit" in " ".join(p.cmdline())
+             and "submitit.local._local" in " ".join(p.parent().cmdline())]
+    assert len(tasks) == 1, tasks
+    tasks[0].send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=300) == 0
+    record = json.loads((run_dir / "stage1" / "done.json").read_text())
+    assert record["steps"] == 40
+    log = "".join(p.read_text() for p in (run_dir / "logs").rglob("*_log.err"))
+    assert "this job is timed-out" in log and "Requeued job" in log
+    resumed = re.findall(r"resumed from \S+ at step (\d+)", log)
+    assert len(resumed) == 1 and int(resumed[0]) >= 5, log[-3000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))

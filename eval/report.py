@@ -1,0 +1,191 @@
+"""The demo's comparison: results.json per seed, a summary over seeds, and a Markdown report.
+
+The three methods of the demo are read from their run folders (launch runs with MMVP and
+probe evaluations): `baseline` (plain CLIP, one stage, all stages' steps), `ensemble`
+(independently seeded plain CLIP stages, merged) and `mcl` (whose stages are also reported
+alone as stage1, stage2, ...). Stage 1 of MCL is plain CLIP after one stage's steps: the
+attributes it gets at most SUPPRESSED percent of MMVP pairs right while another gets at least
+EASY are "suppressed", and the verdict compares MCL with the ensemble and the baseline on them.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from shards.io import atomic_output, write_json
+
+SUPPRESSED, EASY = 35.0, 90.0
+METHODS = ("baseline", "ensemble", "mcl")
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def seed_results(runs: dict[str, Path], seed: int, config: dict) -> dict:
+    """{"models": {name: {"mmvp": {...}, "probe": {...}}}, "seeds", "config", "comparison"} of one seed;
+    runs maps each method to its run folder (its eval/ holds mmvp_summary.json and probes.json)."""
+    models = {}
+    for method, run_dir in runs.items():
+        mmvp, probe = _read(run_dir / "eval" / "mmvp_summary.json"), _read(run_dir / "eval" / "probes.json")
+        models[method] = {"mmvp": mmvp.get(method, {}), "probe": probe.get(method, {})}
+        if method == "mcl":
+            for name in (n for n in mmvp if n.startswith("stage")):
+                models[name] = {"mmvp": mmvp[name], "probe": probe.get(name, {})}
+    return {"models": models, "seeds": [seed], "config": config, "comparison": compare(models)}
+
+
+def compare(models: dict) -> dict:
+    """Suppressed and easy patterns (from stage1) and the gains of MCL over the other methods."""
+    stage1 = {p: v for p, v in models["stage1"]["mmvp"].items() if p != "average"}
+    suppressed = [p for p, v in stage1.items() if v <= SUPPRESSED]
+    easy = [p for p, v in stage1.items() if v >= EASY]
+
+    def mean_over(name, patterns):
+        return statistics.fmean(models[name]["mmvp"][p] for p in patterns) if patterns else None
+
+    out = {"suppressed": suppressed, "easy": easy, "shows_suppression": bool(suppressed and easy)}
+    for other in ("ensemble", "baseline"):
+        if other in models:
+            for group, patterns in (("suppressed", suppressed), ("easy", easy)):
+                a, b = mean_over("mcl", patterns), mean_over(other, patterns)
+                out[f"gain_vs_{other}_{group}"] = None if a is None else round(a - b, 2)
+    return out
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean and (sample) standard deviation over seeds of every score and gain."""
+    def stats(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return {"mean": round(statistics.fmean(values), 2),
+                "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0}
+
+    first = per_seed[0]
+    models = {}
+    for name, rec in first["models"].items():
+        models[name] = {"mmvp": {p: stats([r["models"][name]["mmvp"].get(p) for r in per_seed])
+                                 for p in rec["mmvp"]}}
+    gains = {k: stats([r["comparison"][k] for r in per_seed]) for k in first["comparison"] if k.startswith("gain_")}
+    gain = gains.get("gain_vs_ensemble_suppressed")
+    easy = gains.get("gain_vs_ensemble_easy")
+    required = bool(gain and easy and all(r["comparison"]["shows_suppression"] for r in per_seed)
+                    and gain["mean"] >= 10 and easy["mean"] >= -5
+                    and (len(per_seed) < 2 or gain["mean"] - gain["std"] > 5))
+    return {"seeds": [s for r in per_seed for s in r["seeds"]], "models": models, "gains": gains,
+            "suppressed": {str(r["seeds"][0]): r["comparison"]["suppressed"] for r in per_seed},
+            "easy": {str(r["seeds"][0]): r["comparison"]["easy"] for r in per_seed},
+            "required_met": required, "config": first["config"]}
+
+
+def _fmt(stat) -> str:
+    if stat is None:
+        return "-"
+    return f"{stat['mean']:.1f}" + (f" ± {stat['std']:.1f}" if stat.get("std") else "")
+
+
+def table(summary: dict) -> str:
+    """The per-pattern MMVP table (mean ± std over seeds), as Markdown."""
+    names = [n for n in (*METHODS, *sorted(n for n in summary["models"] if n.startswith("stage")))
+             if n in summary["models"]]
+    patterns = list(summary["models"]["mcl"]["mmvp"])
+    lines = ["| model | " + " | ".join(patterns) + " |", "|---" * (len(patterns) + 1) + "|"]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(_fmt(summary["models"][n]["mmvp"].get(p)) for p in patterns) + " |")
+    return "\n".join(lines)
+
+
+def verdict(summary: dict) -> list[str]:
+    g = summary["gains"]
+    lines = [f"suppressed by plain CLIP after one stage (stage1 <= {SUPPRESSED:.0f}): "
+             + "; ".join(f"seed {s}: {', '.join(p) or 'none'}" for s, p in summary["suppressed"].items()),
+             f"easy (stage1 >= {EASY:.0f}): "
+             + "; ".join(f"seed {s}: {', '.join(p) or 'none'}" for s, p in summary["easy"].items())]
+    for other in ("ensemble", "baseline"):
+        if f"gain_vs_{other}_suppressed" in g:
+            lines.append(f"MCL - {other}: suppressed {_fmt(g[f'gain_vs_{other}_suppressed'])} points, "
+                         f"easy {_fmt(g[f'gain_vs_{other}_easy'])} points")
+    lines.append("required (MCL beats the equal-size ensemble by >= 10 on the suppressed attributes, loses <= 5 "
+                 f"on the easy one, mean gain - std > 5 over seeds): {'met' if summary['required_met'] else 'NOT met'}")
+    return lines
+
+
+def plot(summary: dict, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from eval.plots import save_png
+
+    names = [n for n in (*METHODS, "stage1") if n in summary["models"]]
+    patterns = list(summary["models"]["mcl"]["mmvp"])
+    x, width = np.arange(len(patterns)), 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.4 * len(patterns) + 2, 4))
+    for i, n in enumerate(names):
+        st = [summary["models"][n]["mmvp"][p] or {"mean": 0, "std": 0} for p in patterns]
+        ax.bar(x + i * width - 0.4 + width / 2, [s["mean"] for s in st], width, yerr=[s["std"] for s in st],
+               capsize=2, label=n)
+    ax.axhline(25, color="black", linestyle="dotted", linewidth=1)
+    ax.set_xticks(x, patterns, rotation=20, ha="right")
+    ax.set_ylabel("MMVP pairs correct (%)  dotted: chance")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"MCL vs plain CLIP, {len(summary['seeds'])} seed(s)")
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def _probe_table(per_seed: list[dict]) -> str:
+    models = per_seed[0]["models"]
+    names = [n for n in models if models[n]["probe"]]
+    if not names:
+        return "(no probes)"
+    attrs = list(models[names[0]]["probe"])
+    lines = ["| model | " + " | ".join(f"{a} (chance {models[names[0]]['probe'][a]['chance']:.0f})" for a in attrs)
+             + " |", "|---" * (len(attrs) + 1) + "|"]
+    for n in names:
+        cells = []
+        for a in attrs:
+            lin = statistics.fmean(r["models"][n]["probe"][a]["linear"] for r in per_seed)
+            zs = statistics.fmean(r["models"][n]["probe"][a]["zero_shot"] for r in per_seed)
+            cells.append(f"{lin:.0f} / {zs:.0f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _purity_table(stage_dirs: list[Path]) -> str:
+    stats = [(d.name, _read(d / "clusters" / "assign_stats.json")) for d in stage_dirs]
+    stats = [(n, s) for n, s in stats if s.get("purity")]
+    if not stats:
+        return "(no clustered stage)"
+    attrs = list(stats[0][1]["purity"])
+    lines = ["| stage (K) | " + " | ".join(attrs) + " |", "|---" * (len(attrs) + 1) + "|"]
+    for name, s in stats:
+        lines.append(f"| {name} ({s['k']}) | " + " | ".join(
+            f"{100 * s['purity'][a]:.0f}% (NMI {s['nmi'][a]:.2f})" for a in attrs) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[int, Path]) -> Path:
+    """OUT/summary.json, OUT/mmvp.png and OUT/report.md (links are relative to OUT)."""
+    write_json(out / "summary.json", summary, sort_keys=False)
+    plot(summary, out / "mmvp.png")
+    seed, mcl = next(iter(mcl_runs.items()))
+    stage_dirs = sorted(p for p in mcl.glob("stage*") if p.is_dir())
+    grids = [d / "clusters" / "grid.png" for d in stage_dirs if (d / "clusters" / "grid.png").is_file()]
+    parts = [
+        "# MCL demo report", "",
+        f"Seeds: {', '.join(map(str, summary['seeds']))}. MMVP-style pair accuracy (%), mean ± std over seeds; "
+        "chance is 25 and a model that cannot tell the two images apart scores near 0.", "",
+        table(summary), "", *[f"- {line}" for line in verdict(summary)], "",
+        "![MMVP per pattern](mmvp.png)", "",
+        "## Attribute probes (held-out shards): linear probe / zero-shot accuracy (%)", "",
+        _probe_table(per_seed), "",
+        f"## Clusters of the MCL stages (seed {seed}): purity per attribute", "",
+        "Purity: the share of samples whose attribute value is their cluster's most common one.", "",
+        _purity_table(stage_dirs), "",
+        *[f"![{g.parent.parent.name} clusters]({g.relative_to(out)})\n" for g in grids],
+    ]
+    with atomic_output(out / "report.md", "w") as f:
+        f.write("\n".join(parts) + "\n")
+    return out / "report.md"

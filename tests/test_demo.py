@@ -1,0 +1,57 @@
+"""The demo end to end in its quick variant: world, the three methods through launch, results.json,
+the summary, the report and its charts; a rerun does no work. (The gain needs the full run: BENCHMARKS.md.)"""
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+PATTERNS = ["Background", "Structural Character", "Quantity", "Spatial"]  # the tiny world's attributes
+
+
+def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
+    tmp_path, r = quick_demo
+    assert "world: 600 training samples in 3 shards" in r.stdout
+    assert (tmp_path / "data" / "mmvp" / "Questions.csv").read_text().count("\n") == 1 + 2 * 5 * len(PATTERNS)
+
+    results = json.loads((tmp_path / "seed0" / "results.json").read_text())
+    assert set(results) == {"models", "seeds", "config", "comparison"} and results["seeds"] == [0]
+    assert list(results["models"]) == ["mcl", "stage1", "stage2", "ensemble", "baseline"]
+    for name, rec in results["models"].items():
+        assert list(rec["mmvp"]) == PATTERNS + ["average"], name
+        assert all(0 <= v <= 100 for v in rec["mmvp"].values())
+        assert set(rec["probe"]) == {"background", "shape", "count", "position"}, name
+        assert all(set(v) == {"linear", "zero_shot", "chance"} for v in rec["probe"].values())
+    assert results["config"]["run"]["stages"] == 2
+    comparison = results["comparison"]
+    assert set(comparison["suppressed"]) | set(comparison["easy"]) <= set(PATTERNS)
+    assert "gain_vs_ensemble_suppressed" in comparison and "gain_vs_baseline_easy" in comparison
+
+    seed = tmp_path / "seed0"
+    baseline = json.loads((seed / "baseline" / "stage1" / "train_config.json").read_text())
+    stage2 = json.loads((seed / "mcl" / "stage2" / "train_config.json").read_text())
+    assert baseline["steps"] == 2 * 12 and baseline["labels"] == "none"
+    assert stage2["labels"].startswith("sidecars:") and stage2["pretrained"].endswith("stage1/model")
+    assert stage2["lr"] == 2.0e-4  # the finetune section
+    ensemble2 = json.loads((seed / "ensemble" / "stage2" / "train_config.json").read_text())
+    assert ensemble2["labels"] == "none" and ensemble2["pretrained"] is None and ensemble2["seed"] == 1
+    state = json.loads((seed / "ensemble" / "launch_state.json").read_text())
+    assert "job_ids" not in state["stage1/train"] and state["stage2/train"]["job_ids"]  # member 1 = MCL stage 1
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [0] and isinstance(summary["required_met"], bool)
+    assert summary["models"]["mcl"]["mmvp"]["average"]["mean"] == results["models"]["mcl"]["mmvp"]["average"]
+    report = (tmp_path / "report.md").read_text()
+    for part in ("| baseline |", "| ensemble |", "| mcl |", "| stage1 |", "mmvp.png", "purity",
+                 "seed0/mcl/stage1/clusters/grid.png"):
+        assert part in report, part
+    for png in ("mmvp.png", "seed0/mcl/stage1/clusters/grid.png", "seed0/mcl/eval/probes.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
+    assert "| mcl |" in r.stdout and "required (" in r.stdout
+
+    stamps = {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file() and p.name != "launch_state.json"
+              and "logs" not in p.parts}
+    r = run_cli("launch", "demo", "--quick", "--out", str(tmp_path), "--workers", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert " running " not in r.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
