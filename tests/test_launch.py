@@ -64,18 +64,27 @@ def test_dry_run_prints_the_slurm_plan_without_submitting(tmp_path, tiny_shards,
     train = next(line for line in r.stdout.splitlines() if line.startswith("stage1/train"))
     assert "'slurm_partition': 'gpu'" in train and "'slurm_gpus_per_node': 4" in train
     assert "'slurm_tasks_per_node': 4" in train and "'slurm_account': 'mcl'" in train
+    assert "'slurm_signal_delay_s': 90" in train  # USR2 before the timeout: requeue
     embed = next(line for line in r.stdout.splitlines() if line.startswith("stage1/embed"))
     assert "2 task(s)" in embed and "'slurm_array_parallelism': 8" in embed
     assert not (run_dir / "logs").exists()
 
+    r = run_cli("launch", "run", *_args(run_dir, tiny_shards, bench), "--dry-run", "method=ensemble", "stages=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [line.split()[0] for line in r.stdout.splitlines()] == [
+        "stage1/train", "stage2/train", "stage3/train", "merge", "eval/mmvp"]
+
 
 def test_the_whole_config_is_validated_first(tmp_path):
     r = run_cli("launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={tmp_path}",
-                "data=/nonexistent/{0..3}.tar", "clusters=1", "train.model=no-such-net", "mmvp=/nowhere")
+                "data=/nonexistent/{0..3}.tar", "clusters=1", "train.model=no-such-net", "mmvp=/nowhere",
+                "method=bagging", "finetune.learning_rate=1")
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip().splitlines()[-1]
     for problem in ("data: /nonexistent/0.tar: no such shard", "mmvp: /nowhere/Questions.csv missing",
-                    "clusters: every K must be an integer >= 2", "train.model: unknown architecture 'no-such-net'"):
+                    "clusters: every K must be an integer >= 2", "train.model: unknown architecture 'no-such-net'",
+                    "method: must be mcl or ensemble, got 'bagging'",
+                    "finetune: unknown or run-managed keys ['learning_rate']"):
         assert problem in err
     assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())
 
