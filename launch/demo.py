@@ -11,7 +11,9 @@
      separates the MCL effect from mere ensembling); its stage 1 is trained exactly like
      MCL's stage 1 (plain CLIP, same seed), so it is copied from there, not trained twice;
    - baseline: plain CLIP, one stage, as many steps as all MCL stages together.
-   Each is evaluated on the benchmark and with the attribute probes.
+   Each is evaluated on the benchmark and with the attribute probes. The config's `parallel`
+   (default 1) runs up to that many of the three side by side; the ensemble starts once
+   MCL's stage 1 is trained.
 3. Writes OUT/seed<S>/results.json, OUT/summary.json (mean and std over seeds), OUT/mmvp.png
    and OUT/report.md, and prints the per-pattern table and the verdict.
 Every step is skipped when its outputs exist and check, so a rerun resumes and a finished
@@ -23,6 +25,8 @@ import copy
 import json
 import logging
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from shards import world as W
@@ -106,11 +110,37 @@ def share_stage1(mcl, ensemble) -> None:
     tmp.rename(dst)
 
 
+def run_methods(runs: dict, parallel: int, seed: int) -> None:
+    """Runs the launch runs of mcl, baseline and ensemble, up to `parallel` of them side by side
+    (each a launcher thread waiting on its jobs). The ensemble starts once MCL's stage 1, its
+    shared first member, is trained (or MCL's run has ended)."""
+    from launch.run import emit, run
+
+    def launch(method: str) -> None:
+        if method == "ensemble":
+            stage1 = Path(runs["mcl"].run_dir) / "stage1" / "done.json"
+            while not stage1.is_file() and not (futures and futures["mcl"].done()):
+                time.sleep(2)
+            share_stage1(runs["mcl"], runs["ensemble"])
+        emit(f"--- seed {seed}: {method} in {runs[method].run_dir}")
+        run(runs[method], label=method if parallel > 1 else None)
+
+    futures: dict = {}
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        for method in ("mcl", "baseline", "ensemble"):
+            futures[method] = pool.submit(launch, method)
+        failed = [(m, f.exception()) for m, f in futures.items() if f.exception() is not None]
+    if failed:
+        raise RuntimeError("; ".join(f"seed {seed} {m}: {exc}" for m, exc in failed)) from failed[0][1]
+
+
 def run_demo(config: str | Path, out: str | Path, workers: int = 1, seeds: list[int] | None = None) -> dict:
     from eval import report
-    from launch.run import run
 
     cfg = load_config(config)
+    parallel = cfg.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise UsageError(f"{config}: parallel: must be an integer >= 1, got {parallel!r}")
     out = Path(out)
     paths = make_world(config, cfg["data"], out, workers)
     seeds = seeds if seeds is not None else list(cfg.get("seeds", [0]))
@@ -118,11 +148,7 @@ def run_demo(config: str | Path, out: str | Path, workers: int = 1, seeds: list[
     for seed in seeds:
         seed_dir = out / f"seed{seed}"
         runs = method_configs(cfg["run"], paths, seed_dir, seed)
-        for method in ("mcl", "ensemble", "baseline"):
-            if method == "ensemble":
-                share_stage1(runs["mcl"], runs["ensemble"])
-            print(f"--- seed {seed}: {method} in {runs[method].run_dir}", flush=True)
-            run(runs[method])
+        run_methods(runs, parallel, seed)
         result = report.seed_results({m: Path(c.run_dir) for m, c in runs.items()}, seed,
                                      {**cfg, "config_file": str(config)})
         write_json(seed_dir / "results.json", result, sort_keys=False, if_changed=True)

@@ -1,7 +1,7 @@
 """Run the whole MCL DAG of one config through submitit, resumably.
 
 For each stage: train -> embed (array) -> cluster -> assign (array) -> reduce -> next
-stage; then merge -> MMVP evaluation and attribute probes (when configured); an ensemble
+stage; then merge -> eval (MMVP-VLM and the attribute probes, when configured); an ensemble
 run trains its stages alone. A step whose outputs exist and check is skipped, so running
 the same command again resumes a run (training from its latest checkpoint, also when
 submitit requeues it after a timeout or preemption) and a finished run does no work. The
@@ -12,8 +12,10 @@ Step states, job ids and log paths are kept in RUN_DIR/launch_state.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +106,11 @@ def plan(cfg: RunConfig) -> list[Step]:
                     lambda: merged.is_file() and all(_newer(merged, Path(m) / "open_clip_pytorch_model.bin")
                                                      for m in model_dirs)))
     specs = [f"{cfg.name or cfg.method}={merged}"] + [f"stage{s}={run / f'stage{s}' / 'model'}" for s in names]
-    for kind, data, record in (("mmvp", cfg.mmvp, "mmvp_summary.json"), ("probes", cfg.probes, "probes.json")):
-        if data:
-            path = run / "eval" / record
-            out.append(Step(f"eval/{kind}", getattr(S, f"evaluate_{kind}"), [(data, specs, str(run / "eval"))],
-                            lambda p=path: _newer(p, merged)))
+    records = [run / "eval" / name for name, data in (("mmvp_summary.json", cfg.mmvp), ("probes.json", cfg.probes))
+               if data]
+    if records:
+        out.append(Step("eval", S.evaluate, [(specs, str(run / "eval"), cfg.mmvp, cfg.probes)],
+                        lambda: all(_newer(r, merged) for r in records)))
     return out
 
 
@@ -174,6 +176,15 @@ def slurm_parameters(cfg: RunConfig, step: Step) -> dict:
     return params
 
 
+_stdout_lock = threading.Lock()
+
+
+def emit(line: str, label: str | None = None) -> None:
+    """Print one whole line (prefixed by [label]) even with several launchers in threads."""
+    with _stdout_lock:
+        print(f"[{label}] {line}" if label else line, flush=True)
+
+
 class StateFile:
     def __init__(self, run_dir: Path):
         self.path = run_dir / "launch_state.json"
@@ -184,9 +195,11 @@ class StateFile:
         write_json(self.path, self.state, sort_keys=False)
 
 
-def run(cfg: RunConfig, dry_run: bool = False) -> dict:
-    """Run (or print, with dry_run) every step not yet done; returns {step: state}."""
+def run(cfg: RunConfig, dry_run: bool = False, label: str | None = None) -> dict:
+    """Run (or print, with dry_run) every step not yet done; returns {step: state}. `label`
+    prefixes the printed lines (several runs printing side by side)."""
     run_dir = Path(cfg.run_dir)
+    say = functools.partial(emit, label=label)
     steps = plan(cfg)
     if not dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,29 +211,31 @@ def run(cfg: RunConfig, dry_run: bool = False) -> dict:
             result[step.name] = "done"
             if not dry_run and state.state.get(step.name, {}).get("state") != "done":
                 state.set(step.name, state="done")
-            print(f"{step.name:<20} done")
+            say(f"{step.name:<20} done")
             continue
         if dry_run:
             params = slurm_parameters(cfg, step) if cfg.executor.get("name") == "slurm" else \
                 {"timeout_min": int(cfg.executor.get("timeout_min", 600))}
-            print(f"{step.name:<20} would run {len(step.args)} task(s) on {cfg.executor.get('name', 'local')}: "
+            say(f"{step.name:<20} would run {len(step.args)} task(s) on {cfg.executor.get('name', 'local')}: "
                   f"{params}")
             result[step.name] = "planned"
             continue
         executor = make_executor(cfg, step)
+        started = time.monotonic()
         if len(step.args) == 1:
             jobs = [executor.submit(step.fn, *step.args[0])]
         else:
             jobs = executor.map_array(step.fn, *zip(*step.args))
         logs = [str(j.paths.stderr) for j in jobs]
         state.set(step.name, state="running", job_ids=[j.job_id for j in jobs], logs=logs)
-        print(f"{step.name:<20} running job(s) {', '.join(j.job_id for j in jobs)}", flush=True)
+        say(f"{step.name:<20} running job(s) {', '.join(j.job_id for j in jobs)}")
         try:
             outputs = [j.result() for j in jobs]
         except Exception as exc:
             state.set(step.name, state="failed", error=str(exc).splitlines()[-1][:300] if str(exc) else "")
             raise RuntimeError(f"step {step.name} failed; see {logs[0]}") from exc
         state.set(step.name, state="done", output=outputs if len(outputs) > 1 else outputs[0])
+        say(f"{step.name:<20} finished in {time.monotonic() - started:.0f} s")
         result[step.name] = "done"
     return result
 

@@ -80,16 +80,17 @@ def merge_stages(model_dirs: list[str], out: str, names: list[str], per_stage_no
     return str(merge(model_dirs, out, names, per_stage_norm))
 
 
-def evaluate_mmvp(mmvp: str, models: list[str], out: str) -> dict:
+def evaluate(models: list[str], out: str, mmvp: str | None, probes: str | None) -> dict:
+    """The evaluations of a run in one job (the encoders are loaded once): MMVP-VLM on the
+    benchmark folder `mmvp` and the attribute probes on the shards `probes`, when given."""
     _setup()
-    from eval.mmvp import evaluate, load_encoder, write_outputs
+    from eval import mmvp as M
+    from eval import probes as P
 
-    return write_outputs(evaluate(mmvp, [load_encoder(m) for m in models]), out)
-
-
-def evaluate_probes(data: str, models: list[str], out: str) -> dict:
-    _setup()
-    from eval.mmvp import load_encoder
-    from eval.probes import probe, write_outputs
-
-    return write_outputs(probe([load_encoder(m) for m in models], data), out)
+    encoders = [M.load_encoder(m) for m in models]
+    result = {}
+    if mmvp:
+        result["mmvp"] = M.write_outputs(M.evaluate(mmvp, encoders), out)
+    if probes:
+        result["probes"] = P.write_outputs(P.probe(encoders, probes), out)
+    return result

@@ -31,6 +31,14 @@ def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (--dist loadgroup), the tests of the quick demo's session fixture share
+    one worker, so it runs once."""
+    for item in items:
+        if "quick_demo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("quick_demo"))
+
+
 @pytest.fixture(scope="session")
 def tiny_spec() -> W.WorldSpec:
     return W.load_spec(str(REPO / "configs" / "worlds" / "tiny.yaml"))

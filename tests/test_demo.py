@@ -37,6 +37,14 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
     assert ensemble2["labels"] == "none" and ensemble2["pretrained"] is None and ensemble2["seed"] == 1
     state = json.loads((seed / "ensemble" / "launch_state.json").read_text())
     assert "job_ids" not in state["stage1/train"] and state["stage2/train"]["job_ids"]  # member 1 = MCL stage 1
+    # the three runs go side by side (parallel: 3); the ensemble waits for MCL's stage 1 only
+    lines = r.stdout.splitlines()
+    at = {key: next(i for i, line in enumerate(lines) if line.startswith(key)) for key in (
+        "[baseline] stage1/train         running", "[mcl] stage1/train         finished",
+        "[mcl] stage2/train         running", "[ensemble] stage2/train         running")}
+    assert at["[baseline] stage1/train         running"] < at["[mcl] stage1/train         finished"]
+    assert at["[mcl] stage1/train         finished"] < at["[ensemble] stage2/train         running"] \
+        < at["[mcl] stage2/train         running"], lines
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seeds"] == [0] and isinstance(summary["required_met"], bool)
@@ -55,3 +63,11 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
     assert r.returncode == 0, r.stderr[-3000:]
     assert " running " not in r.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_demo_config_errors_are_one_line(tmp_path):
+    config = tmp_path / "demo.yaml"
+    config.write_text("parallel: 0\ndata: {world: configs/worlds/tiny.yaml, num_samples: 10}\nrun: {stages: 2}\n")
+    r = run_cli("launch", "demo", "--config", str(config), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and f"{config}: parallel: must be an integer >= 1, got 0" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
