@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,14 +33,6 @@ def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (--dist loadgroup), the tests of the quick demo's session fixture share
-    one worker, so it runs once."""
-    for item in items:
-        if "quick_demo" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("quick_demo"))
-
-
 @pytest.fixture(scope="session")
 def tiny_spec() -> W.WorldSpec:
     return W.load_spec(str(REPO / "configs" / "worlds" / "tiny.yaml"))
@@ -54,10 +48,20 @@ def tiny_shards(tmp_path_factory, tiny_spec) -> Path:
 
 
 @pytest.fixture(scope="session")
-def quick_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def quick_demo(tmp_path_factory, worker_id) -> tuple[Path, subprocess.CompletedProcess]:
     """`python -m launch demo --quick` once for the session: its folder and the completed command.
-    Its seed0/mcl is also the tests' reference MCL run (2 stages through the local executor)."""
-    out = tmp_path_factory.mktemp("quick_demo")
-    r = run_cli("launch", "demo", "--quick", "--out", str(out), "--workers", "2")
+    Its seed0/mcl is also the tests' reference MCL run (2 stages through the local executor).
+    Under pytest-xdist the first worker that needs it runs it, under a file lock, in the folder
+    the workers share; the others wait and read its record."""
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+    out, record = root / "quick_demo", root / "quick_demo.json"
+    with FileLock(f"{record}.lock"):
+        if not record.is_file():
+            r = run_cli("launch", "demo", "--quick", "--out", str(out), "--workers", "2")
+            record.write_text(json.dumps({"args": r.args, "returncode": r.returncode, "stdout": r.stdout,
+                                          "stderr": r.stderr}))
+    r = subprocess.CompletedProcess(**json.loads(record.read_text()))
     assert r.returncode == 0, r.stderr[-4000:]
     return out, r

