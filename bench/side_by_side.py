@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.world import default_world_shards  # noqa: E402
+
 
 def start(data: Path, out: Path, steps: int, threads: int, seed: int) -> subprocess.Popen:
     args = [f"data={data}", f"out={out}", f"steps={steps}", "batch_size=128", "workers=1", f"threads={threads}",
@@ -65,12 +67,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = Path(args.data) if args.data else tmp / "data"
-        if not args.data:
-            from shards.generate import generate
-            from shards.world import load_spec
-            generate(data, load_spec(str(REPO / "configs/worlds/default.yaml")), 4000, 1000, seed=0, workers=2,
-                     progress=False)
+        data = default_world_shards(args.data, tmp, 4000)
         times: dict[str, list[float]] = {"sequential": [], "side_by_side": []}
         for i in range(args.repeats):
             order = list(times) if i % 2 == 0 else list(reversed(times))

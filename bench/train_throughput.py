@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.world import default_world_shards  # noqa: E402
+
 # open_clip_train 3.3.0's group_by_keys_nothrow does not expect the {} end-of-shard marker that
 # webdataset 1.0.2's tar_file_expander yields (KeyError: 'fname'); the harness drops the markers.
 OPEN_CLIP = """
@@ -85,12 +87,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = Path(args.data) if args.data else tmp / "data"
-        if not args.data:
-            from shards.generate import generate
-            from shards.world import load_spec
-            generate(data, load_spec(str(REPO / "configs/worlds/default.yaml")), 10000, 1000, seed=0, workers=2,
-                     progress=False)
+        data = default_world_shards(args.data, tmp, 10000)
         rates = {"open_clip": [], "ours": [], "ours_masked": []}
         for i in range(args.repeats):
             rates["open_clip"].append(run_open_clip(data, tmp / "oc", args.steps, args.batch_size, args.workers,
