@@ -25,8 +25,8 @@ import copy
 import json
 import logging
 import shutil
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from shards import world as W
@@ -113,25 +113,34 @@ def share_stage1(mcl, ensemble) -> None:
 def run_methods(runs: dict, parallel: int, seed: int) -> None:
     """Runs the launch runs of mcl, baseline and ensemble, up to `parallel` of them side by side
     (each a launcher thread waiting on its jobs). The ensemble starts once MCL's stage 1, its
-    shared first member, is trained (or MCL's run has ended)."""
+    shared first member, is trained (or MCL's run has ended). Daemon threads, joined with a
+    timeout: Ctrl-C stops the demo at once (a rerun resumes)."""
     from launch.run import emit, run
 
-    def launch(method: str) -> None:
-        if method == "ensemble":
-            stage1 = Path(runs["mcl"].run_dir) / "stage1" / "done.json"
-            while not stage1.is_file() and not (futures and futures["mcl"].done()):
-                time.sleep(2)
-            share_stage1(runs["mcl"], runs["ensemble"])
-        emit(f"--- seed {seed}: {method} in {runs[method].run_dir}")
-        run(runs[method], label=method if parallel > 1 else None)
+    slots, errors, threads = threading.Semaphore(parallel), {}, {}
 
-    futures: dict = {}
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        for method in ("mcl", "baseline", "ensemble"):
-            futures[method] = pool.submit(launch, method)
-        failed = [(m, f.exception()) for m, f in futures.items() if f.exception() is not None]
-    if failed:
-        raise RuntimeError("; ".join(f"seed {seed} {m}: {exc}" for m, exc in failed)) from failed[0][1]
+    def launch(method: str) -> None:
+        try:
+            if method == "ensemble":
+                stage1 = Path(runs["mcl"].run_dir) / "stage1" / "done.json"
+                while not stage1.is_file() and threads["mcl"].is_alive():
+                    time.sleep(2)
+                share_stage1(runs["mcl"], runs["ensemble"])
+            with slots:
+                emit(f"--- seed {seed}: {method} in {runs[method].run_dir}")
+                run(runs[method], label=method if parallel > 1 else None)
+        except Exception as exc:  # noqa: BLE001 - reported for all methods below
+            errors[method] = exc
+
+    for method in ("mcl", "baseline", "ensemble"):
+        threads[method] = threading.Thread(target=launch, args=(method,), name=f"launch-{method}", daemon=True)
+        threads[method].start()
+    for thread in threads.values():
+        while thread.is_alive():
+            thread.join(1)
+    if errors:
+        first = next(iter(errors.values()))
+        raise RuntimeError("; ".join(f"seed {seed} {m}: {exc}" for m, exc in errors.items())) from first
 
 
 def run_demo(config: str | Path, out: str | Path, workers: int = 1, seeds: list[int] | None = None) -> dict:

@@ -217,7 +217,7 @@ def run(cfg: RunConfig, dry_run: bool = False, label: str | None = None) -> dict
             params = slurm_parameters(cfg, step) if cfg.executor.get("name") == "slurm" else \
                 {"timeout_min": int(cfg.executor.get("timeout_min", 600))}
             say(f"{step.name:<20} would run {len(step.args)} task(s) on {cfg.executor.get('name', 'local')}: "
-                  f"{params}")
+                f"{params}")
             result[step.name] = "planned"
             continue
         executor = make_executor(cfg, step)
