@@ -213,8 +213,9 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                  out, len(urls), num_samples, steps_per_epoch, total_steps, cfg.batch_size * info.world_size,
                  cfg.engine, f" ZeRO-{cfg.zero_stage}" if cfg.engine == "deepspeed" else "")
 
+    fused = cfg.engine != "deepspeed" if cfg.fused is None else cfg.fused
     optimizer = torch.optim.AdamW(param_groups(model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  eps=cfg.eps)
+                                  eps=cfg.eps, fused=fused or None)
     if cfg.engine == "deepspeed":
         model, optimizer = _deepspeed(model, optimizer, cfg, info)
     elif info.distributed:

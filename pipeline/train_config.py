@@ -54,6 +54,7 @@ class TrainConfig:
     warmup: int = 100
     lr_scheduler: str = "cosine"     # cosine | const
     grad_clip: float | None = None
+    fused: bool | None = None        # torch's fused AdamW kernel (CPU and GPU); default: on, off with DeepSpeed
     # engine and precision
     engine: str = "ddp"              # ddp | deepspeed
     zero_stage: int = 2              # DeepSpeed ZeRO stage (1 or 2)

@@ -54,9 +54,10 @@ def test_single_process_run_and_plain_open_clip_artifact(tmp_path, tiny_shards):
         b = open_clip.create_model("mcl-tiny-vit", pretrained="{model_dir}/open_clip_pytorch_model.bin")
         x = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(a.encode_image(x), b.encode_image(x))
-        sd = torch.load("{stage}/checkpoints/step_00000024.pt", weights_only=True)["state_dict"]
+        ckpt = torch.load("{stage}/checkpoints/step_00000024.pt", weights_only=True)
         for k, v in b.state_dict().items():
-            torch.testing.assert_close(v, sd[k])
+            torch.testing.assert_close(v, ckpt["state_dict"][k])
+        assert all(g["fused"] for g in ckpt["optimizer"]["param_groups"])  # fused AdamW by default
         print("OK")
     """)
     r = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300)

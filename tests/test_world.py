@@ -31,8 +31,11 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path, tiny_spec):
 def test_layout_is_img2dataset_and_open_clip_sizes(tmp_path, tiny_spec):
     generate(tmp_path, tiny_spec, 30, 20, seed=0, progress=False)
     with tarfile.open(tmp_path / "00000.tar") as tf:
-        names = tf.getnames()
+        members = tf.getmembers()
+    names = [m.name for m in members]
     assert names[:3] == ["000000000.jpg", "000000000.json", "000000000.txt"]
+    # plain ustar members: no per-member PAX header (a float mtime would add one to each)
+    assert all(m.pax_headers == {} and m.mtime == 0 for m in members)
     assert len(names) == 60
     assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 20, "00001.tar": 10}
     stats = json.loads((tmp_path / "00001_stats.json").read_text())
