@@ -128,13 +128,13 @@ def _clustered(stage_dir: Path, k: int, niter: int, sample_size) -> bool:
 
 
 def _assigned(stage_dir: Path, index: int, parent: str | None, urls) -> bool:
-    from pipeline.artifacts import read_sidecar, sidecar_path
+    from pipeline.artifacts import check_sidecar, sidecar_path
     from pipeline.assign import stage_meta
 
     try:
         meta = stage_meta(stage_dir, index, Path(parent) if parent else None)
         for u in urls:
-            read_sidecar(sidecar_path(stage_dir, u), meta)
+            check_sidecar(sidecar_path(stage_dir, u), meta)
         return True
     except Exception:  # noqa: BLE001 - anything missing or stale means: not done
         return False

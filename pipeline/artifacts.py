@@ -128,16 +128,24 @@ def sidecar_meta(path: Path) -> dict:
     return json.loads(md[SIDECAR_META_KEY])
 
 
+def check_sidecar(path: Path, expect: SidecarMeta) -> None:
+    """Refuses (StaleSidecarError) a sidecar whose recorded metadata does not match `expect`;
+    reads only the parquet footer."""
+    meta = sidecar_meta(path)
+    want = json.loads(expect.to_json(path.stem))
+    for field in ("stage", "k", "ks", "model_fp", "centroids_fp", "parent_fp", "shard"):
+        if meta.get(field) != want[field]:
+            raise StaleSidecarError(
+                f"{path}: stale or foreign sidecar: {field} is {meta.get(field)!r}, expected {want[field]!r} "
+                "(rerun the assign step of this stage)")
+
+
 def read_sidecar(path: Path, expect: SidecarMeta | None = None) -> dict[str, int]:
     """{key: label} of one shard's sidecar; refuses one that does not match `expect`."""
-    meta = sidecar_meta(path)
     if expect is not None:
-        want = json.loads(expect.to_json(path.stem))
-        for field in ("stage", "k", "ks", "model_fp", "centroids_fp", "parent_fp", "shard"):
-            if meta.get(field) != want[field]:
-                raise StaleSidecarError(
-                    f"{path}: stale or foreign sidecar: {field} is {meta.get(field)!r}, expected {want[field]!r} "
-                    "(rerun the assign step of this stage)")
+        check_sidecar(path, expect)
+    else:
+        sidecar_meta(path)
     table = pq.read_table(path, columns=["key", "label"])
     return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
 

@@ -28,9 +28,9 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from pipeline.artifacts import (SidecarMeta, StaleSidecarError, array_fingerprint, embeddings_model_fp,
-                                read_embeddings, read_sidecar, read_sidecar_columns, sidecar_meta,
-                                write_sidecar)
+from pipeline.artifacts import (SidecarMeta, StaleSidecarError, array_fingerprint, check_sidecar,
+                                embeddings_model_fp, read_embeddings, read_sidecar, read_sidecar_columns,
+                                sidecar_meta, write_sidecar)
 from pipeline.cluster import attribute_nmi, attribute_purity, embedding_files
 from pipeline.embed import add_task_args
 from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
@@ -47,14 +47,17 @@ def load_centroids(stage_dir: Path) -> np.ndarray:
     return np.load(path)
 
 
-def stage_meta(stage_dir: Path, stage_index: int, parent: Path | None) -> SidecarMeta:
-    """What the sidecars of this stage must record (and readers expect)."""
+def stage_meta(stage_dir: Path, stage_index: int, parent: Path | None,
+               parent_meta: SidecarMeta | None = None) -> SidecarMeta:
+    """What the sidecars of this stage must record (and readers expect); `parent_meta`, when
+    the caller has it, saves computing the parent's again."""
     centroids = load_centroids(stage_dir)
     files = embedding_files(stage_dir)
     fps = {embeddings_model_fp(f) for f in files}
     if len(fps) != 1:
         raise UsageError(f"{stage_dir}/embeddings: files from {len(fps)} different models; re-embed")
-    parent_meta = stage_meta(parent, stage_index - 1, _grandparent(parent)) if parent is not None else None
+    if parent is not None and parent_meta is None:
+        parent_meta = stage_meta(parent, stage_index - 1, _grandparent(parent))
     ks = (parent_meta.ks if parent_meta else ()) + (int(centroids.shape[0]),)
     if np.prod([float(k) for k in ks]) > MAX_LABEL:
         raise UsageError(f"pseudo-labels of K = {ks} do not fit in int64")
@@ -83,8 +86,8 @@ def assign(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
     parent = Path(parent) if parent else None
     if not 0 <= task < tasks:
         raise UsageError(f"--task must be in [0, {tasks}), got {task}")
-    meta = stage_meta(stage_dir, stage_index, parent)
     parent_expect = stage_meta(parent, stage_index - 1, _grandparent(parent)) if parent else None
+    meta = stage_meta(stage_dir, stage_index, parent, parent_expect)
     centroids = load_centroids(stage_dir).astype(np.float32)
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(centroids)
@@ -98,7 +101,7 @@ def assign(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
             leftover.unlink(missing_ok=True)  # only this task writes this shard's sidecar
         if path.exists():
             try:
-                read_sidecar(path, meta)
+                check_sidecar(path, meta)
                 continue  # current
             except Exception:  # noqa: BLE001 - stale, or a file cut short by a kill: rewrite it
                 pass

@@ -21,7 +21,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from PIL import Image
@@ -30,7 +30,7 @@ from webdataset.filters import _shuffle
 
 from pipeline.artifacts import read_sidecar, sidecar_path
 from pipeline.buckets import BucketStats, coarsen_labels, plan_batches
-from shards.reader import ProblemLog, check_samples, decode_image, tar_samples
+from shards.reader import PROBLEM_KINDS, ProblemLog, check_samples, decode_image, tar_samples
 
 log = logging.getLogger("pipeline.data")
 
@@ -141,8 +141,9 @@ class TrainStream(IterableDataset):
     consecutive samples per epoch, starting over on its shards when they run out.
     Bucketed mode: each worker reads its shards once per epoch and batches them with
     pipeline.buckets (same-label batches; every sample exactly once).
-    `info` = [worker, batches made, *BucketStats.as_list()]; `keys` lists the samples'
-    keys ("" for padding).
+    `info` is a tensor (BatchInfo.decode reads it): the worker, the batches it has made, its
+    problem counts so far this epoch and its BucketStats; `keys` lists the samples' keys ("" for
+    padding).
     """
 
     def __init__(self, urls: Sequence[str], transform, tokenizer, batch_size: int, worker_batches: int | None,
@@ -223,8 +224,21 @@ class TrainStream(IterableDataset):
                    torch.tensor([s["label"] for s in plan] + [-1] * pad, dtype=torch.int64),
                    torch.tensor([s["caption_id"] for s in plan] + [0] * pad, dtype=torch.int64),
                    torch.tensor(valid + [False] * pad),
-                   torch.tensor([worker, made, *stats.as_list()], dtype=torch.int64),
+                   torch.tensor([worker, made, *self.problems.as_list(), *stats.as_list()], dtype=torch.int64),
                    [s["__key__"] for s in plan] + [""] * pad)
+
+
+class BatchInfo(NamedTuple):
+    """A batch's `info` tensor, decoded."""
+    worker: int
+    made: int                 # batches this worker has made this epoch
+    problems: list[int]       # the worker's ProblemLog counts so far (PROBLEM_KINDS order)
+    stats: BucketStats
+
+    @classmethod
+    def decode(cls, info: torch.Tensor) -> "BatchInfo":
+        values, n = info.tolist(), len(PROBLEM_KINDS)
+        return cls(values[0], values[1], values[2:2 + n], BucketStats.from_list(values[2 + n:]))
 
 
 def epoch_plan(num_samples: int, batch_size: int, world_size: int, workers: int) -> tuple[int, int]:

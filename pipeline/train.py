@@ -31,16 +31,15 @@ from typing import Sequence
 import torch
 
 from pipeline import models
-from pipeline.artifacts import read_sidecar
 from pipeline.buckets import BucketStats
-from pipeline.data import (SidecarLabeler, TrainStream, _seed, epoch_plan, json_labeler, make_loader, no_labels,
-                           sidecar_label_table)
+from pipeline.data import (BatchInfo, SidecarLabeler, TrainStream, _seed, epoch_plan, json_labeler, make_loader,
+                           no_labels, sidecar_label_table)
 from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
 from pipeline.loss import MaskedClipLoss
 from pipeline.train_config import TrainConfig, load_train_config, to_dict
 from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
 from shards.io import atomic_output, atomic_path, write_json
-from shards.reader import expand_urls, local_sibling, shard_basename
+from shards.reader import PROBLEM_KINDS, expand_urls, local_sibling, shard_basename
 
 log = logging.getLogger("pipeline.train")
 # Keys of the config that change what is trained; others (logging, workers...) may differ on resume.
@@ -250,11 +249,11 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                          bucket_cap=(cfg.bucket_cap or 16 * cfg.batch_size) if bucketed else None)
     metrics = MetricsLog(out, step, info, cfg.tensorboard)
     t_start, step_at_start = time.time(), step
-    last = {}
+    last, data_problems = {}, {}
     try:
         while step < total_steps:
             stream.set_epoch(epoch, start_positions)
-            positions, worker_stats = dict(start_positions), {}
+            positions, worker_stats, worker_problems = dict(start_positions), {}, {}
             start_positions = {}
             model.train()
             batches = iter(make_loader(stream, cfg.workers, _seed(cfg.seed, epoch)))
@@ -272,8 +271,10 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                     break
                 images, tokens, labels, caption_ids, valid, binfo, _keys = batch
                 if binfo is not None:
-                    positions[int(binfo[0])] = int(binfo[1])
-                    worker_stats[int(binfo[0])] = BucketStats.from_list(binfo[2:].tolist())
+                    binfo = BatchInfo.decode(binfo)
+                    positions[binfo.worker] = binfo.made
+                    worker_problems[binfo.worker] = binfo.problems
+                    worker_stats[binfo.worker] = binfo.stats
                 images = images.to(info.device, non_blocking=True)
                 tokens = tokens.to(info.device, non_blocking=True)
                 lr = schedule(step)
@@ -310,6 +311,8 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                     _save(ckpts, step, epoch, positions, cfg, model, optimizer, info)
             if bucketed:
                 _report_epoch(out, epoch, step, worker_stats, info, complete=exhausted)
+            for kind, n in _epoch_problems(epoch, worker_problems, info).items():
+                data_problems[kind] = max(n, data_problems.get(kind, 0))
             if not exhausted:
                 break  # the step budget ran out inside the epoch (the checkpoint knows where)
             epoch += 1
@@ -317,7 +320,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
         metrics.close()
 
     record = {"steps": step, "final_loss": last.get("loss"), "model_dir": str(out / "model"),
-              "architecture": cfg.model, "config": to_dict(cfg)}
+              "architecture": cfg.model, "data_problems": data_problems, "config": to_dict(cfg)}
     if info.is_main:
         models.save_model(_unwrap(model), cfg.model, model_cfg, out / "model")
         write_json(out / "done.json", record)
@@ -333,7 +336,7 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
         return json_labeler(cfg.labels[5:]), bucketed
     if not cfg.labels.startswith("sidecars:"):
         return no_labels, bucketed
-    from pipeline.artifacts import StaleSidecarError, read_sidecar_columns, sidecar_path
+    from pipeline.artifacts import StaleSidecarError, check_sidecar, read_sidecar_columns, sidecar_path
     from pipeline.assign import stage_record, stage_meta
 
     stage_dir = Path(cfg.labels[len("sidecars:"):])
@@ -345,7 +348,7 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
             path = sidecar_path(stage_dir, url)
             if not path.exists():
                 raise UsageError(f"{path}: no sidecar for shard {url}; run the assign step of {stage_dir}")
-            read_sidecar(path, expect)  # refuses stale or foreign sidecars before training starts
+            check_sidecar(path, expect)  # refuses stale or foreign sidecars before training starts
             for lab in read_sidecar_columns(path)[2].tolist():
                 sizes[lab] = sizes.get(lab, 0) + 1
     except StaleSidecarError as exc:
@@ -394,6 +397,19 @@ def _report_epoch(out: Path, epoch: int, step: int, worker_stats: dict, info: Di
                  "" if complete else " (stopped at the step budget)", total.samples,
                  total.pure_batches, total.mixed_batches, total.early_batches, total.short_batches,
                  total.fallback_samples, total.missing_labels, total.max_buffered)
+
+
+def _epoch_problems(epoch: int, worker_problems: dict, info: DistInfo) -> dict[str, int]:
+    """{kind: count} of the data problems the loader workers of all ranks met this epoch (each
+    worker logs its first ones itself); the main rank logs the total once."""
+    total = [0] * len(PROBLEM_KINDS)
+    for values in all_gather_object([sum(col) for col in zip(*worker_problems.values())], info):
+        total = [a + b for a, b in zip(total, values or [0] * len(PROBLEM_KINDS))]
+    counts = {k: n for k, n in zip(PROBLEM_KINDS, total) if n}
+    if counts and info.is_main:
+        log.warning("epoch %d: the loader skipped data problems: %s", epoch,
+                    ", ".join(f"{k}={n}" for k, n in counts.items()))
+    return counts
 
 
 def _features(out):

@@ -142,6 +142,10 @@ class ProblemLog:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def as_list(self) -> list[int]:
+        """The counts in PROBLEM_KINDS order (what a DataLoader worker passes on with its batches)."""
+        return [self.counts[k] for k in PROBLEM_KINDS]
+
     def merge(self, other: "ProblemLog") -> None:
         for item in other.items:
             ident = (item["kind"], item["shard"], item["key"])

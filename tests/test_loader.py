@@ -10,7 +10,7 @@ import pytest
 from pipeline import models
 from pipeline.artifacts import SidecarMeta, sidecar_path, write_sidecar
 from pipeline.buckets import BucketStats, _take_fullest, coarsen_labels, plan_batches
-from pipeline.data import SidecarLabeler, TrainStream, make_loader, sidecar_label_table
+from pipeline.data import BatchInfo, SidecarLabeler, TrainStream, make_loader, sidecar_label_table
 from shards.reader import ProblemLog, expand_urls, read_samples
 
 BG = {"red": 0, "green": 1, "blue": 2, "yellow": 3}
@@ -99,7 +99,8 @@ def _epoch(tiny_shards, labeler, workers=2, **kw):
         stats = {}
         for images, tokens, labels, caption_ids, valid, info, keys in make_loader(stream, workers, seed=0):
             out.append((rank, keys, labels, valid))
-            stats[int(info[0])] = BucketStats.from_list(info[2:].tolist())
+            info = BatchInfo.decode(info)
+            stats[info.worker] = info.stats
         total = BucketStats()
         for s in stats.values():
             total = total.merge(s)
@@ -174,7 +175,7 @@ def test_a_sample_without_sidecar_entry(tiny_shards, labelled, tmp_path):
     batches = list(make_loader(stream, 0, seed=0))
     keys = [k for b in batches for k, v in zip(b[6], b[4].tolist()) if v]
     assert sorted(keys) == sorted(truth)
-    assert BucketStats.from_list(batches[-1][5][2:].tolist()).missing_labels == 1
+    assert BatchInfo.decode(batches[-1][5]).stats.missing_labels == 1
 
 
 def read_and_label(url, labeler):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, write_raw_tar
 
 COMMON = ["model=mcl-tiny-vit", "batch_size=32", "warmup=2", "lr=1e-3", "log_every=5", "threads=1",
           "shuffle_buffer=200"]
@@ -110,6 +110,28 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_shards):
     a, b = _losses(clean), _losses(killed)
     assert len(a) == len(b) == 30
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, list(zip(a, b))
+
+
+def test_broken_samples_are_skipped_and_counted_across_workers(tmp_path, tiny_shards):
+    import tarfile
+    data = tmp_path / "shards"
+    data.mkdir()
+    for i, shard in enumerate(["00000", "00001", "00002"]):
+        with tarfile.open(tiny_shards / f"{shard}.tar") as tf:
+            members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+        # shard i loses the caption of its 6th sample and, in shards 1 and 2, garbles its 8th image
+        members = [(n, os.urandom(200) if i and n.endswith("0007.jpg") else b) for n, b in members
+                   if not n.endswith("0005.txt")]
+        write_raw_tar(data / f"{shard}.tar", members)
+    stage = tmp_path / "stage"
+    # one epoch of 32 batches of 16 per worker: worker 0 reads shards 0 and 2 (398 usable samples)
+    # and starts over, worker 1 reads shard 1 more than twice; each problem counts once
+    r = run_cli("pipeline.train", f"data={data}", f"out={stage}", "steps=64", "workers=2", "save_every=100",
+                "train_num_samples=1000", *COMMON, "batch_size=16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = json.loads((stage / "done.json").read_text())
+    assert done["data_problems"] == {"missing_caption": 3, "corrupt_image": 2}, done["data_problems"]
+    assert "the loader skipped data problems: missing_caption=3, corrupt_image=2" in r.stderr
 
 
 def test_bad_config_is_one_line(tmp_path, tiny_shards):
