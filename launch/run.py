@@ -7,7 +7,9 @@ the same command again resumes a run (training from its latest checkpoint, also 
 submitit requeues it after a timeout or preemption) and a finished run does no work. The
 executor is submitit's: `local` runs each job as a process on this machine (no scheduler),
 `slurm` submits sbatch jobs and arrays.
-Step states, job ids and log paths are kept in RUN_DIR/launch_state.json.
+Step states, job ids and log paths are kept in RUN_DIR/launch_state.json. A rerun after the
+launcher itself was killed waits for the jobs it left running instead of submitting their
+steps twice, and only one launcher at a time may hold a run folder (launch/jobs.py).
 """
 from __future__ import annotations
 
@@ -198,11 +200,21 @@ class StateFile:
 def run(cfg: RunConfig, dry_run: bool = False, label: str | None = None) -> dict:
     """Run (or print, with dry_run) every step not yet done; returns {step: state}. `label`
     prefixes the printed lines (several runs printing side by side)."""
+    from launch.jobs import run_lock
+
+    run_dir = Path(cfg.run_dir)
+    if dry_run:
+        return _run(cfg, True, label)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        return _run(cfg, False, label)
+
+
+def _run(cfg: RunConfig, dry_run: bool, label: str | None) -> dict:
     run_dir = Path(cfg.run_dir)
     say = functools.partial(emit, label=label)
     steps = plan(cfg)
     if not dry_run:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "run_config.json", dataclasses.asdict(cfg), if_changed=True)
     state = StateFile(run_dir)
     result = {}
@@ -219,6 +231,9 @@ def run(cfg: RunConfig, dry_run: bool = False, label: str | None = None) -> dict
             say(f"{step.name:<20} would run {len(step.args)} task(s) on {cfg.executor.get('name', 'local')}: "
                 f"{params}")
             result[step.name] = "planned"
+            continue
+        if _wait_for_earlier_launch(cfg, step, state, say):
+            result[step.name] = "done"
             continue
         executor = make_executor(cfg, step)
         started = time.monotonic()
@@ -238,6 +253,28 @@ def run(cfg: RunConfig, dry_run: bool = False, label: str | None = None) -> dict
         say(f"{step.name:<20} finished in {time.monotonic() - started:.0f} s")
         result[step.name] = "done"
     return result
+
+
+def _wait_for_earlier_launch(cfg: RunConfig, step: Step, state: StateFile, say) -> bool:
+    """Wait for the jobs of `step` that an earlier, killed launcher left running; True when they
+    produced the step's outputs (otherwise the step is submitted again)."""
+    from launch.jobs import live_jobs, wait_for
+
+    record = state.state.get(step.name, {})
+    if record.get("state") != "running":
+        return False
+    executor = cfg.executor.get("name", "local")
+    alive = live_jobs(executor, record.get("job_ids", []), Path(cfg.run_dir))
+    if not alive:
+        return False
+    say(f"{step.name:<20} waiting for job(s) {', '.join(alive)} of an earlier launch")
+    wait_for(lambda: live_jobs(executor, alive, Path(cfg.run_dir)), poll_s=2 if executor == "local" else 10)
+    if not step.done():
+        say(f"{step.name:<20} the earlier job(s) ended without its outputs; submitting again")
+        return False
+    state.set(step.name, state="done")
+    say(f"{step.name:<20} finished by the earlier launch's job(s)")
+    return True
 
 
 def status(run_dir: str) -> list[tuple[str, str, str, str]]:

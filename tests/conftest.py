@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from filelock import FileLock
 
@@ -21,6 +23,39 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.Co
     """Run `python -m ARGS...` with this interpreter; capture text output."""
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def rerun_after_killing_the_launcher(args: list[str], run_dir: Path, timeout: float = 300):
+    """Start `launch run ARGS`; once its stage-1 training job runs, pause the job (so that it cannot
+    end first), try a second launcher, SIGKILL the first launcher alone, start the same command
+    again and let the job go on once the rerun has said its first line. Returns (the training
+    job ids, the refused second launcher, the rerun), both completed processes."""
+    cmd = [sys.executable, "-m", "launch", "run", *args]
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.time() + timeout
+    while not (run_dir / "stage1" / "metrics.jsonl").is_file():
+        assert launcher.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.05)
+    jobs = [p for p in psutil.process_iter(["name", "cmdline"])  # not srun, nor DataLoader workers
+            if p.info["name"].startswith("python") and "submitit.core._submit" in " ".join(p.info["cmdline"] or [])
+            and str(run_dir) in " ".join(p.info["cmdline"] or [])]
+    assert len(jobs) == 1, jobs
+    paused = [jobs[0], *jobs[0].children(recursive=True)]
+    for p in paused:
+        p.suspend()
+    try:
+        refused = run_cli(*cmd[2:])
+        launcher.kill()
+        launcher.wait()
+        job_ids = json.loads((run_dir / "launch_state.json").read_text())["stage1/train"]["job_ids"]
+        rerun = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = rerun.stdout.readline()
+    finally:
+        for p in paused:
+            p.resume()
+    out, err = rerun.communicate(timeout=600)
+    return job_ids, refused, subprocess.CompletedProcess(cmd, rerun.returncode, first + out, err)
 
 
 def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
