@@ -28,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--config", required=True, help="run config (YAML; see launch/config.py)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. stages=2 train.steps=100")
     run.add_argument("--dry-run", action="store_true", help="print the plan and executor parameters only")
+    run.add_argument("--detach", action="store_true",
+                     help="slurm: submit every step at once with afterok dependencies and exit")
     st = sub.add_parser("status", help="print the steps of a run")
     st.add_argument("run_dir")
     args, extra = p.parse_known_args(argv)  # key=value overrides may follow options too
@@ -41,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from launch.config import load_run_config
         from launch.run import run as run_dag
 
-        run_dag(load_run_config(args.config, args.overrides), dry_run=args.dry_run)
+        run_dag(load_run_config(args.config, args.overrides), dry_run=args.dry_run, detach=args.detach)
     elif args.command == "status":
         from launch.run import status
 

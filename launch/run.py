@@ -6,7 +6,8 @@ run trains its stages alone. A step whose outputs exist and check is skipped, so
 the same command again resumes a run (training from its latest checkpoint, also when
 submitit requeues it after a timeout or preemption) and a finished run does no work. The
 executor is submitit's: `local` runs each job as a process on this machine (no scheduler),
-`slurm` submits sbatch jobs and arrays.
+`slurm` submits sbatch jobs and arrays; with `detach` every step is submitted at once with
+afterok dependencies and Slurm runs the DAG alone.
 Step states, job ids and log paths are kept in RUN_DIR/launch_state.json. A rerun after the
 launcher itself was killed waits for the jobs it left running instead of submitting their
 steps twice, and only one launcher at a time may hold a run folder (launch/jobs.py).
@@ -142,7 +143,7 @@ def _assigned(stage_dir: Path, index: int, parent: str | None, urls) -> bool:
         return False
 
 
-def make_executor(cfg: RunConfig, step: Step):
+def make_executor(cfg: RunConfig, step: Step, after: list[str] | None = None):
     import submitit
 
     ex = cfg.executor
@@ -154,12 +155,14 @@ def make_executor(cfg: RunConfig, step: Step):
                                    signal_delay_s=int(ex.get("signal_delay_s", 90)))
     else:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=requeues)
-        executor.update_parameters(**slurm_parameters(cfg, step))
+        executor.update_parameters(**slurm_parameters(cfg, step, after))
     executor.update_parameters(name=f"mcl-{step.name.replace('/', '-')}")
     return executor
 
 
-def slurm_parameters(cfg: RunConfig, step: Step) -> dict:
+def slurm_parameters(cfg: RunConfig, step: Step, after: list[str] | None = None) -> dict:
+    """submitit's parameters for `step`; `after`: job ids it must wait for (sbatch --dependency
+    afterok, and cancelled if one of them fails)."""
     sl = dict(cfg.executor.get("slurm", {}))
     params = {"timeout_min": int(cfg.executor.get("timeout_min", 600)),
               "slurm_signal_delay_s": int(cfg.executor.get("signal_delay_s", 90))}
@@ -171,8 +174,12 @@ def slurm_parameters(cfg: RunConfig, step: Step) -> dict:
         params["slurm_gpus_per_node"] = gpus
         if step.name.endswith("/train"):
             params["slurm_tasks_per_node"] = gpus  # one task per GPU; torch.distributed from the Slurm job
-    if sl.get("additional_parameters"):
-        params["slurm_additional_parameters"] = dict(sl["additional_parameters"])
+    extra = dict(sl.get("additional_parameters") or {})
+    if after:
+        whole = list(dict.fromkeys(j.split("_")[0] for j in after))  # an array's id covers its tasks
+        extra.update(dependency="afterok:" + ":".join(whole), kill_on_invalid_dep="yes")
+    if extra:
+        params["slurm_additional_parameters"] = extra
     if len(step.args) > 1:
         params["slurm_array_parallelism"] = int(cfg.executor.get("array_parallelism", 8))
     return params
@@ -197,20 +204,25 @@ class StateFile:
         write_json(self.path, self.state, sort_keys=False)
 
 
-def run(cfg: RunConfig, dry_run: bool = False, label: str | None = None) -> dict:
+def run(cfg: RunConfig, dry_run: bool = False, label: str | None = None, detach: bool = False) -> dict:
     """Run (or print, with dry_run) every step not yet done; returns {step: state}. `label`
-    prefixes the printed lines (several runs printing side by side)."""
+    prefixes the printed lines (several runs printing side by side). With `detach` (Slurm only)
+    every step not done is submitted at once, each depending on the one before, and the call
+    returns: Slurm runs the DAG without a launcher."""
     from launch.jobs import run_lock
+    from shards.cli import UsageError
 
+    if detach and cfg.executor.get("name", "local") != "slurm":
+        raise UsageError("--detach: needs executor.name=slurm (the local executor has no job dependencies)")
     run_dir = Path(cfg.run_dir)
     if dry_run:
-        return _run(cfg, True, label)
+        return _run(cfg, True, label, False)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
-        return _run(cfg, False, label)
+        return _run(cfg, False, label, detach)
 
 
-def _run(cfg: RunConfig, dry_run: bool, label: str | None) -> dict:
+def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict:
     run_dir = Path(cfg.run_dir)
     say = functools.partial(emit, label=label)
     steps = plan(cfg)
@@ -218,8 +230,9 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None) -> dict:
         write_json(run_dir / "run_config.json", dataclasses.asdict(cfg), if_changed=True)
     state = StateFile(run_dir)
     result = {}
+    chain: list[str] = []  # detach: the jobs of the step before, which the next one depends on
     for step in steps:
-        if step.done():
+        if not chain and step.done():  # after a submitted step, every later one runs again
             result[step.name] = "done"
             if not dry_run and state.state.get(step.name, {}).get("state") != "done":
                 state.set(step.name, state="done")
@@ -232,17 +245,16 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None) -> dict:
                 f"{params}")
             result[step.name] = "planned"
             continue
+        if detach:
+            chain = _submit_detached(cfg, step, state, say, chain)
+            result[step.name] = "submitted"
+            continue
         if _wait_for_earlier_launch(cfg, step, state, say):
             result[step.name] = "done"
             continue
-        executor = make_executor(cfg, step)
         started = time.monotonic()
-        if len(step.args) == 1:
-            jobs = [executor.submit(step.fn, *step.args[0])]
-        else:
-            jobs = executor.map_array(step.fn, *zip(*step.args))
+        jobs = _submit(cfg, step, state)
         logs = [str(j.paths.stderr) for j in jobs]
-        state.set(step.name, state="running", job_ids=[j.job_id for j in jobs], logs=logs)
         say(f"{step.name:<20} running job(s) {', '.join(j.job_id for j in jobs)}")
         try:
             outputs = [j.result() for j in jobs]
@@ -253,6 +265,33 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None) -> dict:
         say(f"{step.name:<20} finished in {time.monotonic() - started:.0f} s")
         result[step.name] = "done"
     return result
+
+
+def _submit(cfg: RunConfig, step: Step, state: StateFile, after: list[str] | None = None) -> list:
+    executor = make_executor(cfg, step, after)
+    if len(step.args) == 1:
+        jobs = [executor.submit(step.fn, *step.args[0])]
+    else:
+        jobs = executor.map_array(step.fn, *zip(*step.args))
+    state.set(step.name, state="running", job_ids=[j.job_id for j in jobs], logs=[str(j.paths.stderr) for j in jobs],
+              after=after or [])
+    return jobs
+
+
+def _submit_detached(cfg: RunConfig, step: Step, state: StateFile, say, after: list[str]) -> list[str]:
+    """Submit `step` to start once `after` succeeded (its jobs of an earlier launch, if still
+    queued, are kept); the job ids the next step depends on."""
+    from launch.jobs import live_jobs
+
+    record = state.state.get(step.name, {})
+    alive = live_jobs("slurm", record.get("job_ids", []), Path(cfg.run_dir)) \
+        if record.get("state") == "running" else []
+    if alive:
+        say(f"{step.name:<20} kept job(s) {', '.join(alive)} of an earlier launch")
+        return alive
+    ids = [j.job_id for j in _submit(cfg, step, state, after)]
+    say(f"{step.name:<20} submitted job(s) {', '.join(ids)}" + (f" after {', '.join(after)}" if after else ""))
+    return ids
 
 
 def _wait_for_earlier_launch(cfg: RunConfig, step: Step, state: StateFile, say) -> bool:

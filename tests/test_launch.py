@@ -74,6 +74,11 @@ def test_dry_run_prints_the_slurm_plan_without_submitting(tmp_path, tiny_shards,
     assert [line.split()[0] for line in r.stdout.splitlines()] == [
         "stage1/train", "stage2/train", "stage3/train", "merge", "eval"]
 
+    r = run_cli("launch", "run", *_args(run_dir, tiny_shards, bench), "--detach")  # the local executor
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "--detach: needs executor.name=slurm (the local executor has no job dependencies)"), r.stderr
+    assert not run_dir.exists()
+
 
 def test_the_whole_config_is_validated_first(tmp_path):
     r = run_cli("launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={tmp_path}",
