@@ -181,7 +181,6 @@ def test_training_is_requeued_on_timeout_and_resumes_from_its_checkpoint(tmp_pat
     assert steps == list(range(1, 41))
 
 
-
 def test_a_rerun_waits_for_the_job_a_killed_launcher_left_running(tmp_path, tiny_shards):
     """SIGKILL to the launcher alone: its training job lives on (submitit's local controller
     outlives it). While the launcher runs, a second one of the same run is refused; after it is
