@@ -100,3 +100,10 @@ def quick_demo(tmp_path_factory, worker_id) -> tuple[Path, subprocess.CompletedP
     r = subprocess.CompletedProcess(**json.loads(record.read_text()))
     assert r.returncode == 0, r.stderr[-4000:]
     return out, r
+
+
+def rerun_quick_demo(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m launch ARGS` on the quick demo's folder `out`, one such rerun at a time across
+    the xdist workers (a second launcher of a run folder is refused while the first runs)."""
+    with FileLock(f"{out}.rerun.lock"):
+        return run_cli(*args)

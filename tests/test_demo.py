@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+from conftest import rerun_quick_demo, run_cli
 
 PATTERNS = ["Background", "Structural Character", "Quantity", "Spatial"]  # the tiny world's attributes
 
@@ -60,7 +60,7 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
 
     stamps = {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file() and p.name != "launch_state.json"
               and "logs" not in p.parts}
-    r = run_cli("launch", "demo", "--quick", "--out", str(tmp_path), "--workers", "2")
+    r = rerun_quick_demo(tmp_path, "launch", "demo", "--quick", "--out", str(tmp_path), "--workers", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert " running " not in r.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

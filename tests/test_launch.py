@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, rerun_after_killing_the_launcher, run_cli
+from conftest import REPO, rerun_after_killing_the_launcher, rerun_quick_demo, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_local_executor_runs_two_stages_end_to_end_and_a_rerun_does_no_work(quic
 
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "logs" not in p.parts
               and p.name != "launch_state.json"}
-    r = run_cli("launch", "run", "--config", str(run_dir / "run_config.json"))
+    r = rerun_quick_demo(quick_demo[0], "launch", "run", "--config", str(run_dir / "run_config.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "running" not in r.stdout and r.stdout.count(" done") == 8
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
