@@ -278,14 +278,20 @@ def _submit(cfg: RunConfig, step: Step, state: StateFile, after: list[str] | Non
     return jobs
 
 
-def _submit_detached(cfg: RunConfig, step: Step, state: StateFile, say, after: list[str]) -> list[str]:
-    """Submit `step` to start once `after` succeeded (its jobs of an earlier launch, if still
-    queued, are kept); the job ids the next step depends on."""
+def _earlier_jobs_alive(cfg: RunConfig, step: Step, state: StateFile) -> list[str]:
+    """The jobs an earlier launch submitted for `step` that are still queued or running."""
     from launch.jobs import live_jobs
 
     record = state.state.get(step.name, {})
-    alive = live_jobs("slurm", record.get("job_ids", []), Path(cfg.run_dir)) \
-        if record.get("state") == "running" else []
+    if record.get("state") != "running":
+        return []
+    return live_jobs(cfg.executor.get("name", "local"), record.get("job_ids", []), Path(cfg.run_dir))
+
+
+def _submit_detached(cfg: RunConfig, step: Step, state: StateFile, say, after: list[str]) -> list[str]:
+    """Submit `step` to start once `after` succeeded (its jobs of an earlier launch, if still
+    queued, are kept); the job ids the next step depends on."""
+    alive = _earlier_jobs_alive(cfg, step, state)
     if alive:
         say(f"{step.name:<20} kept job(s) {', '.join(alive)} of an earlier launch")
         return alive
@@ -299,13 +305,10 @@ def _wait_for_earlier_launch(cfg: RunConfig, step: Step, state: StateFile, say) 
     produced the step's outputs (otherwise the step is submitted again)."""
     from launch.jobs import live_jobs, wait_for
 
-    record = state.state.get(step.name, {})
-    if record.get("state") != "running":
-        return False
-    executor = cfg.executor.get("name", "local")
-    alive = live_jobs(executor, record.get("job_ids", []), Path(cfg.run_dir))
+    alive = _earlier_jobs_alive(cfg, step, state)
     if not alive:
         return False
+    executor = cfg.executor.get("name", "local")
     say(f"{step.name:<20} waiting for job(s) {', '.join(alive)} of an earlier launch")
     wait_for(lambda: live_jobs(executor, alive, Path(cfg.run_dir)), poll_s=2 if executor == "local" else 10)
     if not step.done():
