@@ -254,13 +254,12 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict
             continue
         started = time.monotonic()
         jobs = _submit(cfg, step, state)
-        logs = [str(j.paths.stderr) for j in jobs]
         say(f"{step.name:<20} running job(s) {', '.join(j.job_id for j in jobs)}")
         try:
             outputs = [j.result() for j in jobs]
         except Exception as exc:
             state.set(step.name, state="failed", error=str(exc).splitlines()[-1][:300] if str(exc) else "")
-            raise RuntimeError(f"step {step.name} failed; see {logs[0]}") from exc
+            raise RuntimeError(f"step {step.name} failed; see {jobs[0].paths.stderr}") from exc
         state.set(step.name, state="done", output=outputs if len(outputs) > 1 else outputs[0])
         say(f"{step.name:<20} finished in {time.monotonic() - started:.0f} s")
         result[step.name] = "done"

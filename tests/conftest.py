@@ -25,11 +25,15 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.Co
                           timeout=timeout)
 
 
-def rerun_after_killing_the_launcher(args: list[str], run_dir: Path, timeout: float = 300):
-    """Start `launch run ARGS`; once its stage-1 training job runs, pause the job (so that it cannot
-    end first), try a second launcher, SIGKILL the first launcher alone, start the same command
-    again and let the job go on once the rerun has said its first line. Returns (the training
-    job ids, the refused second launcher, the rerun), both completed processes."""
+def check_a_rerun_waits_for_the_job_of_a_killed_launcher(args: list[str], run_dir: Path, executor: str,
+                                                       steps: int, timeout: float = 300) -> str:
+    """Start `launch run ARGS` (stage 1 of `steps` steps logged every step); once its training job
+    runs, pause the job (so that it cannot end first), check that a second launcher is refused,
+    SIGKILL the first launcher alone, start the same command again and let the job go on once the
+    rerun has said its first line. Checks that the rerun waited for that job, which trained once,
+    and returns the rerun's output."""
+    from launch.jobs import live_jobs
+
     cmd = [sys.executable, "-m", "launch", "run", *args]
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -55,7 +59,16 @@ def rerun_after_killing_the_launcher(args: list[str], run_dir: Path, timeout: fl
         for p in paused:
             p.resume()
     out, err = rerun.communicate(timeout=600)
-    return job_ids, refused, subprocess.CompletedProcess(cmd, rerun.returncode, first + out, err)
+    out = first + out
+    assert refused.returncode != 0 and "another launcher is running this run" in refused.stderr, refused.stderr
+    assert rerun.returncode == 0, err[-3000:]
+    assert f"stage1/train         waiting for job(s) {job_ids[0]} of an earlier launch" in out, out
+    state = json.loads((run_dir / "launch_state.json").read_text())
+    assert state["stage1/train"]["state"] == "done" and state["stage1/train"]["job_ids"] == job_ids
+    logged = [json.loads(line)["step"] for line in (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))  # trained once, not restarted from a checkpoint
+    assert live_jobs(executor, job_ids, run_dir) == []
+    return out
 
 
 def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:

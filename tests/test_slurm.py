@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, rerun_after_killing_the_launcher, run_cli
+from conftest import REPO, check_a_rerun_waits_for_the_job_of_a_killed_launcher, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +59,11 @@ def test_the_dag_runs_through_slurm_detached_with_dependencies_and_arrays(slurm,
     assert r.returncode == 0 and r.stdout.count(" done ") == 8
 
 
-
 def test_a_rerun_waits_for_the_slurm_job_of_a_killed_launcher(slurm, tmp_path, tiny_shards):
     """The launcher killed (a login-node session lost) while its training job runs on Slurm: the
     rerun finds the job in the queue and waits for it instead of submitting the stage again."""
-    from launch.jobs import live_jobs
-
     run_dir = tmp_path / "run"
     args = ["--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={run_dir}", f"data={tiny_shards}",
             "mmvp=", "stages=1", "train.steps=30", "train.log_every=1", "executor.name=slurm",
             "executor.slurm.cpus_per_task=1", "executor.timeout_min=20"]
-    job_ids, refused, r = rerun_after_killing_the_launcher(args, run_dir)
-    assert refused.returncode != 0 and "another launcher is running this run" in refused.stderr, refused.stderr
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"stage1/train         waiting for job(s) {job_ids[0]} of an earlier launch" in r.stdout, r.stdout
-    state = json.loads((run_dir / "launch_state.json").read_text())
-    assert state["stage1/train"]["state"] == "done" and state["stage1/train"]["job_ids"] == job_ids
-    steps = [json.loads(line)["step"] for line in (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 31))  # one training, never restarted
-    assert live_jobs("slurm", job_ids, run_dir) == []
+    check_a_rerun_waits_for_the_job_of_a_killed_launcher(args, run_dir, "slurm", steps=30)
