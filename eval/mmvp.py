@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import atomic_output, write_json
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.io import atomic_output, write_json
 
 log = logging.getLogger("eval.mmvp")
 IMAGES_DIR = "MLLM_VLM Images"

@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shards.io import atomic_output  # noqa: E402
+from common.io import atomic_output  # noqa: E402
 
 
 def save_png(fig, path: Path) -> Path:

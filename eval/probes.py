@@ -23,8 +23,8 @@ import torch
 
 from eval.mmvp import Encoder, load_encoder
 from shards import world as W
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import write_json
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.io import write_json
 from shards.reader import ProblemLog, expand_urls, read_samples
 
 log = logging.getLogger("eval.probes")

@@ -13,7 +13,7 @@ import json
 import statistics
 from pathlib import Path
 
-from shards.io import atomic_output, write_json
+from common.io import atomic_output, write_json
 
 SUPPRESSED, EASY = 35.0, 90.0
 METHODS = ("baseline", "ensemble", "mcl")

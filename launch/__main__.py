@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from shards.cli import ArgumentParser, run_main, setup_logging
+from common.cli import ArgumentParser, run_main, setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:

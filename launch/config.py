@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.train_config import TrainConfig
-from shards.cli import UsageError
-from shards.io import read_yaml
+from common.cli import UsageError
+from common.io import read_yaml
 
 EXECUTOR_KEYS = {"name", "timeout_min", "signal_delay_s", "max_num_timeout", "tasks", "array_parallelism", "slurm"}
 

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from shards import world as W
-from shards.cli import UsageError
+from common.cli import UsageError
 from shards.generate import generate
-from shards.io import read_yaml, write_json
+from common.io import read_yaml, write_json
 from shards.mmvp_writer import write_benchmark
 from shards.validate import validate
 

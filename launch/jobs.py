@@ -24,7 +24,7 @@ ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUE
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold RUN_DIR/.launch.lock (released when the launcher ends, also when it is killed)."""
-    from shards.cli import UsageError
+    from common.cli import UsageError
 
     path = Path(run_dir) / ".launch.lock"
     with open(path, "a") as f:  # never written: a rerun that does no work changes no file

@@ -26,7 +26,7 @@ from typing import Callable
 
 from launch import steps as S
 from launch.config import RunConfig
-from shards.io import write_json
+from common.io import write_json
 
 log = logging.getLogger("launch.run")
 
@@ -210,7 +210,7 @@ def run(cfg: RunConfig, dry_run: bool = False, label: str | None = None, detach:
     every step not done is submitted at once, each depending on the one before, and the call
     returns: Slurm runs the DAG without a launcher."""
     from launch.jobs import run_lock
-    from shards.cli import UsageError
+    from common.cli import UsageError
 
     if detach and cfg.executor.get("name", "local") != "slurm":
         raise UsageError("--detach: needs executor.name=slurm (the local executor has no job dependencies)")
@@ -324,7 +324,7 @@ def status(run_dir: str) -> list[tuple[str, str, str, str]]:
 
     cfg_path = Path(run_dir) / "run_config.json"
     if not cfg_path.is_file():
-        from shards.cli import UsageError
+        from common.cli import UsageError
         raise UsageError(f"{cfg_path}: missing; not a run folder (python -m launch run writes it)")
     cfg = RunConfig(**json.loads(cfg_path.read_text()))
     recorded = StateFile(Path(run_dir)).state

@@ -9,7 +9,7 @@ import submitit
 
 
 def _setup() -> None:
-    from shards.cli import setup_logging
+    from common.cli import setup_logging
 
     setup_logging()
 

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards.io import atomic_output, atomic_path
+from common.io import atomic_output, atomic_path
 from shards.reader import shard_basename
 
 SIDECAR_META_KEY = b"mcl.sidecar"

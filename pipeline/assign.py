@@ -33,8 +33,8 @@ from pipeline.artifacts import (SidecarMeta, StaleSidecarError, array_fingerprin
                                 sidecar_meta, write_sidecar)
 from pipeline.cluster import attribute_nmi, attribute_purity, embedding_files
 from pipeline.embed import add_task_args
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import atomic_output, write_json
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.io import atomic_output, write_json
 
 log = logging.getLogger("pipeline.assign")
 MAX_LABEL = 2 ** 63 - 1

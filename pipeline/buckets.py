@@ -23,7 +23,7 @@ reaches the batch size is emitted as a *pure* batch. The policy for everything e
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Hashable, Iterable, Iterator, Sequence
 
 
@@ -50,11 +50,6 @@ class BucketStats:
         out = BucketStats(*[a + b for a, b in zip(self.as_list(), other.as_list())])
         out.max_buffered = max(self.max_buffered, other.max_buffered)
         return out
-
-
-@dataclass
-class _Bucket:
-    items: list = field(default_factory=list)
 
 
 def plan_batches(stream: Iterable[tuple[Hashable, Hashable, object]], batch_size: int, cap: int,

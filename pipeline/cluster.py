@@ -27,8 +27,8 @@ import faiss
 import numpy as np
 
 from pipeline.artifacts import read_embeddings
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import atomic_output, write_json
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.io import atomic_output, write_json
 
 log = logging.getLogger("pipeline.cluster")
 

@@ -71,10 +71,6 @@ class JsonLabeler(Labeler):
         return label, label
 
 
-def json_labeler(path: str) -> Labeler:
-    return JsonLabeler(path)
-
-
 MISSING_LABEL = stable_hash64("mcl:no-sidecar-entry")
 
 

@@ -68,14 +68,6 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
-def broadcast_object(obj, info: DistInfo):
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline import models
 from pipeline.artifacts import embeddings_model_fp, embeddings_path, file_fingerprint, write_embeddings
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from shards.reader import ProblemLog, check_samples, decode_images, expand_urls, tar_samples
 
 log = logging.getLogger("pipeline.embed")

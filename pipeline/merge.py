@@ -26,8 +26,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import atomic_path
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.io import atomic_path
 
 log = logging.getLogger("pipeline.merge")
 FORMAT = "mcl-merged-v1"

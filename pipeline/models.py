@@ -24,7 +24,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from shards.io import atomic_path, write_json
+from common.io import atomic_path, write_json
 
 log = logging.getLogger("pipeline.models")
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"

@@ -32,13 +32,13 @@ import torch
 
 from pipeline import models
 from pipeline.buckets import BucketStats
-from pipeline.data import (BatchInfo, SidecarLabeler, TrainStream, _seed, epoch_plan, json_labeler, make_loader,
+from pipeline.data import (BatchInfo, SidecarLabeler, TrainStream, _seed, epoch_plan, JsonLabeler, make_loader,
                            no_labels, sidecar_label_table)
 from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
 from pipeline.loss import MaskedClipLoss
 from pipeline.train_config import TrainConfig, load_train_config, to_dict
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import atomic_output, atomic_path, write_json
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.io import atomic_output, atomic_path, write_json
 from shards.reader import PROBLEM_KINDS, expand_urls, local_sibling, shard_basename
 
 log = logging.getLogger("pipeline.train")
@@ -333,7 +333,7 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
     """(labeler, bucketed) for the config's `labels`."""
     bucketed = cfg.bucket if cfg.bucket is not None else cfg.labels.startswith("sidecars:")
     if cfg.labels.startswith("json:"):
-        return json_labeler(cfg.labels[5:]), bucketed
+        return JsonLabeler(cfg.labels[5:]), bucketed
     if not cfg.labels.startswith("sidecars:"):
         return no_labels, bucketed
     from pipeline.artifacts import StaleSidecarError, check_sidecar, read_sidecar_columns, sidecar_path

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from shards.io import read_yaml
+from common.io import read_yaml
 
 
 @dataclass

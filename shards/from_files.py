@@ -23,8 +23,8 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import atomic_path
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.io import atomic_path
 from shards.reader import IMAGE_EXTS
 from shards.writer import write_sizes, write_shard
 

@@ -21,8 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from shards import world as W
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import write_json
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.io import write_json
 from shards.writer import sample_meta, write_sizes, write_shard
 
 log = logging.getLogger("shards.generate")

@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 
 from shards import world as W
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import write_json
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.io import write_json
 
 log = logging.getLogger("shards.mmvp_writer")
 IMAGES_DIR = "MLLM_VLM Images"

@@ -49,7 +49,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.gopen import gopen, gopen_schemes
 
-from shards.cli import UsageError
+from common.cli import UsageError
 
 log = logging.getLogger("shards.reader")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -146,22 +146,10 @@ class ProblemLog:
         """The counts in PROBLEM_KINDS order (what a DataLoader worker passes on with its batches)."""
         return [self.counts[k] for k in PROBLEM_KINDS]
 
-    def merge(self, other: "ProblemLog") -> None:
-        for item in other.items:
-            ident = (item["kind"], item["shard"], item["key"])
-            if ident not in self._seen:
-                self._seen.add(ident)
-                self.counts[item["kind"]] += 1
-                self.per_shard[item["shard"]][item["kind"]] += 1
-                self.items.append(item)
-
     def summary(self) -> str:
         if not self.counts:
             return "no problems"
         return ", ".join(f"{k}={self.counts[k]}" for k in PROBLEM_KINDS if self.counts[k])
-
-    def to_dict(self) -> dict:
-        return {"counts": dict(self.counts), "items": list(self.items)}
 
 
 # --- stages ---------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from shards.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.io import write_json
+from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.io import write_json
 from shards.reader import (ProblemLog, is_local, check_samples, decode_images, expand_urls,
                            local_sibling, shard_basename, tar_samples)
 

@@ -308,7 +308,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 def load_spec(path: str) -> WorldSpec:
     """Read a world spec from a YAML or JSON file."""
-    from shards.io import read_yaml
+    from common.io import read_yaml
 
     d = read_yaml(path, "world spec")
     if not isinstance(d, Mapping):
@@ -324,7 +324,7 @@ def add_world_argument(parser) -> None:
 
 def spec_from_args(args) -> WorldSpec:
     """The --world spec of a command line; errors as UsageError (one line, exit 2)."""
-    from shards.cli import UsageError
+    from common.cli import UsageError
 
     try:
         return load_spec(args.world)

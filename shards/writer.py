@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from shards.io import atomic_output, atomic_path, write_json
+from common.io import atomic_output, atomic_path, write_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PARQUET_COLUMNS = ("key", "caption", "status", "error_message", "width", "height",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shards.cli import UsageError
+from common.cli import UsageError
 from shards.mmvp_writer import write_benchmark
 
 

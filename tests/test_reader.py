@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import write_raw_tar
-from shards.cli import UsageError
+from common.cli import UsageError
 from shards.generate import generate
 from shards.reader import ProblemLog, expand_urls, read_samples
 

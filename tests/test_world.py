@@ -104,7 +104,7 @@ def test_spec_errors_name_the_key(bad, message):
 
 
 def test_generate_refuses_a_folder_of_another_world_and_resumes(tmp_path, tiny_spec):
-    from shards.cli import UsageError
+    from common.cli import UsageError
     generate(tmp_path, tiny_spec, 40, 20, seed=0, progress=False)
     with pytest.raises(UsageError, match="other parameters"):
         generate(tmp_path, tiny_spec, 40, 20, seed=1, progress=False)

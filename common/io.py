@@ -68,11 +68,6 @@ def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True, if_cha
         f.write("\n")
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_output(path, "wb") as f:
-        f.write(data)
-
-
 def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
     """Parse a YAML file; a missing file or bad YAML is a ValueError naming the path."""
     import yaml

@@ -1,0 +1,1 @@
+"""Project-wide utilities every package uses: command-line conventions, atomic file output, configs."""
