@@ -10,8 +10,9 @@ Option `caption_ids`: pairs with identical captions (same id) are not negatives 
 other either; web data has many duplicates, and inside a cluster they abound.
 
 Option `valid`: entries marked False (padding of a short batch, or of a rank whose data
-ran out before the others') take no part: their rows add no loss, their columns are no
-one's negatives.
+ran out before the others', or a sample whose image failed to decode) take no part: their
+rows add no loss, and they are no one's negatives in either direction (neither a negative
+caption for an image anchor nor a negative image for a caption anchor).
 
 After each call, `last_effective_negatives` holds the mean number of unmasked negatives
 per (valid) anchor, which the trainer reports.
@@ -57,8 +58,8 @@ class MaskedClipLoss(ClipLoss):
                 mask |= row_ids[:, None] != all_ids[None, :]
             elif kind == "caption":
                 mask |= row_ids[:, None] == all_ids[None, :]
-            else:
-                mask |= ~all_ids.bool()[None, :]
+            else:  # a pair with an invalid member never competes: its row (mask.T: its image column) too
+                mask |= ~row_ids.bool()[:, None] | ~all_ids.bool()[None, :]
         mask[torch.arange(n_rows, device=device), rows] = False
         return mask
 
@@ -76,7 +77,7 @@ class MaskedClipLoss(ClipLoss):
             if not (self.local_loss and self.world_size > 1):
                 row_valid = self._gather_ids(row_valid.to(torch.int64)).bool()
         if mask is not None:
-            # logits_per_text is logits_per_image.T in the global case: mask it with the transpose
+            # global: logits_per_text is logits_per_image.T; local: both are [this rank's rows, all columns]
             text_mask = mask if (self.local_loss and self.world_size > 1) else mask.T
             logits_per_image = logits_per_image.masked_fill(mask, float("-inf"))
             logits_per_text = logits_per_text.masked_fill(text_mask, float("-inf"))

@@ -82,10 +82,43 @@ def test_identical_captions_are_not_negatives_but_positives_stay():
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("local_loss", [False, True])  # one process: local is the global loss
+def test_invalid_entry_is_no_negative_in_either_direction(local_loss):
+    """An invalid entry (a corrupt image) with a real label and real features: the loss, its
+    gradients and the negatives count are those of the batch with the entry removed."""
+    img, txt, scale = _features()
+    keep = [i for i in range(12) if i != 4]
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[4] = False
+    img2 = img.detach().clone()
+    img2[4] = txt.detach()[0]  # its image matches caption 0: a strong negative if it were one
+    # one label: the reference is open_clip's ClipLoss on the 11 valid entries
+    loss_fn = MaskedClipLoss(local_loss=local_loss)
+    ours = _value_and_grads(loss_fn, img2, txt, scale, labels=torch.zeros(12, dtype=torch.long), valid=valid)
+    ref = _value_and_grads(ClipLoss(), img2[keep], txt[keep], scale)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[1][keep], ref[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[2][keep], ref[2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[3], ref[3], rtol=1e-5, atol=1e-7)
+    assert ours[1][4].abs().max() == 0 and ours[2][4].abs().max() == 0
+    assert loss_fn.last_effective_negatives == 10.0
+    # two labels, the invalid entry sharing label 0 with caption 0
+    labels = torch.tensor([0, 1] * 6)
+    loss = loss_fn(img2, txt, scale, labels=labels, valid=valid)
+    sub = labels[keep]
+    allowed = (sub[:, None] == sub[None, :]).tolist()
+    torch.testing.assert_close(loss, _reference_masked(img2[keep], txt[keep], scale, allowed),
+                               rtol=1e-5, atol=1e-6)
+    assert loss_fn.last_effective_negatives == pytest.approx((5 * 4 + 6 * 5) / 11)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_INVALID = 1  # on rank 0; label 0, like entries 0, 4, 7 and 10 on both ranks
 
 
 def _two_process_worker(rank, port, results, local_loss):
@@ -101,6 +134,8 @@ def _two_process_worker(rank, port, results, local_loss):
          {"labels": torch.zeros(6, dtype=torch.long)}),
         ("ours_labels", MaskedClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=2),
          {"labels": labels_all[sl]}),
+        ("ours_invalid", MaskedClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=2),
+         {"labels": labels_all[sl], "valid": (torch.arange(12) != _INVALID)[sl]}),
     ]:
         i, t, s = (x.detach()[sl].clone().requires_grad_() if x.dim() else x.detach().clone().requires_grad_()
                    for x in (img, txt, scale))
@@ -134,3 +169,16 @@ def test_two_processes_equal_clip_loss_and_mask_across_ranks(local_loss):
     if local_loss:  # each rank's share of the rows; their mean is the whole loss
         mean = (results[0]["ours_labels"][0] + results[1]["ours_labels"][0]) / 2
         torch.testing.assert_close(mean, full_masked, rtol=1e-5, atol=1e-6)
+    # the invalid entry counts as if removed from the batch: no anchor, no negative in either direction
+    keep = [i for i in range(12) if i != _INVALID]
+    sub = labels_all[keep]
+    without = _reference_masked(img[keep], txt[keep], scale, (sub[:, None] == sub[None, :]).tolist())
+    if local_loss:  # rank 0 averages its 5 valid rows, rank 1 its 6
+        weighted = (5 * results[0]["ours_invalid"][0] + 6 * results[1]["ours_invalid"][0]) / 11
+        torch.testing.assert_close(weighted, without, rtol=1e-5, atol=1e-6)
+    else:
+        for rank in (0, 1):
+            torch.testing.assert_close(results[rank]["ours_invalid"][0], without, rtol=1e-5, atol=1e-6)
+    # its features (on rank 0) get no gradient, from either rank's loss (the gather carries gradients back)
+    assert results[0]["ours_invalid"][1][_INVALID].abs().max() == 0
+    assert results[0]["ours_invalid"][2][_INVALID].abs().max() == 0
