@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 def make_data(out: Path, samples: int, labels: int) -> None:
     import numpy as np
 
-    from pipeline.artifacts import SidecarMeta, sidecar_path, write_sidecar
+    from pipeline.artifacts import SidecarMeta, write_sidecar
+    from pipeline.stage import StageDir
     from shards.generate import generate
     from shards.reader import expand_urls, read_samples
     from shards.world import load_spec
@@ -42,7 +43,7 @@ def make_data(out: Path, samples: int, labels: int) -> None:
     for url in expand_urls(str(out)):
         keys = [s["__key__"] for s in read_samples(url, decode=False)]
         c = rng.integers(labels, size=len(keys))
-        write_sidecar(sidecar_path(out / "stage", url), keys, c, c, meta)
+        write_sidecar(StageDir(out / "stage").sidecar(url), keys, c, c, meta)
     (out / "meta.json").write_text(json.dumps(meta.__dict__))
 
 
@@ -53,7 +54,8 @@ def pipelines(data: Path, batch: int):
     import webdataset as wds
 
     from pipeline import models
-    from pipeline.artifacts import SidecarMeta, read_sidecar_columns, sidecar_path
+    from pipeline.artifacts import SidecarMeta, read_sidecar_columns
+    from pipeline.stage import StageDir
     from pipeline.data import SidecarLabeler, TrainStream, sidecar_label_table
     from shards.reader import expand_urls
 
@@ -73,7 +75,7 @@ def pipelines(data: Path, batch: int):
         meta = SidecarMeta(**{**m, "ks": tuple(m["ks"])})
         sizes = collections.Counter()
         for u in urls:
-            sizes.update(read_sidecar_columns(sidecar_path(data / "stage", u))[2].tolist())
+            sizes.update(read_sidecar_columns(StageDir(data / "stage").sidecar(u))[2].tolist())
         labeler = SidecarLabeler(str(data / "stage"), meta, sidecar_label_table(sizes, meta.ks, 0))
         stream = TrainStream(urls, transform, tokenizer, batch, None, 0, 0, 1, 1000, labeler, bucket_cap=16 * batch)
         stream.set_epoch(0)

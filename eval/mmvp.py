@@ -12,9 +12,9 @@ it picks image 1 when that probability exceeds 0.5; ground truth by question-id 
 grouped by their Type (the official script counts 15 rows per pattern in file order,
 which is the same on the real file); per-pattern percentages and their average.
 
-A model is NAME=SPEC (or SPEC): a merged artifact (`.pt` from pipeline.merge), a stage
-model folder, a training checkpoint (`checkpoints/step_N.pt`), or an open_clip
-architecture with a pretrained tag or file (`ARCH:TAG`).
+A model is NAME=SPEC (or SPEC; see eval.encoders): a merged artifact (`.pt` from
+pipeline.merge), a stage model folder, a training checkpoint (`checkpoints/step_N.pt`), or
+an open_clip architecture with a pretrained tag or file (`ARCH:TAG`).
 Writes OUT/mmvp_pairs.csv (per pair and model), OUT/mmvp_summary.json and
 OUT/mmvp_patterns.png, each atomically.
 """
@@ -23,19 +23,19 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import atomic_output, write_json
+from eval.encoders import Encoder, load_encoder
 
 log = logging.getLogger("eval.mmvp")
+SUMMARY_NAME = "mmvp_summary.json"  # what launch checks to call the evaluation done
 IMAGES_DIR = "MLLM_VLM Images"
 
 
@@ -85,59 +85,6 @@ def check_images(data: Path, pairs: OrderedDict) -> None:
             for q in (q1, q2):
                 if not image_path(data, typ, q).is_file():
                     raise UsageError(f"{image_path(data, typ, q)}: missing image")
-
-
-# --- models ----------------------------------------------------------------------------------
-
-
-class Encoder:
-    """What the scorer needs of a model: normalised image and text features."""
-
-    def __init__(self, name: str, model, preprocess, tokenizer, device="cpu"):
-        self.name, self.model, self.preprocess, self.tokenizer, self.device = name, model, preprocess, tokenizer, device
-
-    @torch.no_grad()
-    def images(self, pils: list) -> torch.Tensor:
-        x = torch.stack([self.preprocess(p) for p in pils]).to(self.device)
-        return F.normalize(self.model.encode_image(x).float(), dim=-1).cpu()
-
-    @torch.no_grad()
-    def texts(self, texts: list[str]) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1).cpu()
-
-
-def load_encoder(spec: str, device="cpu") -> Encoder:
-    """NAME=SPEC -> Encoder; raises UsageError naming the model when it does not load."""
-    name, ref = spec.split("=", 1) if "=" in spec else ("", spec)
-    if not name:
-        name = Path(ref).name if os.path.isdir(ref) else Path(ref).stem
-    try:
-        from pipeline import models
-        if ref.endswith(".pt") and os.path.isfile(ref):
-            from pipeline.merge import FORMAT, load_merged
-            blob = torch.load(ref, map_location="cpu", weights_only=True)
-            if isinstance(blob, dict) and blob.get("format") == FORMAT:
-                m = load_merged(ref, device)
-                return Encoder(name, m, m.preprocess, m.tokenizer, device)
-            if isinstance(blob, dict) and "state_dict" in blob and "name" in blob:  # a training checkpoint
-                model, _, pre, tok = models.create(blob["name"], device=device)
-                model.load_state_dict({k: v.reshape(model.state_dict()[k].shape)
-                                       for k, v in blob["state_dict"].items()})
-                return Encoder(name, model.eval(), pre, tok, device)
-            raise UsageError(f"{ref}: neither a merged MCL model nor a training checkpoint")
-        if os.path.isdir(ref):
-            model, _, pre, tok = models.create("", pretrained=ref, device=device)
-        else:
-            arch, _, pretrained = ref.partition(":")
-            if not models.known_architecture(arch):
-                raise UsageError(f"model {spec!r}: not a merged .pt file, a model folder, or an open_clip architecture")
-            model, _, pre, tok = models.create(arch, pretrained=pretrained or None, device=device)
-        model.eval()
-        return Encoder(name, model, pre, tok, device)
-    except UsageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a model that does not load is the user's input problem
-        raise UsageError(f"model {spec!r} does not load: {str(exc).splitlines()[0][:200]}") from exc
 
 
 # --- scoring ---------------------------------------------------------------------------------
@@ -212,7 +159,7 @@ def write_outputs(results: dict, out: str | Path) -> dict:
     with atomic_output(out / "mmvp_pairs.csv", "w") as f:
         f.write(buf.getvalue())
     summary = {name: r["patterns"] for name, r in results.items()}
-    write_json(out / "mmvp_summary.json", summary, sort_keys=False)  # patterns in benchmark order
+    write_json(out / SUMMARY_NAME, summary, sort_keys=False)  # patterns in benchmark order
     plot_patterns(summary, out / "mmvp_patterns.png")
     return summary
 

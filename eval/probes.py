@@ -21,13 +21,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from eval.mmvp import Encoder, load_encoder
+from eval.encoders import Encoder, load_encoder
 from shards import world as W
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import write_json
 from shards.reader import ProblemLog, expand_urls, read_samples
 
 log = logging.getLogger("eval.probes")
+RECORD_NAME = "probes.json"  # what launch checks to call the evaluation done
 
 
 def load_world(data: str) -> W.WorldSpec:
@@ -100,7 +101,7 @@ def plot(results: dict, path: Path) -> Path:
 def write_outputs(results: dict, out: str | Path) -> dict:
     """OUT/probes.json and OUT/probes.png."""
     out = Path(out)
-    write_json(out / "probes.json", results, sort_keys=False)
+    write_json(out / RECORD_NAME, results, sort_keys=False)
     plot(results, out / "probes.png")
     return results
 

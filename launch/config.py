@@ -1,5 +1,9 @@
 """The run config: one YAML file for a whole MCL run, validated before anything runs.
 
+Built through common.config, like every job's config: `key=value` overrides with dotted keys,
+values coerced to their types (`lr: 1e-3` is a float), and each stage's TrainConfig built and
+validated here, by the same function the train job uses, before anything is submitted.
+
     run_dir: runs/tiny                 # everything the run writes goes here
     data: data/train/{00000..00009}.tar
     mmvp: data/mmvp                    # optional: evaluate the merged model and each stage
@@ -13,6 +17,7 @@
     cluster_sample_size: null          # default 1024 x K
     stage_init: scratch                # scratch (new seed per stage) | previous (init from the last stage)
     per_stage_norm: true               # merge: normalise each stage's features before concatenating
+    embed: {batch_size: 256, workers: 2}  # the embed step's batch and DataLoader workers per task
     train: {...}                       # pipeline.train keys shared by every stage (model, batch_size, steps, ...)
     finetune: {...}                    # train keys overriding `train` in stages initialised from another stage
     executor:
@@ -27,15 +32,64 @@
 """
 from __future__ import annotations
 
-import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-from pipeline.train_config import TrainConfig
 from common.cli import UsageError
+from common.config import ConfigError, apply_overrides, coerce, from_mapping
 from common.io import read_yaml
+from pipeline.train_config import TrainConfig, train_config
 
-EXECUTOR_KEYS = {"name", "timeout_min", "signal_delay_s", "max_num_timeout", "tasks", "array_parallelism", "slurm"}
+RUN_MANAGED = ("data", "out", "labels")  # train keys the run sets for each stage
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    nodes: int | None = None
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    additional_parameters: dict = field(default_factory=dict)
+
+    def validate(self) -> list[str]:
+        return [f"{name}: must be >= {low}, got {getattr(self, name)}"
+                for name, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("mem_gb", 0))
+                if getattr(self, name) is not None and getattr(self, name) < low]
+
+
+@dataclass
+class ExecutorConfig:
+    name: str = "local"              # local | slurm
+    timeout_min: int = 600           # submitit's local default is 2
+    signal_delay_s: int = 90
+    max_num_timeout: int = 3
+    tasks: int = 1                   # array tasks of the embed and assign steps
+    array_parallelism: int = 8
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def validate(self) -> list[str]:
+        errors = [] if self.name in ("local", "slurm") else [f"name: must be local or slurm, got {self.name!r}"]
+        errors += [f"{name}: must be >= 1, got {getattr(self, name)}"
+                   for name in ("timeout_min", "tasks", "array_parallelism") if getattr(self, name) < 1]
+        errors += [f"{name}: must be >= 0, got {getattr(self, name)}"
+                   for name in ("signal_delay_s", "max_num_timeout") if getattr(self, name) < 0]
+        return errors
+
+
+@dataclass
+class EmbedConfig:
+    batch_size: int = 256
+    workers: int = 2                 # DataLoader workers per task
+
+    def validate(self) -> list[str]:
+        return [f"{name}: must be >= {low}, got {getattr(self, name)}"
+                for name, low in (("batch_size", 1), ("workers", 0)) if getattr(self, name) < low]
 
 
 @dataclass
@@ -47,7 +101,7 @@ class RunConfig:
     method: str = "mcl"
     name: str | None = None
     stages: int = 3
-    clusters: list = field(default_factory=lambda: [10])
+    clusters: list[int] = field(default_factory=lambda: [10])
     tower: str = "image"
     cluster_niter: int = 20
     cluster_sample_size: int | None = None
@@ -55,7 +109,8 @@ class RunConfig:
     per_stage_norm: bool = True
     train: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
-    executor: dict = field(default_factory=lambda: {"name": "local"})
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def k(self, position: int) -> int:
         """K of the n-th clustering of the run (0-based; the last K repeats)."""
@@ -65,47 +120,84 @@ class RunConfig:
     def has_stage0(self) -> bool:
         return bool(self.train.get("pretrained"))
 
+    @property
+    def stage_numbers(self) -> list[int]:
+        return ([0] if self.has_stage0 else []) + list(range(1, self.stages + 1))
 
-def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
-    """Read and validate; every problem found is listed in one UsageError."""
-    import yaml
+    def parent(self, stage: int) -> int | None:
+        """The stage whose clusters label `stage`'s batches (None: plain CLIP)."""
+        if self.method != "mcl" or stage < 1 or (stage == 1 and not self.has_stage0):
+            return None
+        return stage - 1
 
+    def validate(self) -> list[str]:
+        return validate(self)
+
+
+def stage_train_config(cfg: RunConfig, stage: int) -> TrainConfig:
+    """The validated TrainConfig of a trained stage (>= 1) of the run."""
+    from pipeline.stage import StageDir
+
+    run = Path(cfg.run_dir)
+    train = dict(cfg.train)
+    previous = cfg.parent(stage)
+    train.update(data=cfg.data, out=str(run / f"stage{stage}"),
+                 labels=StageDir(run / f"stage{previous}").label_source if previous is not None else "none")
+    if cfg.stage_init == "previous" and previous is not None:
+        train.update(cfg.finetune, pretrained=str(StageDir(run / f"stage{previous}").model_dir))
+    elif cfg.has_stage0:
+        train.update(cfg.finetune)  # every stage fine-tunes the pretrained stage 0
+    else:
+        train["seed"] = int(train.get("seed", 0)) + stage - 1  # scratch: a new seed per stage
+    return train_config(train, f"stage {stage}")
+
+
+def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, override and validate; every problem found is listed in one UsageError."""
     try:
         raw = read_yaml(path, "run config")
+        if not isinstance(raw, dict):
+            raise UsageError(f"{path}: a run config must be a mapping")
+        return run_config(apply_overrides(raw, overrides), path)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: a run config must be a mapping")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"override {item!r}: expected key=value (train.lr=1e-3 reaches into sections)")
-        target = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target.setdefault(p, {})
-        target[leaf] = yaml.safe_load(value)
-    return run_config(raw, path)
 
 
-def run_config(raw: dict, source: str) -> RunConfig:
-    """A validated RunConfig from a mapping; `source` names it in the error."""
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(raw) - known)
-    errors = [f"unknown key {k!r}" for k in unknown]
-    for required in ("run_dir", "data"):
-        if not raw.get(required):
-            errors.append(f"{required}: required")
-    if errors:
-        raise UsageError(f"{source}: " + "; ".join(errors))
+def run_config(raw: dict, source: str, check: bool = True) -> RunConfig:
+    """A validated RunConfig from a mapping; `source` names it in the error. `check=False`
+    only builds and type-checks it (a run folder's recorded config, whose data may be gone)."""
     raw = dict(raw)
-    if not isinstance(raw.get("clusters", [10]), list):
+    if "clusters" in raw and not isinstance(raw["clusters"], (list, tuple)):
         raw["clusters"] = [raw["clusters"]]
-    cfg = RunConfig(**raw)
-    errors = validate(cfg)
+    errors: list[str] = []
+    for section in ("train", "finetune"):
+        raw[section] = _train_section(raw.get(section), section, errors)
+    try:
+        cfg = from_mapping(RunConfig, raw, source, validate=check)
+    except ConfigError as exc:
+        raise UsageError("; ".join([str(exc)] + errors) if errors else str(exc)) from exc
     if errors:
         raise UsageError(f"{source}: " + "; ".join(errors))
     return cfg
+
+
+def _train_section(raw, section: str, errors: list[str]) -> dict:
+    """`train` / `finetune`: TrainConfig keys with values coerced to their types."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        errors.append(f"{section}: expected a mapping, got {raw!r}")
+        return {}
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for key, value in raw.items():
+        if key in RUN_MANAGED:
+            errors.append(f"{section}.{key}: set by the run for each stage, not in the config")
+        elif key not in hints:
+            errors.append(f"{section}.{key}: unknown key")
+        else:
+            out[key] = coerce(value, hints[key], f"{section}.{key}", errors)
+    return out
 
 
 def validate(cfg: RunConfig) -> list[str]:
@@ -131,27 +223,24 @@ def validate(cfg: RunConfig) -> list[str]:
             errors.append(f"probes: {exc}")
     if cfg.stages < 1:
         errors.append(f"stages: must be >= 1, got {cfg.stages}")
-    if any(not isinstance(k, int) or k < 2 for k in cfg.clusters):
+    if not cfg.clusters or any(k < 2 for k in cfg.clusters):
         errors.append(f"clusters: every K must be an integer >= 2, got {cfg.clusters}")
     if cfg.tower not in ("image", "text", "both"):
         errors.append(f"tower: must be image, text or both, got {cfg.tower!r}")
     if cfg.stage_init not in ("scratch", "previous"):
         errors.append(f"stage_init: must be scratch or previous, got {cfg.stage_init!r}")
-    for section in ("train", "finetune"):
-        keys = set(getattr(cfg, section))
-        bad = sorted(keys - {f.name for f in dataclasses.fields(TrainConfig)} | (keys & {"data", "out", "labels"}))
-        if bad:
-            errors.append(f"{section}: unknown or run-managed keys {bad}")
     model = cfg.train.get("model", TrainConfig.model)
     if not models.known_architecture(model):
         errors.append(f"train.model: unknown architecture {model!r}")
-    unknown_exec = sorted(set(cfg.executor) - EXECUTOR_KEYS)
-    if unknown_exec:
-        errors.append(f"executor: unknown keys {unknown_exec}")
-    if cfg.executor.get("name", "local") not in ("local", "slurm"):
-        errors.append(f"executor.name: must be local or slurm, got {cfg.executor.get('name')!r}")
+    placeholder = {"data": cfg.data or "-", "out": "-"}
+    for section, keys in (("train", cfg.train), ("finetune", {**cfg.train, **cfg.finetune})):
+        try:  # the same build and checks as every stage's (and the train job's own)
+            train_config({**keys, **placeholder}, prefix=section)
+        except ConfigError as exc:
+            errors.append(str(exc))
+            break
     if urls and not errors and cfg.stages > 1 and cfg.method == "mcl":
-        from pipeline.train import count_samples
+        from shards.reader import count_samples
 
         try:
             n = cfg.train.get("train_num_samples") or count_samples(urls)

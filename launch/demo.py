@@ -22,6 +22,7 @@ demo does no work.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -79,8 +80,7 @@ def make_world(config: str | Path, data: dict, out: Path, workers: int) -> dict[
 
 def method_configs(run: dict, paths: dict[str, Path], seed_dir: Path, seed: int) -> dict:
     """The three launch RunConfigs of one seed (validated)."""
-    from launch.config import run_config
-    from launch.run import train_config
+    from launch.config import run_config, stage_train_config
 
     base = copy.deepcopy(run)
     base.update(data=str(paths["train"]), mmvp=str(paths["mmvp"]), probes=str(paths["probe"]))
@@ -88,7 +88,7 @@ def method_configs(run: dict, paths: dict[str, Path], seed_dir: Path, seed: int)
     mcl = run_config({**base, "run_dir": str(seed_dir / "mcl"), "method": "mcl"}, "demo run (mcl)")
     ensemble = run_config({**base, "run_dir": str(seed_dir / "ensemble"), "method": "ensemble",
                            "stage_init": "scratch", "finetune": {}}, "demo run (ensemble)")
-    total = sum(train_config(mcl, s)["steps"] for s in range(1, mcl.stages + 1))
+    total = sum(stage_train_config(mcl, s).steps for s in range(1, mcl.stages + 1))
     baseline = run_config({**base, "run_dir": str(seed_dir / "baseline"), "method": "ensemble", "name": "baseline",
                            "stages": 1, "stage_init": "scratch", "finetune": {},
                            "train": {**base["train"], "steps": total}}, "demo run (baseline)")
@@ -97,15 +97,19 @@ def method_configs(run: dict, paths: dict[str, Path], seed_dir: Path, seed: int)
 
 def share_stage1(mcl, ensemble) -> None:
     """The ensemble's first member is MCL's stage 1 (same config but the folder): copy, don't retrain."""
-    from launch.run import train_config
+    from launch.config import stage_train_config
+    from pipeline.stage import StageDir
 
-    src, dst = Path(mcl.run_dir) / "stage1", Path(ensemble.run_dir) / "stage1"
-    a, b = train_config(mcl, 1), train_config(ensemble, 1)
-    if {**a, "out": ""} != {**b, "out": ""} or not (src / "done.json").is_file() or (dst / "done.json").exists():
+    src, dst = StageDir(Path(mcl.run_dir) / "stage1"), StageDir(Path(ensemble.run_dir) / "stage1")
+    a, b = stage_train_config(mcl, 1), stage_train_config(ensemble, 1)
+    if dataclasses.replace(a, out="") != dataclasses.replace(b, out="") or not src.done.is_file() \
+            or dst.done.exists():
         return
+    skip = [p.name for p in (src.checkpoints, src.clusters_dir, src.sidecars_dir, src.embeddings_dir)]
+    src, dst = src.path, dst.path
     tmp = dst.with_name("stage1.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints", "clusters", "sidecars", "embeddings"))
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
 
@@ -116,13 +120,14 @@ def run_methods(runs: dict, parallel: int, seed: int) -> None:
     shared first member, is trained (or MCL's run has ended). Daemon threads, joined with a
     timeout: Ctrl-C stops the demo at once (a rerun resumes)."""
     from launch.run import emit, run
+    from pipeline.stage import StageDir
 
     slots, errors, threads = threading.Semaphore(parallel), {}, {}
 
     def launch(method: str) -> None:
         try:
             if method == "ensemble":
-                stage1 = Path(runs["mcl"].run_dir) / "stage1" / "done.json"
+                stage1 = StageDir(Path(runs["mcl"].run_dir) / "stage1").done
                 while not stage1.is_file() and threads["mcl"].is_alive():
                     time.sleep(2)
                 share_stage1(runs["mcl"], runs["ensemble"])

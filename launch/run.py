@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from launch import steps as S
-from launch.config import RunConfig
 from common.io import write_json
+from launch import steps as S
+from launch.config import RunConfig, stage_train_config
+from pipeline.train_config import TrainConfig
 
 log = logging.getLogger("launch.run")
 
@@ -35,112 +36,62 @@ log = logging.getLogger("launch.run")
 class Step:
     name: str
     fn: Callable
-    args: list            # one tuple of arguments per task (several = an array job)
-    done: Callable[[], bool]
+    calls: list[dict]     # the keyword arguments of each task (several = an array job)
+    done: Callable[[], bool]  # the job's own "is this done?" for these arguments
     gpus: int = 0
 
 
-def stage_names(cfg: RunConfig) -> list[int]:
-    return ([0] if cfg.has_stage0 else []) + list(range(1, cfg.stages + 1))
-
-
-def train_config(cfg: RunConfig, stage: int) -> dict:
-    from pipeline.train_config import TrainConfig, to_dict
-
-    run = Path(cfg.run_dir)
-    train = dict(cfg.train)
-    train.update(data=cfg.data, out=str(run / f"stage{stage}"))
-    previous = stage - 1 if (stage > 1 or cfg.has_stage0) and cfg.method == "mcl" else None
-    train["labels"] = f"sidecars:{run / f'stage{previous}'}" if previous is not None else "none"
-    if cfg.stage_init == "previous" and previous is not None:
-        train.update(cfg.finetune, pretrained=str(run / f"stage{previous}" / "model"))
-    elif cfg.has_stage0:
-        train.update(cfg.finetune)  # every stage fine-tunes the pretrained stage 0
-    else:
-        train["seed"] = int(train.get("seed", 0)) + stage - 1  # scratch: a new seed per stage
-    return to_dict(TrainConfig(**train))
-
-
 def plan(cfg: RunConfig) -> list[Step]:
-    from pipeline.artifacts import embeddings_model_fp, embeddings_path
-    from pipeline.embed import model_fingerprint
+    """The steps of the run, in order, each with its job's arguments and done test."""
+    from pipeline import assign, cluster, embed, merge, models, train
+    from pipeline.stage import StageDir
     from shards.reader import expand_urls
 
     run = Path(cfg.run_dir)
     urls = expand_urls(cfg.data)
-    tasks = int(cfg.executor.get("tasks", 1))
+    tasks = cfg.executor.tasks
     out: list[Step] = []
-    names = stage_names(cfg)
-    for position, stage in enumerate(names):
-        sdir = run / f"stage{stage}"
-        model_dir = sdir / "model"
-        if stage == 0:
-            arch = cfg.train.get("model")
-            out.append(Step("stage0/save", S.save_stage0, [(arch, cfg.train["pretrained"], str(model_dir))],
-                            lambda m=model_dir: (m / "open_clip_config.json").is_file()))
+    names = cfg.stage_numbers
+    stages = {s: StageDir(run / f"stage{s}") for s in names}
+    for position, number in enumerate(names):
+        stage = stages[number]
+        if number == 0:
+            save = dict(arch=cfg.train.get("model", TrainConfig.model), pretrained=cfg.train["pretrained"],
+                        out=str(stage.model_dir))
+            out.append(Step("stage0/save", S.save_stage0, [save], functools.partial(models.is_saved, stage.model_dir)))
         else:
-            out.append(Step(f"stage{stage}/train", S.train_stage, [(train_config(cfg, stage),)],
-                            lambda d=sdir: (d / "done.json").is_file(), gpus=1))
-        if stage == names[-1] or cfg.method == "ensemble":
+            train_cfg = stage_train_config(cfg, number)
+            out.append(Step(f"stage{number}/train", S.train_stage, [dict(cfg=train_cfg)],
+                            functools.partial(train.is_done, train_cfg), gpus=1))
+        if number == names[-1] or cfg.method == "ensemble":
             continue  # the last stage is not clustered, nor any stage of an ensemble
-        k = cfg.k(position)
-        parent = str(run / f"stage{names[position - 1]}") if position > 0 else None
-
-        def embedded(d=sdir, m=model_dir):
-            fp = model_fingerprint(str(m), None, cfg.tower) if (m / "open_clip_pytorch_model.bin").exists() else None
-            return fp is not None and all(embeddings_model_fp(embeddings_path(d, u)) == fp for u in urls)
-
-        out.append(Step(f"stage{stage}/embed", S.embed_task,
-                        [(str(model_dir), cfg.data, str(sdir), cfg.tower, t, tasks, 256, 2) for t in range(tasks)],
-                        embedded, gpus=1))
-        out.append(Step(f"stage{stage}/cluster", S.cluster_stage,
-                        [(str(sdir), k, cfg.cluster_niter, 0, cfg.cluster_sample_size)],
-                        lambda d=sdir, k=k: _clustered(d, k, cfg.cluster_niter, cfg.cluster_sample_size), gpus=1))
-        out.append(Step(f"stage{stage}/assign", S.assign_task,
-                        [(str(sdir), stage, parent, t, tasks) for t in range(tasks)],
-                        lambda d=sdir, i=stage, p=parent: _assigned(d, i, p, urls)))
-        out.append(Step(f"stage{stage}/reduce", S.reduce_stage, [(str(sdir), stage, parent, cfg.data)],
-                        lambda d=sdir: (d / "clusters" / "assign_stats.json").is_file()
-                        and _newer(d / "clusters" / "assign_stats.json", d / "clusters" / "centroids.npy")))
+        parent = str(stages[names[position - 1]].path) if position > 0 else None
+        embedding = dict(model_ref=str(stage.model_dir), data=cfg.data, out=str(stage.path), tower=cfg.tower)
+        out.append(Step(f"stage{number}/embed", S.embed_task,
+                        [dict(embedding, task=t, tasks=tasks, batch_size=cfg.embed.batch_size,
+                              workers=cfg.embed.workers) for t in range(tasks)],
+                        functools.partial(embed.is_done, **embedding), gpus=1))
+        clustering = dict(stage_dir=str(stage.path), k=cfg.k(position), niter=cfg.cluster_niter, seed=0,
+                          sample_size=cfg.cluster_sample_size)
+        out.append(Step(f"stage{number}/cluster", S.cluster_stage, [clustering],
+                        functools.partial(cluster.is_done, **clustering), gpus=1))
+        out.append(Step(f"stage{number}/assign", S.assign_task,
+                        [dict(stage_dir=str(stage.path), stage_index=number, parent=parent, task=t, tasks=tasks)
+                         for t in range(tasks)],
+                        functools.partial(assign.is_done, stage.path, number, parent, urls)))
+        out.append(Step(f"stage{number}/reduce", S.reduce_stage, [dict(stage_dir=str(stage.path), data=cfg.data)],
+                        functools.partial(assign.reduce_is_done, stage.path)))
     merged = run / "merged.pt"
-    model_dirs = [str(run / f"stage{s}" / "model") for s in names]
-    out.append(Step("merge", S.merge_stages, [(model_dirs, str(merged), [f"stage{s}" for s in names],
-                                                cfg.per_stage_norm)],
-                    lambda: merged.is_file() and all(_newer(merged, Path(m) / "open_clip_pytorch_model.bin")
-                                                     for m in model_dirs)))
-    specs = [f"{cfg.name or cfg.method}={merged}"] + [f"stage{s}={run / f'stage{s}' / 'model'}" for s in names]
-    records = [run / "eval" / name for name, data in (("mmvp_summary.json", cfg.mmvp), ("probes.json", cfg.probes))
-               if data]
-    if records:
-        out.append(Step("eval", S.evaluate, [(specs, str(run / "eval"), cfg.mmvp, cfg.probes)],
-                        lambda: all(_newer(r, merged) for r in records)))
+    model_dirs = [str(stages[s].model_dir) for s in names]
+    merging = dict(stage_dirs=model_dirs, out=str(merged), names=[f"stage{s}" for s in names],
+                   per_stage_norm=cfg.per_stage_norm)
+    out.append(Step("merge", S.merge_stages, [merging], functools.partial(merge.is_done, model_dirs, merged)))
+    if cfg.mmvp or cfg.probes:
+        specs = [f"{cfg.name or cfg.method}={merged}"] + [f"stage{s}={stages[s].model_dir}" for s in names]
+        evaluation = dict(models=specs, out=str(run / "eval"), mmvp=cfg.mmvp, probes=cfg.probes)
+        out.append(Step("eval", S.evaluate, [evaluation],
+                        functools.partial(S.evaluated, merged=str(merged), **evaluation)))
     return out
-
-
-def _newer(a: Path, b: Path) -> bool:
-    return a.exists() and b.exists() and a.stat().st_mtime >= b.stat().st_mtime
-
-
-def _clustered(stage_dir: Path, k: int, niter: int, sample_size) -> bool:
-    stats = stage_dir / "clusters" / "stats.json"
-    if not stats.is_file():
-        return False
-    params = json.loads(stats.read_text()).get("params", {})
-    return params.get("k") == k and params.get("niter") == niter and \
-        params.get("sample_size") == (sample_size or 1024 * k)
-
-
-def _assigned(stage_dir: Path, index: int, parent: str | None, urls) -> bool:
-    from pipeline.artifacts import check_sidecar, sidecar_path
-    from pipeline.assign import stage_meta
-
-    try:
-        meta = stage_meta(stage_dir, index, Path(parent) if parent else None)
-        for u in urls:
-            check_sidecar(sidecar_path(stage_dir, u), meta)
-        return True
-    except Exception:  # noqa: BLE001 - anything missing or stale means: not done
-        return False
 
 
 def make_executor(cfg: RunConfig, step: Step, after: list[str] | None = None):
@@ -148,13 +99,12 @@ def make_executor(cfg: RunConfig, step: Step, after: list[str] | None = None):
 
     ex = cfg.executor
     folder = Path(cfg.run_dir) / "logs" / "%j"
-    requeues = int(ex.get("max_num_timeout", 3))  # requeues after a timeout; preemptions are not counted
-    if ex.get("name", "local") == "local":
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=requeues)
-        executor.update_parameters(timeout_min=int(ex.get("timeout_min", 600)),  # submitit's default is 2
-                                   signal_delay_s=int(ex.get("signal_delay_s", 90)))
+    # max_num_timeout: requeues after a timeout; preemptions are not counted
+    if ex.name == "local":
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=ex.max_num_timeout)
+        executor.update_parameters(timeout_min=ex.timeout_min, signal_delay_s=ex.signal_delay_s)
     else:
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=requeues)
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=ex.max_num_timeout)
         executor.update_parameters(**slurm_parameters(cfg, step, after))
     executor.update_parameters(name=f"mcl-{step.name.replace('/', '-')}")
     return executor
@@ -163,25 +113,24 @@ def make_executor(cfg: RunConfig, step: Step, after: list[str] | None = None):
 def slurm_parameters(cfg: RunConfig, step: Step, after: list[str] | None = None) -> dict:
     """submitit's parameters for `step`; `after`: job ids it must wait for (sbatch --dependency
     afterok, and cancelled if one of them fails)."""
-    sl = dict(cfg.executor.get("slurm", {}))
-    params = {"timeout_min": int(cfg.executor.get("timeout_min", 600)),
-              "slurm_signal_delay_s": int(cfg.executor.get("signal_delay_s", 90))}
+    sl = cfg.executor.slurm
+    params = {"timeout_min": cfg.executor.timeout_min, "slurm_signal_delay_s": cfg.executor.signal_delay_s}
     for key in ("partition", "account", "cpus_per_task", "mem_gb", "nodes", "constraint", "qos"):
-        if key in sl:
-            params[f"slurm_{key}"] = sl[key]
-    gpus = int(sl.get("gpus_per_node", 0)) if step.gpus else 0
+        if getattr(sl, key) is not None:
+            params[f"slurm_{key}"] = getattr(sl, key)
+    gpus = sl.gpus_per_node if step.gpus else 0
     if gpus:
         params["slurm_gpus_per_node"] = gpus
         if step.name.endswith("/train"):
             params["slurm_tasks_per_node"] = gpus  # one task per GPU; torch.distributed from the Slurm job
-    extra = dict(sl.get("additional_parameters") or {})
+    extra = dict(sl.additional_parameters)
     if after:
         whole = list(dict.fromkeys(j.split("_")[0] for j in after))  # an array's id covers its tasks
         extra.update(dependency="afterok:" + ":".join(whole), kill_on_invalid_dep="yes")
     if extra:
         params["slurm_additional_parameters"] = extra
-    if len(step.args) > 1:
-        params["slurm_array_parallelism"] = int(cfg.executor.get("array_parallelism", 8))
+    if len(step.calls) > 1:
+        params["slurm_array_parallelism"] = cfg.executor.array_parallelism
     return params
 
 
@@ -212,7 +161,7 @@ def run(cfg: RunConfig, dry_run: bool = False, label: str | None = None, detach:
     from launch.jobs import run_lock
     from common.cli import UsageError
 
-    if detach and cfg.executor.get("name", "local") != "slurm":
+    if detach and cfg.executor.name != "slurm":
         raise UsageError("--detach: needs executor.name=slurm (the local executor has no job dependencies)")
     run_dir = Path(cfg.run_dir)
     if dry_run:
@@ -239,9 +188,9 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict
             say(f"{step.name:<20} done")
             continue
         if dry_run:
-            params = slurm_parameters(cfg, step) if cfg.executor.get("name") == "slurm" else \
-                {"timeout_min": int(cfg.executor.get("timeout_min", 600))}
-            say(f"{step.name:<20} would run {len(step.args)} task(s) on {cfg.executor.get('name', 'local')}: "
+            params = slurm_parameters(cfg, step) if cfg.executor.name == "slurm" else \
+                {"timeout_min": cfg.executor.timeout_min}
+            say(f"{step.name:<20} would run {len(step.calls)} task(s) on {cfg.executor.name}: "
                 f"{params}")
             result[step.name] = "planned"
             continue
@@ -268,10 +217,11 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict
 
 def _submit(cfg: RunConfig, step: Step, state: StateFile, after: list[str] | None = None) -> list:
     executor = make_executor(cfg, step, after)
-    if len(step.args) == 1:
-        jobs = [executor.submit(step.fn, *step.args[0])]
+    if len(step.calls) == 1:
+        jobs = [executor.submit(step.fn, **step.calls[0])]
     else:
-        jobs = executor.map_array(step.fn, *zip(*step.args))
+        with executor.batch():  # an array job
+            jobs = [executor.submit(step.fn, **kwargs) for kwargs in step.calls]
     state.set(step.name, state="running", job_ids=[j.job_id for j in jobs], logs=[str(j.paths.stderr) for j in jobs],
               after=after or [])
     return jobs
@@ -284,7 +234,7 @@ def _earlier_jobs_alive(cfg: RunConfig, step: Step, state: StateFile) -> list[st
     record = state.state.get(step.name, {})
     if record.get("state") != "running":
         return []
-    return live_jobs(cfg.executor.get("name", "local"), record.get("job_ids", []), Path(cfg.run_dir))
+    return live_jobs(cfg.executor.name, record.get("job_ids", []), Path(cfg.run_dir))
 
 
 def _submit_detached(cfg: RunConfig, step: Step, state: StateFile, say, after: list[str]) -> list[str]:
@@ -307,7 +257,7 @@ def _wait_for_earlier_launch(cfg: RunConfig, step: Step, state: StateFile, say) 
     alive = _earlier_jobs_alive(cfg, step, state)
     if not alive:
         return False
-    executor = cfg.executor.get("name", "local")
+    executor = cfg.executor.name
     say(f"{step.name:<20} waiting for job(s) {', '.join(alive)} of an earlier launch")
     wait_for(lambda: live_jobs(executor, alive, Path(cfg.run_dir)), poll_s=2 if executor == "local" else 10)
     if not step.done():
@@ -320,13 +270,13 @@ def _wait_for_earlier_launch(cfg: RunConfig, step: Step, state: StateFile, say) 
 
 def status(run_dir: str) -> list[tuple[str, str, str, str]]:
     """(step, state, job ids, log) for every step of a run."""
-    from launch.config import RunConfig
+    from launch.config import run_config
 
     cfg_path = Path(run_dir) / "run_config.json"
     if not cfg_path.is_file():
         from common.cli import UsageError
         raise UsageError(f"{cfg_path}: missing; not a run folder (python -m launch run writes it)")
-    cfg = RunConfig(**json.loads(cfg_path.read_text()))
+    cfg = run_config(json.loads(cfg_path.read_text()), str(cfg_path), check=False)
     recorded = StateFile(Path(run_dir)).state
     rows = []
     for step in plan(cfg):

@@ -1,9 +1,11 @@
 """The functions the executor runs, one per kind of step: thin wrappers over the jobs of
 pipeline/ and eval/ that set up logging (and torch.distributed under Slurm) in the job's
-own process. Each returns something small and picklable."""
+own process. They take the jobs' own keyword arguments and return something small and
+picklable."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import submitit
 
@@ -14,7 +16,7 @@ def _setup() -> None:
     setup_logging()
 
 
-def save_stage0(arch: str, pretrained: str, out: str) -> str:
+def save_stage0(*, arch: str, pretrained: str, out: str) -> str:
     """Stage 0 (fine-tune mode): the pretrained model, saved like a trained stage."""
     _setup()
     from pipeline import models
@@ -28,69 +30,80 @@ class TrainStage(submitit.helpers.Checkpointable):
     (Slurm's, or the local executor's signal before its timeout) submitit requeues the same
     call and training resumes from its latest checkpoint (at most save_every steps are redone)."""
 
-    def __call__(self, cfg: dict) -> dict:
+    def __call__(self, *, cfg) -> dict:
         _setup()
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         from pipeline.train import train
-        from pipeline.train_config import TrainConfig
 
-        record = train(TrainConfig(**cfg))
+        record = train(cfg)
         return {"steps": record["steps"], "final_loss": record["final_loss"]}
 
 
 train_stage = TrainStage()
 
 
-def embed_task(model_dir: str, data: str, out: str, tower: str, task: int, tasks: int, batch_size: int,
+def embed_task(*, model_ref: str, data: str, out: str, tower: str, task: int, tasks: int, batch_size: int,
                workers: int) -> int:
     _setup()
     from pipeline.embed import embed
 
-    return len(embed(model_dir, data, out, tower, None, task, tasks, batch_size, workers, progress=False))
+    return len(embed(model_ref, data, out, tower=tower, task=task, tasks=tasks, batch_size=batch_size,
+                     workers=workers, progress=False))
 
 
-def cluster_stage(stage_dir: str, k: int, niter: int, seed: int, sample_size: int | None) -> dict:
+def cluster_stage(*, stage_dir: str, k: int, niter: int, seed: int, sample_size: int | None) -> dict:
     _setup()
     from pipeline.cluster import cluster
 
-    stats = cluster(stage_dir, k, niter, seed, sample_size)
+    stats = cluster(stage_dir, k=k, niter=niter, seed=seed, sample_size=sample_size)
     return {"objective": stats["objective"], "nmi_sample": stats["nmi_sample"]}
 
 
-def assign_task(stage_dir: str, index: int, parent: str | None, task: int, tasks: int) -> int:
+def assign_task(*, stage_dir: str, stage_index: int, parent: str | None, task: int, tasks: int) -> int:
     _setup()
     from pipeline.assign import assign
 
-    return len(assign(stage_dir, index, parent, task, tasks))
+    return len(assign(stage_dir, stage_index, parent, task=task, tasks=tasks))
 
 
-def reduce_stage(stage_dir: str, index: int, parent: str | None, data: str) -> dict:
+def reduce_stage(*, stage_dir: str, data: str) -> dict:
     _setup()
     from pipeline.assign import reduce
 
-    stats = reduce(stage_dir, index, parent, data)
+    stats = reduce(stage_dir, data=data)
     return {"nmi": stats["nmi"], "groups": stats["groups"]["groups"]}
 
 
-def merge_stages(model_dirs: list[str], out: str, names: list[str], per_stage_norm: bool) -> str:
+def merge_stages(*, stage_dirs: list[str], out: str, names: list[str], per_stage_norm: bool) -> str:
     _setup()
     from pipeline.merge import merge
 
-    return str(merge(model_dirs, out, names, per_stage_norm))
+    return str(merge(stage_dirs, out, names, per_stage_norm))
 
 
-def evaluate(models: list[str], out: str, mmvp: str | None, probes: str | None) -> dict:
+def evaluate(*, models: list[str], out: str, mmvp: str | None, probes: str | None) -> dict:
     """The evaluations of a run in one job (the encoders are loaded once): MMVP-VLM on the
     benchmark folder `mmvp` and the attribute probes on the shards `probes`, when given."""
     _setup()
-    from eval import mmvp as M
     from eval import probes as P
+    from eval.encoders import load_encoder
+    from eval import mmvp as M
 
-    encoders = [M.load_encoder(m) for m in models]
+    encoders = [load_encoder(m) for m in models]
     result = {}
     if mmvp:
         result["mmvp"] = M.write_outputs(M.evaluate(mmvp, encoders), out)
     if probes:
         result["probes"] = P.write_outputs(P.probe(encoders, probes), out)
     return result
+
+
+def evaluated(*, models: list[str], out: str, mmvp: str | None, probes: str | None, merged: str) -> bool:
+    """`evaluate`'s records exist and are newer than the merged model."""
+    from eval import mmvp as M
+    from eval import probes as P
+
+    records = [Path(out) / name for name, wanted in ((M.SUMMARY_NAME, mmvp), (P.RECORD_NAME, probes)) if wanted]
+    return bool(records) and all(r.exists() and Path(merged).exists()
+                                 and r.stat().st_mtime >= Path(merged).stat().st_mtime for r in records)

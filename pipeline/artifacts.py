@@ -1,6 +1,7 @@
 """On-disk formats between the clustering jobs: per-shard embeddings and cluster-id sidecars.
 
-Stage folder layout (s = the stage whose model produced them):
+Where each file lives in a stage folder (s = the stage whose model produced them) is
+pipeline.stage's `StageDir`; the formats:
 
     stage<s>/embeddings/<shard>.npz     one per input shard (written by pipeline.embed)
         embeddings  float16 [n, d], L2-normalised
@@ -17,6 +18,7 @@ Stage folder layout (s = the stage whose model produced them):
                           label_s = label_{s-1} * K_s + c_s (label_0 = 0)
       and, in the parquet schema metadata, `mcl.sidecar` = JSON
         {"stage", "k", "ks" (K of every stage 1..s), "model_fp", "centroids_fp", "parent_fp", "shard"}
+    stage<s>/sidecars/_stage.json       the stage record: this metadata once (pipeline.stage)
     stage<s>/sidecars/_groups.json      size of every pseudo-label group (the reduce step)
 
 Parquet is the per-shard table format of the ecosystem (img2dataset writes one per shard)
@@ -65,10 +67,6 @@ def array_fingerprint(a: np.ndarray) -> str:
 # --- embeddings -----------------------------------------------------------------------
 
 
-def embeddings_path(stage_dir: Path, url: str) -> Path:
-    return Path(stage_dir) / "embeddings" / f"{shard_stem(url)}.npz"
-
-
 def write_embeddings(path: Path, embeddings: np.ndarray, keys: list[str], captions: list[str],
                      attributes: list[str], model_fp: str) -> None:
     with atomic_output(path, "wb") as f:
@@ -106,10 +104,6 @@ class SidecarMeta:
         return json.dumps({"stage": self.stage, "k": self.k, "ks": list(self.ks), "model_fp": self.model_fp,
                            "centroids_fp": self.centroids_fp, "parent_fp": self.parent_fp,
                            "shard": shard}, sort_keys=True).encode()
-
-
-def sidecar_path(stage_dir: Path, url: str) -> Path:
-    return Path(stage_dir) / "sidecars" / f"{shard_stem(url)}.parquet"
 
 
 def write_sidecar(path: Path, keys, clusters: np.ndarray, labels: np.ndarray, meta: SidecarMeta) -> None:

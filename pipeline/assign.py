@@ -2,15 +2,15 @@
 
     python -m pipeline.assign --stage runs/r/stage2 --stage-index 2 --parent runs/r/stage1 \\
         [--task I --tasks N]
-    python -m pipeline.assign --stage runs/r/stage2 --stage-index 2 --parent runs/r/stage1 --reduce \\
-        [--data SPEC] [--batch-size 256]
+    python -m pipeline.assign --stage runs/r/stage2 --reduce [--data SPEC]
 
 Task I of N takes every N-th embedding file of the stage and writes
 `STAGE/sidecars/<shard>.parquet` (format: pipeline.artifacts): each sample's cluster id
 c_s and its pseudo-label, the packed combination of all its cluster ids so far, read from
 the parent stage's sidecar of the same shard by key. The stage, K, and fingerprints of the
-model, the centroids and the parent's centroids sit in the file, so a stale or foreign
-sidecar is refused by readers; a rerun skips sidecars that are current.
+model, the centroids and the parent's centroids sit in the file, and once in the stage
+record `STAGE/sidecars/_stage.json` (pipeline.stage), so a stale or foreign sidecar is
+refused by readers; a rerun skips sidecars that are current.
 
 `--reduce` (after all tasks) records the size of every pseudo-label group in
 `STAGE/sidecars/_groups.json` (how many groups cannot fill a batch), the clusters'
@@ -28,74 +28,54 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from pipeline.artifacts import (SidecarMeta, StaleSidecarError, array_fingerprint, check_sidecar,
-                                embeddings_model_fp, read_embeddings, read_sidecar, read_sidecar_columns,
-                                sidecar_meta, write_sidecar)
-from pipeline.cluster import attribute_nmi, attribute_purity, embedding_files
-from pipeline.embed import add_task_args
-from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.cli import ArgumentParser, UsageError, add_task_args, run_main, setup_logging
 from common.io import atomic_output, write_json
+from pipeline.artifacts import (StaleSidecarError, check_sidecar, read_embeddings, read_sidecar,
+                                read_sidecar_columns, sidecar_meta, write_sidecar)
+from pipeline.metrics import attribute_nmi, attribute_purity
+from pipeline.stage import (StageDir, check_sidecars, current_record, expected_record, read_record,
+                            write_record)
 
 log = logging.getLogger("pipeline.assign")
-MAX_LABEL = 2 ** 63 - 1
 
 
-def load_centroids(stage_dir: Path) -> np.ndarray:
-    path = Path(stage_dir) / "clusters" / "centroids.npy"
-    if not path.exists():
-        raise UsageError(f"{path}: no centroids; run pipeline.cluster first")
-    return np.load(path)
+def load_centroids(stage: StageDir) -> np.ndarray:
+    if not stage.centroids.exists():
+        raise UsageError(f"{stage.centroids}: no centroids; run pipeline.cluster first")
+    return np.load(stage.centroids)
 
 
-def stage_meta(stage_dir: Path, stage_index: int, parent: Path | None,
-               parent_meta: SidecarMeta | None = None) -> SidecarMeta:
-    """What the sidecars of this stage must record (and readers expect); `parent_meta`, when
-    the caller has it, saves computing the parent's again."""
-    centroids = load_centroids(stage_dir)
-    files = embedding_files(stage_dir)
-    fps = {embeddings_model_fp(f) for f in files}
-    if len(fps) != 1:
-        raise UsageError(f"{stage_dir}/embeddings: files from {len(fps)} different models; re-embed")
-    if parent is not None and parent_meta is None:
-        parent_meta = stage_meta(parent, stage_index - 1, _grandparent(parent))
-    ks = (parent_meta.ks if parent_meta else ()) + (int(centroids.shape[0]),)
-    if np.prod([float(k) for k in ks]) > MAX_LABEL:
-        raise UsageError(f"pseudo-labels of K = {ks} do not fit in int64")
-    return SidecarMeta(stage=stage_index, k=int(centroids.shape[0]), ks=ks, model_fp=fps.pop(),
-                       centroids_fp=array_fingerprint(centroids),
-                       parent_fp=parent_meta.centroids_fp if parent_meta else "")
-
-
-def stage_record(stage_dir: Path) -> tuple[int, Path | None]:
-    """(stage index, parent stage folder) of a stage whose assign step has run."""
-    record = Path(stage_dir) / "sidecars" / "_stage.json"
-    if not record.exists():
-        raise UsageError(f"{record}: missing; the assign step of {stage_dir} has not run")
-    r = json.loads(record.read_text())
-    return int(r["stage"]), (Path(r["parent"]) if r.get("parent") else None)
-
-
-def _grandparent(parent: Path) -> Path | None:
-    return stage_record(parent)[1]
+def is_done(stage_dir: str | Path, stage_index: int, parent: str | Path | None, urls) -> bool:
+    """The stage record is current and every shard's sidecar carries it."""
+    stage = StageDir(stage_dir)
+    try:
+        expect = expected_record(stage, stage_index, StageDir(parent) if parent else None)
+        if read_record(stage) != expect:
+            return False
+        check_sidecars(stage, urls, expect.meta)
+        return True
+    except (UsageError, StaleSidecarError, OSError, ValueError):
+        return False
 
 
 def assign(stage_dir: str | Path, stage_index: int, parent: str | Path | None = None, task: int = 0,
            tasks: int = 1) -> list[Path]:
-    """Write this task's sidecars; returns their paths."""
-    stage_dir = Path(stage_dir)
-    parent = Path(parent) if parent else None
+    """Write this task's sidecars (and the stage record); returns their paths."""
+    stage = StageDir(stage_dir)
+    parent_stage = StageDir(parent) if parent else None
     if not 0 <= task < tasks:
         raise UsageError(f"--task must be in [0, {tasks}), got {task}")
-    parent_expect = stage_meta(parent, stage_index - 1, _grandparent(parent)) if parent else None
-    meta = stage_meta(stage_dir, stage_index, parent, parent_expect)
-    centroids = load_centroids(stage_dir).astype(np.float32)
+    record = expected_record(stage, stage_index, parent_stage)
+    meta = record.meta
+    parent_meta = read_record(parent_stage).meta if parent_stage else None
+    centroids = load_centroids(stage).astype(np.float32)
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(centroids)
-    write_json(stage_dir / "sidecars" / "_stage.json", {"stage": stage_index, "parent": str(parent or "")})
-    files = embedding_files(stage_dir)[task::tasks]
+    write_record(stage, record)
+    files = stage.embedding_files()[task::tasks]
     out, written = [], 0
     for f in files:
-        path = stage_dir / "sidecars" / f"{f.stem}.parquet"
+        path = stage.sidecar(f.stem)
         out.append(path)
         for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # a write cut short by a kill
             leftover.unlink(missing_ok=True)  # only this task writes this shard's sidecar
@@ -105,7 +85,10 @@ def assign(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
                 continue  # current
             except Exception:  # noqa: BLE001 - stale, or a file cut short by a kill: rewrite it
                 pass
-        z = read_embeddings(f, ("embeddings", "keys"))
+        z = read_embeddings(f, ("embeddings", "keys", "model_fp"))
+        if str(z["model_fp"]) != meta.model_fp:
+            raise StaleSidecarError(f"{f}: embedded by another model than the one {stage.cluster_stats} "
+                                    "clustered; rerun pipeline.cluster")
         keys = z["keys"].tolist()
         if len(keys):
             _, nearest = index.search(np.ascontiguousarray(z["embeddings"], dtype=np.float32), 1)
@@ -113,11 +96,11 @@ def assign(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
         else:
             clusters = np.zeros(0, np.int64)
         labels = clusters.copy()
-        if parent is not None:
-            parent_path = parent / "sidecars" / f"{f.stem}.parquet"
+        if parent_stage is not None:
+            parent_path = parent_stage.sidecar(f.stem)
             if not parent_path.exists():
                 raise UsageError(f"{parent_path}: missing parent sidecar for shard {f.stem}")
-            parent_labels = read_sidecar(parent_path, parent_expect)
+            parent_labels = read_sidecar(parent_path, parent_meta)
             missing = [k for k in keys if k not in parent_labels]
             if missing:
                 raise UsageError(f"{parent_path}: no entry for key {missing[0]} ({len(missing)} keys missing)")
@@ -128,18 +111,29 @@ def assign(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
     return out
 
 
-def reduce(stage_dir: str | Path, stage_index: int, parent: str | Path | None = None, data: str | None = None,
-           batch_sizes: Sequence[int] = (64, 256, 1024), grid_per_cluster: int = 8) -> dict:
+def reduce_is_done(stage_dir: str | Path) -> bool:
+    """The summary was made from the stage's current sidecars."""
+    stage = StageDir(stage_dir)
+    try:
+        stats = json.loads(stage.assign_stats.read_text())
+        return stats.get("centroids_fp") == current_record(stage).meta.centroids_fp
+    except (UsageError, StaleSidecarError, OSError, ValueError):
+        return False
+
+
+def reduce(stage_dir: str | Path, data: str | None = None, batch_sizes: Sequence[int] = (64, 256, 1024),
+           grid_per_cluster: int = 8) -> dict:
     """Group sizes, cluster sizes and NMI over all samples, and the cluster grid PNG."""
-    stage_dir = Path(stage_dir)
-    meta = stage_meta(stage_dir, stage_index, Path(parent) if parent else None)
+    stage = StageDir(stage_dir)
+    meta = current_record(stage).meta
+    stage_index = meta.stage
     groups: collections.Counter = collections.Counter()
     cluster_sizes = np.zeros(meta.k, np.int64)
     assignments, attributes = [], []
     words: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     key_cluster: dict[str, int] = {}
-    for f in embedding_files(stage_dir):
-        path = stage_dir / "sidecars" / f"{f.stem}.parquet"
+    for f in stage.embedding_files():
+        path = stage.sidecar(f.stem)
         if not path.exists():
             raise UsageError(f"{path}: missing; run every assign task before --reduce")
         got = sidecar_meta(path)
@@ -164,16 +158,15 @@ def reduce(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
         "groups_smaller_than": {str(b): sum(1 for s in sizes if s < b) for b in batch_sizes},
         "samples_in_groups_smaller_than": {str(b): int(sum(s for s in sizes if s < b)) for b in batch_sizes},
     }
-    write_json(stage_dir / "sidecars" / "_groups.json", {**summary, "sizes": {str(k): v for k, v in groups.items()}})
+    write_json(stage.groups, {**summary, "sizes": {str(k): v for k, v in groups.items()}})
     top_words = {str(c): [w for w, _ in words[c].most_common(5)] for c in range(meta.k)}
     stats = {"stage": stage_index, "k": meta.k, "cluster_sizes": cluster_sizes.tolist(),
              "nmi": attribute_nmi(np.concatenate(assignments), attributes) if assignments else {},
              "purity": attribute_purity(np.concatenate(assignments), attributes) if assignments else {},
-             "top_words": top_words, "groups": summary}
-    write_json(stage_dir / "clusters" / "assign_stats.json", stats)
+             "top_words": top_words, "groups": summary, "centroids_fp": meta.centroids_fp}
     if data:
-        cluster_grid(data, key_cluster, top_words, cluster_sizes, stage_dir / "clusters" / "grid.png",
-                     grid_per_cluster)
+        cluster_grid(data, key_cluster, top_words, cluster_sizes, stage.grid, grid_per_cluster)
+    write_json(stage.assign_stats, stats)  # last: reduce_is_done reads it
     log.info("stage %d: %d samples in %d groups (smallest %d, largest %d); groups below batch sizes %s; NMI %s",
              stage_index, summary["samples"], summary["groups"], summary["smallest_group"],
              summary["largest_group"], summary["groups_smaller_than"], stats["nmi"])
@@ -215,7 +208,7 @@ def cluster_grid(data: str, key_cluster: dict[str, int], top_words: dict, sizes:
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m pipeline.assign", description=__doc__)
     p.add_argument("--stage", required=True, help="stage folder holding embeddings/ and clusters/")
-    p.add_argument("--stage-index", type=int, required=True, help="this stage's number s")
+    p.add_argument("--stage-index", type=int, help="this stage's number s (not with --reduce: the record has it)")
     p.add_argument("--parent", help="the previous stage's folder (its sidecars give c_1..c_{s-1})")
     p.add_argument("--reduce", action="store_true", help="summarise all sidecars (after every task)")
     p.add_argument("--data", help="with --reduce: shard spec, to draw the cluster grid PNG")
@@ -223,8 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     if args.reduce:
-        reduce(args.stage, args.stage_index, args.parent, args.data)
+        reduce(args.stage, args.data)
     else:
+        if args.stage_index is None:
+            raise UsageError("--stage-index is required (except with --reduce)")
         assign(args.stage, args.stage_index, args.parent, args.task, args.tasks)
     return 0
 

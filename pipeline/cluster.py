@@ -26,18 +26,13 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from pipeline.artifacts import read_embeddings
+from pipeline.artifacts import embeddings_model_fp, read_embeddings
+from pipeline.metrics import attribute_nmi
+from pipeline.stage import StageDir
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import atomic_output, write_json
 
 log = logging.getLogger("pipeline.cluster")
-
-
-def embedding_files(stage_dir: Path) -> list[Path]:
-    files = sorted((Path(stage_dir) / "embeddings").glob("*.npz"))
-    if not files:
-        raise UsageError(f"{Path(stage_dir) / 'embeddings'}: no embeddings; run pipeline.embed first")
-    return files
 
 
 def uniform_sample(files: list[Path], size: int, seed: int, with_attributes: bool = True):
@@ -62,31 +57,27 @@ def uniform_sample(files: list[Path], size: int, seed: int, with_attributes: boo
     return np.concatenate(points), attrs, total
 
 
-def attribute_nmi(assignments: np.ndarray, attributes: list[str]) -> dict[str, float]:
-    """NMI between cluster ids and each attribute found in the samples' labels."""
-    from sklearn.metrics import normalized_mutual_info_score
-
-    return _per_attribute(assignments, attributes, normalized_mutual_info_score)
-
-
-def attribute_purity(assignments: np.ndarray, attributes: list[str]) -> dict[str, float]:
-    """Purity of the clusters for each attribute: the share of samples whose value is their
-    cluster's most common one (1.0: every cluster holds one value)."""
-    from sklearn.metrics.cluster import contingency_matrix
-
-    def purity(values, clusters):
-        table = contingency_matrix(values, clusters)
-        return table.max(axis=0).sum() / table.sum()
-
-    return _per_attribute(assignments, attributes, purity)
+def cluster_params(stage_dir: str | Path, k: int, niter: int = 20, seed: int = 0, sample_size: int | None = None,
+                   spherical: bool = True) -> dict:
+    """What the centroids are a function of; stats.json records it."""
+    files = StageDir(stage_dir).embedding_files()
+    fps = sorted({embeddings_model_fp(f) or "" for f in files})
+    if len(fps) != 1 or not fps[0]:
+        raise UsageError(f"{StageDir(stage_dir).embeddings_dir}: files from {len(fps)} different models "
+                         f"(or unreadable); rerun pipeline.embed")
+    return {"k": k, "niter": niter, "seed": seed, "sample_size": sample_size or 1024 * k, "spherical": spherical,
+            "shards": [f.stem for f in files], "model_fp": fps[0]}
 
 
-def _per_attribute(assignments: np.ndarray, attributes: list[str], score) -> dict[str, float]:
-    parsed = [json.loads(a) if a else None for a in attributes]
-    if not parsed or any(p is None for p in parsed):
-        return {}
-    return {name: round(float(score([str(p.get(name)) for p in parsed], assignments)), 4)
-            for name in sorted(parsed[0])}
+def is_done(stage_dir: str | Path, k: int, niter: int = 20, seed: int = 0, sample_size: int | None = None,
+            spherical: bool = True) -> bool:
+    """The centroids exist for these parameters and these embeddings."""
+    stage = StageDir(stage_dir)
+    try:
+        params = cluster_params(stage_dir, k, niter, seed, sample_size, spherical)
+        return stage.centroids.is_file() and json.loads(stage.cluster_stats.read_text()).get("params") == params
+    except (UsageError, OSError, ValueError):
+        return False
 
 
 def cluster(stage_dir: str | Path, k: int, niter: int = 20, seed: int = 0, sample_size: int | None = None,
@@ -94,18 +85,13 @@ def cluster(stage_dir: str | Path, k: int, niter: int = 20, seed: int = 0, sampl
     """Train the centroids of a stage; skipped when they exist for the same parameters."""
     if k < 2:
         raise UsageError(f"--k must be >= 2, got {k}")
-    stage_dir = Path(stage_dir)
-    out = stage_dir / "clusters"
-    files = embedding_files(stage_dir)
-    sample_size = sample_size or 1024 * k
-    params = {"k": k, "niter": niter, "seed": seed, "sample_size": sample_size, "spherical": spherical,
-              "shards": [f.stem for f in files]}
-    stats_path = out / "stats.json"
-    if stats_path.exists() and (out / "centroids.npy").exists():
-        old = json.loads(stats_path.read_text())
-        if old.get("params") == params:
-            log.info("%s: centroids already trained, skipped", out)
-            return old
+    stage = StageDir(stage_dir)
+    params = cluster_params(stage_dir, k, niter, seed, sample_size, spherical)
+    sample_size = params["sample_size"]
+    files = stage.embedding_files()
+    if is_done(stage_dir, k, niter, seed, sample_size, spherical):
+        log.info("%s: centroids already trained, skipped", stage.clusters_dir)
+        return json.loads(stage.cluster_stats.read_text())
     t0 = time.time()
     x, attrs, total = uniform_sample(files, sample_size, seed)
     if len(x) < k:
@@ -128,9 +114,9 @@ def cluster(stage_dir: str | Path, k: int, niter: int = 20, seed: int = 0, sampl
         "sample_cluster_sizes": sizes.tolist(), "empty_clusters": int((sizes == 0).sum()),
         "nmi_sample": attribute_nmi(assign, attrs),
     }
-    with atomic_output(out / "centroids.npy", "wb") as f:
+    with atomic_output(stage.centroids, "wb") as f:
         np.save(f, kmeans.centroids.astype(np.float32))
-    write_json(stats_path, stats)
+    write_json(stage.cluster_stats, stats)
     log.info("k-means K=%d on %d of %d samples (dim %d) in %.1fs, objective %.4g%s", k, len(x), total, x.shape[1],
              t_train, stats["objective"] or float("nan"),
              f"; NMI {stats['nmi_sample']}" if stats["nmi_sample"] else "")

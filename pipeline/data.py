@@ -16,21 +16,23 @@ shards (reshuffled): ranks always make the same number of steps, as DDP needs.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
 import random
-from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
+import webdataset as wds
 
-from pipeline.artifacts import read_sidecar, sidecar_path
+from pipeline.artifacts import read_sidecar
+from pipeline.stage import StageDir
+from pipeline.batch import Batch, BatchInfo
 from pipeline.buckets import BucketStats, coarsen_labels, plan_batches
-from shards.reader import PROBLEM_KINDS, ProblemLog, check_samples, decode_image, tar_samples
+from shards.reader import ProblemLog, decode_image, good_samples
 
 log = logging.getLogger("pipeline.data")
 
@@ -83,18 +85,18 @@ class SidecarLabeler(Labeler):
     label of its own and is counted.
     """
 
-    def __init__(self, stage_dir: str, expect, table: dict, missing: str = "error"):
-        self.stage_dir, self.expect, self.table, self.missing = Path(stage_dir), expect, table, missing
+    def __init__(self, stage, expect, table: dict, missing: str = "error"):
+        self.stage, self.expect, self.table, self.missing = StageDir(stage), expect, table, missing
         self._url, self._labels = None, {}
 
     def __call__(self, sample: dict) -> tuple[int, int]:
         url = sample["__url__"]
         if url != self._url:
-            self._url, self._labels = url, read_sidecar(sidecar_path(self.stage_dir, url), self.expect)
+            self._url, self._labels = url, read_sidecar(self.stage.sidecar(url), self.expect)
         packed = self._labels.get(sample["__key__"])
         if packed is None:
             if self.missing != "own":
-                raise KeyError(f"{sidecar_path(self.stage_dir, url)}: no pseudo-label for key {sample['__key__']} "
+                raise KeyError(f"{self.stage.sidecar(url)}: no pseudo-label for key {sample['__key__']} "
                                f"of shard {url} (set missing_labels=own to give such samples a label of their own)")
             if self.stats is not None:
                 self.stats.missing_labels += 1
@@ -131,15 +133,14 @@ def shards_for_slot(urls: Sequence[str], slot: int, slots: int, exclusive: bool 
 
 
 class TrainStream(IterableDataset):
-    """Batches (images, tokens, labels, caption_ids, valid, info, keys) for one rank.
+    """`Batch`es of `batch_size` entries for one rank (pipeline.batch).
 
     Plain mode (`bucket_cap` None): each worker makes `worker_batches` batches of
     consecutive samples per epoch, starting over on its shards when they run out.
     Bucketed mode: each worker reads its shards once per epoch and batches them with
-    pipeline.buckets (same-label batches; every sample exactly once).
-    `info` is a tensor (BatchInfo.decode reads it): the worker, the batches it has made, its
-    problem counts so far this epoch and its BucketStats; `keys` lists the samples' keys ("" for
-    padding).
+    pipeline.buckets (same-label batches; every sample exactly once; a short batch is padded).
+    Each batch's `info` is its worker's BatchInfo: the batches it has made, its problem
+    counts so far this epoch and its BucketStats.
     """
 
     def __init__(self, urls: Sequence[str], transform, tokenizer, batch_size: int, worker_batches: int | None,
@@ -165,9 +166,11 @@ class TrainStream(IterableDataset):
             rng = random.Random(_seed(self.seed, self.epoch, slot, rnd))
             order = shards[:]
             rng.shuffle(order)
-            stream = self._labelled(check_samples(self.problems)(tar_samples(self.problems)(order)), rnd)
+            stream = wds.DataPipeline(lambda: iter(order), *good_samples(self.problems),
+                                      lambda samples: self._labelled(samples, rnd),
+                                      wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng))
             n = 0
-            for s in _shuffle(stream, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng):
+            for s in stream:
                 n += 1
                 yield s
             if n == 0 and forever:
@@ -196,7 +199,7 @@ class TrainStream(IterableDataset):
         stats = BucketStats()
         self.labeler.stats = stats
         done = self.start.get(worker, 0)
-        blank = self.transform(Image.new("RGB", (8, 8)))
+        blank = self._blank()
         for made, plan in enumerate(self._plans(worker, workers, stats), start=1):
             if made <= done:
                 continue  # consumed before a resume: skipped without decoding
@@ -214,27 +217,15 @@ class TrainStream(IterableDataset):
                 torch.default_generator.manual_seed(seed)
                 images.append(self.transform(img))
                 valid.append(True)
-            pad = self.batch_size - len(plan)
-            texts = [s["text"] for s in plan] + [""] * pad
-            yield (torch.stack(images + [blank] * pad), self.tokenizer(texts),
-                   torch.tensor([s["label"] for s in plan] + [-1] * pad, dtype=torch.int64),
-                   torch.tensor([s["caption_id"] for s in plan] + [0] * pad, dtype=torch.int64),
-                   torch.tensor(valid + [False] * pad),
-                   torch.tensor([worker, made, *self.problems.as_list(), *stats.as_list()], dtype=torch.int64),
-                   [s["__key__"] for s in plan] + [""] * pad)
+            info = BatchInfo(worker, made, self.problems.as_list(), dataclasses.replace(stats))
+            yield Batch.of(plan, images, valid, self.batch_size, blank, self.tokenizer, info)
 
+    def padding(self) -> Batch:
+        """A batch of padding alone, for a rank whose data ran out before the others'."""
+        return Batch.padding(self.batch_size, self._blank(), self.tokenizer)
 
-class BatchInfo(NamedTuple):
-    """A batch's `info` tensor, decoded."""
-    worker: int
-    made: int                 # batches this worker has made this epoch
-    problems: list[int]       # the worker's ProblemLog counts so far (PROBLEM_KINDS order)
-    stats: BucketStats
-
-    @classmethod
-    def decode(cls, info: torch.Tensor) -> "BatchInfo":
-        values, n = info.tolist(), len(PROBLEM_KINDS)
-        return cls(values[0], values[1], values[2:2 + n], BucketStats.from_list(values[2 + n:]))
+    def _blank(self) -> torch.Tensor:
+        return self.transform(Image.new("RGB", (8, 8)))
 
 
 def epoch_plan(num_samples: int, batch_size: int, world_size: int, workers: int) -> tuple[int, int]:

@@ -21,13 +21,15 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline import models
-from pipeline.artifacts import embeddings_model_fp, embeddings_path, file_fingerprint, write_embeddings
-from common.cli import ArgumentParser, UsageError, run_main, setup_logging
-from shards.reader import ProblemLog, check_samples, decode_images, expand_urls, tar_samples
+from pipeline.artifacts import embeddings_model_fp, write_embeddings
+from pipeline.stage import StageDir
+from common.cli import ArgumentParser, UsageError, add_task_args, run_main, setup_logging
+from shards.reader import ProblemLog, expand_urls, good_samples
 
 log = logging.getLogger("pipeline.embed")
 TOWERS = ("image", "text", "both")
@@ -46,7 +48,7 @@ class ShardBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         problems = ProblemLog()
         for url in self.urls[worker::workers]:
-            samples = decode_images(problems)(check_samples(problems)(tar_samples(problems)([url])))
+            samples = wds.DataPipeline(lambda: iter([url]), *good_samples(problems, decode=True))
             batch = []
             for s in samples:
                 batch.append(s)
@@ -64,19 +66,6 @@ class ShardBatches(IterableDataset):
                 "captions": [s["text"] for s in batch], "attributes": attrs, "images": images, "tokens": tokens}
 
 
-def model_fingerprint(model_ref: str, pretrained: str | None, tower: str) -> str:
-    if os.path.isdir(model_ref):
-        return file_fingerprint(Path(model_ref) / models.WEIGHTS_NAME, extra=f"tower={tower}")
-    return f"{model_ref}:{pretrained}:{tower}"
-
-
-def load_model(model_ref: str, pretrained: str | None, device):
-    """A saved stage folder, or an open_clip architecture with a pretrained tag/file."""
-    if os.path.isdir(model_ref):
-        return models.create("", pretrained=model_ref, device=device)
-    return models.create(model_ref, pretrained=pretrained, device=device)
-
-
 @torch.no_grad()
 def encode(model, batch: dict, tower: str, device, autocast) -> np.ndarray:
     feats = []
@@ -91,6 +80,16 @@ def encode(model, batch: dict, tower: str, device, autocast) -> np.ndarray:
     return out.cpu().numpy()
 
 
+def is_done(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str = "image",
+            pretrained: str | None = None) -> bool:
+    """Every shard of `data` is embedded by this model and tower."""
+    try:
+        fp = models.model_fingerprint(model_ref, pretrained, tower)
+        return all(embeddings_model_fp(StageDir(out).embeddings(u)) == fp for u in expand_urls(data))
+    except (OSError, UsageError):
+        return False
+
+
 def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str = "image",
           pretrained: str | None = None, task: int = 0, tasks: int = 1, batch_size: int = 256,
           workers: int = 2, progress: bool = True) -> list[Path]:
@@ -100,8 +99,8 @@ def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str
     if not 0 <= task < tasks:
         raise UsageError(f"--task must be in [0, {tasks}), got {task}")
     urls = expand_urls(data)[task::tasks]
-    fp = model_fingerprint(model_ref, pretrained, tower)
-    paths = {u: embeddings_path(Path(out), u) for u in urls}
+    fp = models.model_fingerprint(model_ref, pretrained, tower)
+    paths = {u: StageDir(out).embeddings(u) for u in urls}
     todo = [u for u in urls if embeddings_model_fp(paths[u]) != fp]
     if len(todo) < len(urls):
         log.info("%d of %d shards already embedded by this model, skipped", len(urls) - len(todo), len(urls))
@@ -109,8 +108,7 @@ def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str
         return list(paths.values())
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    model, _, preprocess, tokenizer = load_model(model_ref, pretrained, device)
-    model.eval()
+    model, preprocess, tokenizer = models.load(model_ref, pretrained, device)
     loader = DataLoader(ShardBatches(todo, preprocess, tokenizer, batch_size), batch_size=None,
                         num_workers=min(workers, len(todo)), pin_memory=device.type == "cuda")
     pending: dict[str, dict] = {}
@@ -134,13 +132,6 @@ def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str
     log.info("embedded %d samples of %d shards (task %d of %d) into %s", n_samples, len(todo), task, tasks,
              Path(out) / "embeddings")
     return list(paths.values())
-
-
-def add_task_args(p: ArgumentParser) -> None:
-    p.add_argument("--task", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
-                   help="this task's index (default: $SLURM_ARRAY_TASK_ID or 0)")
-    p.add_argument("--tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
-                   help="number of tasks (default: $SLURM_ARRAY_TASK_COUNT or 1)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

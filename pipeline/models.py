@@ -12,6 +12,11 @@ A saved stage model is a plain open_clip artifact that needs no project code:
     open_clip.create_model("local-dir:model_dir")
     open_clip.add_model_config("model_dir/<arch>.json")
     open_clip.create_model("<arch>", pretrained="model_dir/open_clip_pytorch_model.bin")
+
+`load(spec)` is the one way from a model spec to a ready model (every job that reads a
+model uses it): a saved stage folder, a training checkpoint (`checkpoints/step_N.pt`), a
+merged MCL artifact (`.pt` from pipeline.merge, see pipeline.merged), or an open_clip
+architecture with an optional pretrained tag or file (`ARCH:TAG`, or `load(ARCH, TAG)`).
 """
 from __future__ import annotations
 
@@ -20,15 +25,20 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import open_clip
 import torch
 
+from common.cli import UsageError
 from common.io import atomic_path, write_json
+from pipeline import merged
+from pipeline.artifacts import file_fingerprint
 
 log = logging.getLogger("pipeline.models")
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 WEIGHTS_NAME = "open_clip_pytorch_model.bin"
+CONFIG_NAME = "open_clip_config.json"
 _registered = False
 
 
@@ -68,7 +78,7 @@ def create(arch: str, pretrained: str | None = None, precision: str = "fp32", de
 
 def model_config(arch: str, pretrained: str | None = None) -> dict:
     if pretrained and os.path.isdir(pretrained):
-        return json.loads((Path(pretrained) / "open_clip_config.json").read_text())["model_cfg"]
+        return json.loads((Path(pretrained) / CONFIG_NAME).read_text())["model_cfg"]
     register_project_configs()
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
@@ -81,6 +91,11 @@ def _fresh_shapes(model_cfg: dict) -> dict:
         model = open_clip.model.CLIP(**model_cfg) if "custom_text" not in model_cfg else \
             open_clip.model.CustomTextCLIP(**model_cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def is_saved(model_dir: str | Path) -> bool:
+    """`model_dir` holds a complete saved model (save_model writes the config last)."""
+    return (Path(model_dir) / WEIGHTS_NAME).is_file() and (Path(model_dir) / CONFIG_NAME).is_file()
 
 
 def save_model(model: torch.nn.Module, arch: str, model_cfg: dict, out_dir: str | Path) -> Path:
@@ -99,6 +114,59 @@ def save_model(model: torch.nn.Module, arch: str, model_cfg: dict, out_dir: str 
     with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
         torch.save(state, tmp)
     write_json(out_dir / f"{arch}.json", model_cfg)
-    write_json(out_dir / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess,
+    write_json(out_dir / CONFIG_NAME, {"model_cfg": model_cfg, "preprocess_cfg": preprocess,
                                                     "architecture": arch})
     return out_dir
+
+
+# --- loading a model from its spec --------------------------------------------------------
+
+
+class Loaded(NamedTuple):
+    """A model ready for inference: eval mode, on its device, with its eval preprocess
+    (PIL image -> tensor) and its tokenizer (list of str -> token tensor)."""
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+
+
+def load(spec: str | os.PathLike, pretrained: str | None = None, device="cpu") -> Loaded:
+    """The model of a spec: a saved stage model folder; a training checkpoint or a merged
+    MCL artifact (a `.pt` file); or an open_clip architecture, with a pretrained tag or file
+    either after a colon (`ARCH:TAG`) or as `pretrained` (then `spec` is the architecture
+    alone; a folder ignores it). Raises UsageError, one line naming the spec, when the spec
+    does not load."""
+    spec = str(spec)
+    try:
+        if spec.endswith(".pt") and os.path.isfile(spec):
+            blob = torch.load(spec, map_location="cpu", weights_only=True)
+            if merged.is_merged(blob):
+                model = merged.from_artifact(blob, device)
+                return Loaded(model, model.preprocess, model.tokenizer)
+            if isinstance(blob, dict) and "state_dict" in blob and "name" in blob:  # a training checkpoint
+                model, _, pre, tok = create(blob["name"], device=device)
+                model.load_state_dict({k: v.reshape(model.state_dict()[k].shape)
+                                       for k, v in blob["state_dict"].items()})
+                return Loaded(model.eval(), pre, tok)
+            raise UsageError(f"{spec}: neither a merged MCL model nor a training checkpoint")
+        if os.path.isdir(spec):
+            model, _, pre, tok = create("", pretrained=spec, device=device)
+        else:
+            arch, tag = (spec, pretrained) if pretrained else spec.partition(":")[::2]
+            if not known_architecture(arch):
+                raise UsageError(f"model {spec!r}: not a merged .pt file, a model folder, or an open_clip architecture")
+            model, _, pre, tok = create(arch, pretrained=tag or None, device=device)
+        return Loaded(model.eval(), pre, tok)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model that does not load is the user's input problem
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"model {spec!r} does not load: {first[:200]}") from exc
+
+
+def model_fingerprint(model_ref: str, pretrained: str | None, tower: str) -> str:
+    """What identifies the features a model spec gives for a tower: a folder's weights file
+    hashed; otherwise the spec itself."""
+    if os.path.isdir(model_ref):
+        return file_fingerprint(Path(model_ref) / WEIGHTS_NAME, extra=f"tower={tower}")
+    return f"{model_ref}:{pretrained}:{tower}"

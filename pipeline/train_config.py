@@ -1,19 +1,19 @@
 """The configuration of one stage's training job: a YAML file plus `key=value` overrides.
 
 Keys are the fields of `TrainConfig`; a file may also hold them under a `train:` section.
-Unknown keys and wrong types are errors that name the key.
+Built through common.config (the path launch uses too): unknown keys, wrong types and
+bad values are errors that name the key.
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import yaml
-
+from common.config import ConfigError, apply_overrides, from_mapping, to_dict
 from common.io import read_yaml
+
+__all__ = ["TrainConfig", "train_config", "load_train_config", "to_dict", "ConfigError"]
 
 
 @dataclass
@@ -79,8 +79,9 @@ class TrainConfig:
                 errors.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             errors.append(f"steps: must be >= 1, got {self.steps}")
-        if self.workers < 0 or self.warmup < 0:
-            errors.append("workers and warmup must be >= 0")
+        for name in ("workers", "warmup"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name}: must be >= 0, got {getattr(self, name)}")
         choices = {"lr_scheduler": ("cosine", "const"), "engine": ("ddp", "deepspeed"),
                    "precision": ("auto", "fp32", "bf16"), "dist_backend": ("auto", "gloo", "nccl")}
         for name, allowed in choices.items():
@@ -98,52 +99,21 @@ class TrainConfig:
         return errors
 
 
-def _coerce(name: str, value: Any, hint) -> Any:
-    args = typing.get_args(hint)
-    target = next((a for a in args if a is not type(None)), hint) if args else hint
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ValueError(f"{name}: must not be empty")
-    if target is float and not isinstance(value, bool):
-        try:  # YAML 1.1 reads 1e-3 as a string
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    if not isinstance(value, target) or (isinstance(value, bool) and target is not bool):
-        raise ValueError(f"{name}: expected {target.__name__}, got {value!r}")
-    return value
+def train_config(raw: dict, where: str = "", prefix: str = "") -> TrainConfig:
+    """A validated TrainConfig from a mapping of its keys (ConfigError naming the key)."""
+    cfg = from_mapping(TrainConfig, raw, where, prefix)
+    if cfg.out:
+        cfg.out = str(Path(cfg.out))
+    return cfg
 
 
 def load_train_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a config file (optional) and apply `key=value` overrides; raises ValueError."""
+    """Read a config file (optional) and apply `key=value` overrides; raises ConfigError."""
     raw: dict = {}
     if path:
         raw = read_yaml(path, "config") or {}
         if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
             raw = raw["train"]
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a train config must be a mapping")
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        raw[key.strip()] = yaml.safe_load(value) if value != "" else None
-    hints = typing.get_type_hints(TrainConfig)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ValueError(f"{path or 'overrides'}: unknown key {key!r}")
-        values[key] = _coerce(key, value, hints[key])
-    cfg = TrainConfig(**values)
-    if cfg.out:
-        cfg.out = str(Path(cfg.out))
-    errors = cfg.validate()
-    if errors:
-        raise ValueError("; ".join(errors))
-    return cfg
-
-
-def to_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
+            raise ConfigError(f"{path}: a train config must be a mapping")
+    return train_config(apply_overrides(raw, overrides), path or "overrides")

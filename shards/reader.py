@@ -306,6 +306,13 @@ check_samples = wds.pipelinefilter(_check_samples)
 decode_images = wds.pipelinefilter(_decode_images)
 
 
+def good_samples(problems: ProblemLog, decode: bool = False) -> list:
+    """The pipeline stages from shard URLs to good samples (every problem counted in
+    `problems`), for every job that reads shards: tar_samples, check_samples and, with
+    `decode`, decode_images."""
+    return [tar_samples(problems), check_samples(problems)] + ([decode_images(problems)] if decode else [])
+
+
 def read_samples(spec: str | Sequence[str], problems: ProblemLog | None = None, *,
                  decode: bool = True, split: bool = False) -> Iterator[dict]:
     """All good samples of a spec, in shard order. `split` divides shards over
@@ -314,10 +321,7 @@ def read_samples(spec: str | Sequence[str], problems: ProblemLog | None = None, 
     stages: list = [wds.SimpleShardList(expand_urls(spec))]
     if split:
         stages += [wds.split_by_node, wds.split_by_worker]
-    stages += [tar_samples(problems), check_samples(problems)]
-    if decode:
-        stages.append(decode_images(problems))
-    return iter(wds.DataPipeline(*stages))
+    return iter(wds.DataPipeline(*stages, *good_samples(problems, decode)))
 
 
 def shard_basename(url: str) -> str:
@@ -331,6 +335,24 @@ def local_sibling(url: str, suffix: str) -> Path | None:
     path = Path(urlparse(url).path if url.startswith("file:") else url)
     stem = path.name.split(".", 1)[0]
     return path.with_name(stem + suffix)
+
+
+def count_samples(urls: Sequence[str]) -> int:
+    """Samples in the shards, from the sizes.json beside them (as open_clip reads it)."""
+    total, cache = 0, {}
+    for url in urls:
+        sizes_path = local_sibling(url, ".tar")
+        sizes_file = sizes_path.parent / "sizes.json" if sizes_path is not None else None
+        if sizes_file is None or not sizes_file.exists():
+            raise UsageError(f"{url}: no sizes.json beside the shards; run `python -m shards.validate` "
+                             "or set train_num_samples")
+        if sizes_file not in cache:
+            cache[sizes_file] = json.loads(sizes_file.read_text())
+        name = shard_basename(url)
+        if name not in cache[sizes_file]:
+            raise UsageError(f"{sizes_file}: has no entry for {name}; rerun shards.validate")
+        total += int(cache[sizes_file][name])
+    return total
 
 
 def _short(exc: BaseException) -> str:

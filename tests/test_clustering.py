@@ -17,9 +17,11 @@ from conftest import REPO, run_cli, write_raw_tar
 from pipeline import models
 from pipeline.artifacts import (StaleSidecarError, read_embeddings, read_sidecar, read_sidecar_columns,
                                 write_embeddings)
-from pipeline.assign import assign, reduce, stage_meta
+from pipeline import assign as assign_job, cluster as cluster_job
+from pipeline.assign import assign, reduce
 from pipeline.cluster import cluster
 from pipeline.embed import embed
+from pipeline.stage import StageDir, current_record
 from shards.reader import ProblemLog, read_samples
 
 
@@ -60,7 +62,7 @@ def test_kmeans_recovers_planted_clusters(tmp_path):
     got = _sidecar_clusters(tmp_path)
     keys = sorted(truth)
     assert adjusted_rand_score([truth[k] for k in keys], [got[k][0] for k in keys]) > 0.99
-    red = reduce(tmp_path, 1)
+    red = reduce(tmp_path)
     assert red["nmi"]["planted"] > 0.99 and red["purity"]["planted"] > 0.99 and sum(red["cluster_sizes"]) == 900
     assert red["groups"]["groups"] == 6 and red["groups"]["samples"] == 900
     # centroids are reused on rerun with the same parameters, retrained with others
@@ -85,7 +87,7 @@ def test_stage_labels_pack_every_previous_stage(tmp_path):
         assert c3[key][1] == (c1[key][0] * ks[1] + c2[key][0]) * ks[2] + c3[key][0]
     meta = pq.read_schema(stages[2] / "sidecars" / "00000.parquet").metadata
     assert b'"ks": [3, 4, 2]' in meta[b"mcl.sidecar"]
-    groups = reduce(stages[2], 3, parent=stages[1])["groups"]
+    groups = reduce(stages[2])["groups"]
     assert groups["groups"] == len({v[1] for v in c3.values()}) <= 24
 
 
@@ -97,8 +99,10 @@ def test_stale_and_foreign_sidecars_are_refused(tmp_path):
     cluster(s2, k=4)
     assign(s1, 1)
     assign(s2, 2, parent=s1)
-    expect = stage_meta(s2, 2, s1)
+    expect = current_record(StageDir(s2)).meta
+    assert expect.ks == (4, 4) and current_record(StageDir(s2)).parent == s1
     assert len(read_sidecar(s2 / "sidecars" / "00000.parquet", expect)) == 300
+    assert assign_job.is_done(s2, 2, s1, ["00000.tar", "00001.tar", "00002.tar"])
     # another stage's sidecar in its place
     with pytest.raises(StaleSidecarError, match="stage is 1, expected 2"):
         read_sidecar(s1 / "sidecars" / "00000.parquet", expect)
@@ -108,18 +112,24 @@ def test_stale_and_foreign_sidecars_are_refused(tmp_path):
     shutil.copy(s2 / "sidecars" / "00001.parquet", moved)
     with pytest.raises(StaleSidecarError, match="shard is '00001', expected '00000'"):
         read_sidecar(moved, expect)
-    # stage 1 re-clustered (new centroids): stage 2's sidecars are stale for the loader ...
+    # stage 1 re-clustered (new centroids): stage 2's record is stale for the loader ...
     (s1 / "clusters" / "stats.json").unlink()
     cluster(s1, k=4, seed=99)
-    with pytest.raises(StaleSidecarError, match="parent_fp"):
-        read_sidecar(s2 / "sidecars" / "00000.parquet", stage_meta(s2, 2, s1))
+    with pytest.raises(StaleSidecarError, match="stale stage record"):
+        current_record(StageDir(s2))
+    assert not assign_job.is_done(s2, 2, s1, ["00000.tar"]) and not assign_job.is_done(s1, 1, None, ["00000.tar"])
     # ... and stage 2 cannot be assigned on stage 1's stale sidecars
-    with pytest.raises(StaleSidecarError, match="centroids_fp"):
+    with pytest.raises(StaleSidecarError, match="stale stage record .* assign step of"):
         assign(s2, 2, parent=s1)
-    # re-embedding with another model makes this stage's own sidecars stale
+    assign(s1, 1)
+    assert current_record(StageDir(s1)).meta.centroids_fp != expect.parent_fp
+    # re-embedding with another model: the clustering is no longer done, and once redone the
+    # stage's own sidecars are stale
     _planted(s1, k=4, seed=1, model_fp="model1-retrained")
-    with pytest.raises(StaleSidecarError, match="model_fp"):
-        read_sidecar(s1 / "sidecars" / "00000.parquet", stage_meta(s1, 1, None))
+    assert not cluster_job.is_done(s1, k=4, seed=99)
+    cluster(s1, k=4, seed=99)
+    with pytest.raises(StaleSidecarError, match="stale stage record"):
+        current_record(StageDir(s1))
 
 
 def test_killed_assign_resumes_to_the_same_sidecars(tmp_path):
@@ -201,7 +211,7 @@ def test_embed_keys_follow_the_good_samples_of_broken_shards(tmp_path, tiny_shar
 
 
 def test_purity_counts_each_clusters_majority_value():
-    from pipeline.cluster import attribute_purity
+    from pipeline.metrics import attribute_purity
 
     labels = ['{"a": "x", "b": 1}', '{"a": "y", "b": 1}', '{"a": "x", "b": 2}', '{"a": "x", "b": 2}']
     assert attribute_purity(np.array([0, 0, 1, 1]), labels) == {"a": 0.75, "b": 1.0}

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import REPO, run_cli
-from eval.mmvp import Encoder, evaluate, write_outputs
+from eval.encoders import Encoder
+from eval.mmvp import evaluate, write_outputs
 from pipeline import models
-from pipeline.merge import load_merged, merge
+from pipeline.merge import merge
+from pipeline.merged import load_merged
 
 
 def _write_fixture(root, plan):
@@ -116,7 +118,7 @@ def test_merged_artifact_loads_in_a_fresh_process_without_the_run(tmp_path, two_
     code = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(REPO)!r})
-        from pipeline.merge import load_merged
+        from pipeline.merged import load_merged
         m = load_merged({str(merged_path)!r})
         x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
         from PIL import Image
@@ -158,7 +160,7 @@ def test_mmvp_cli_compares_models_and_rejects_bad_input(tmp_path, two_stages, ti
 
 
 def test_probes_beat_chance_on_an_attribute_the_model_learned(tmp_path, tiny_shards, tiny_spec):
-    from eval.mmvp import load_encoder
+    from eval.encoders import load_encoder
     from eval.probes import probe
     from shards.generate import generate
     stage = tmp_path / "stage1"
@@ -179,7 +181,7 @@ def test_probes_beat_chance_on_an_attribute_the_model_learned(tmp_path, tiny_sha
 
 
 def test_a_training_checkpoint_is_a_model_too(tmp_path, two_stages):
-    from eval.mmvp import load_encoder
+    from eval.encoders import load_encoder
     model, *_ = models.create("", pretrained=str(two_stages[0]))
     torch.save({"step": 3, "name": "mcl-tiny-vit", "state_dict": model.state_dict(), "optimizer": {}},
                tmp_path / "step_00000003.pt")
@@ -189,3 +191,36 @@ def test_a_training_checkpoint_is_a_model_too(tmp_path, two_stages):
         want = F.normalize(model.encode_image(enc.preprocess(pil)[None]), dim=-1)
     torch.testing.assert_close(enc.images([pil]), want)
     assert enc.name == "ckpt"
+
+
+def test_one_loader_takes_every_spec_and_names_the_ones_that_do_not_load(tmp_path, two_stages):
+    from common.cli import UsageError
+    from pipeline.merged import MergedCLIP
+    folder = str(two_stages[0])
+    ref, _, pre, tok = models.create("", pretrained=folder)
+    torch.save({"step": 1, "name": "mcl-tiny-vit", "state_dict": ref.state_dict()}, tmp_path / "step_00000001.pt")
+    weights = str(two_stages[0] / models.WEIGHTS_NAME)
+    x, pil = torch.randn(2, 3, 32, 32), Image.new("RGB", (40, 30), "green")
+    with torch.no_grad():
+        want = ref.encode_image(x)
+    for spec, pretrained in ((folder, None), (str(tmp_path / "step_00000001.pt"), None),
+                             (f"mcl-tiny-vit:{weights}", None), ("mcl-tiny-vit", weights)):
+        loaded = models.load(spec, pretrained)
+        assert not loaded.model.training, spec
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model.encode_image(x), want)
+        assert torch.equal(loaded.preprocess(pil), pre(pil)), spec
+        assert torch.equal(loaded.tokenizer(["two red circles"]), tok(["two red circles"])), spec
+    path = merge(two_stages, tmp_path / "merged.pt")
+    m = models.load(path)
+    assert isinstance(m.model, MergedCLIP) and m.model.names == ["stage1", "stage2"]
+    torch.testing.assert_close(m.model.encode_image(x), load_merged(path).encode_image(x))
+    assert m.preprocess is m.model.preprocess and m.tokenizer is m.model.tokenizer
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    for spec, message in (("no-such-arch:openai", "'no-such-arch:openai': not a merged .pt file"),
+                          (str(tmp_path / "junk.pt"), "junk.pt' does not load: "),
+                          (str(tmp_path / "other.pt"), "other.pt: neither a merged MCL model nor a training")):
+        with pytest.raises(UsageError, match=message) as err:
+            models.load(spec)
+        assert "\n" not in str(err.value)

@@ -89,9 +89,52 @@ def test_the_whole_config_is_validated_first(tmp_path):
     for problem in ("data: /nonexistent/0.tar: no such shard", "mmvp: /nowhere/Questions.csv missing",
                     "clusters: every K must be an integer >= 2", "train.model: unknown architecture 'no-such-net'",
                     "method: must be mcl or ensemble, got 'bagging'",
-                    "finetune: unknown or run-managed keys ['learning_rate']"):
+                    "finetune.learning_rate: unknown key"):
         assert problem in err
     assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())
+
+
+def test_yaml_1_1_numbers_in_a_run_config_and_on_the_command_line_reach_training_as_numbers(tmp_path, tiny_shards):
+    """YAML 1.1 (PyYAML) reads `1e-3` as a string: it must still train, from the file and from an override."""
+    config = tmp_path / "run.yaml"
+    text = (REPO / "configs" / "tiny_mcl.yaml").read_text()
+    assert "lr: 1.0e-3" in text
+    config.write_text(text.replace("lr: 1.0e-3", "lr: 1e-3"))
+    run_dir = tmp_path / "run"
+    r = run_cli("launch", "run", "--config", str(config), f"run_dir={run_dir}", f"data={tiny_shards}", "mmvp=",
+                "method=ensemble", "stages=1", "train.steps=3", "train.wd=2e-2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = json.loads((run_dir / "stage1" / "train_config.json").read_text())
+    assert trained["lr"] == 0.001 and trained["wd"] == 0.02
+    assert json.loads((run_dir / "stage1" / "done.json").read_text())["steps"] == 3
+
+
+def test_a_bad_value_fails_before_submission_with_one_line(tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    r = run_cli("launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={run_dir}",
+                f"data={tiny_shards}", "mmvp=", "train.lr=abc")
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("train.lr: expected a number, got 'abc'"), r.stderr[-3000:]
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=-3", "train.batch_size: must be >= 1, got -3"),
+    ("finetune.warmup=-1", "finetune.warmup: must be >= 0, got -1"),
+    ("executor.tasks=0", "executor.tasks: must be >= 1, got 0"),
+    ("executor.slurm.gpus=4", "executor.slurm.gpus: unknown key"),
+    ("embed.batch_size=0", "embed.batch_size: must be >= 1, got 0"),
+    ("stages=two", "stages: expected an integer, got 'two'"),
+    ("train.data=x", "train.data: set by the run for each stage"),
+])
+def test_every_key_of_the_run_config_is_typed_and_validated_by_name(tmp_path, tiny_shards, override, message):
+    from common.cli import UsageError
+    from launch.config import load_run_config
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_run_config(str(REPO / "configs" / "tiny_mcl.yaml"), [f"run_dir={tmp_path}", f"data={tiny_shards}",
+                                                                   "mmvp=", override])
 
 
 def _launch(*args) -> subprocess.Popen:
@@ -117,7 +160,7 @@ def _state(run_dir, step: str) -> str | None:
 def test_a_run_killed_in_training_and_in_assign_reruns_to_the_clean_result(tmp_path, quick_demo):
     """SIGKILL to the launcher and every job process, twice; the same command then finishes the run
     with the sidecars, models and scores of the clean run (the quick demo's MCL run)."""
-    from pipeline.artifacts import sidecar_path
+    from pipeline.stage import StageDir
     from shards.reader import expand_urls
     import pyarrow.parquet as pq
 
@@ -142,8 +185,8 @@ def test_a_run_killed_in_training_and_in_assign_reruns_to_the_clean_result(tmp_p
     assert r.returncode == 0, r.stderr[-4000:]
     assert "stage1/train         done" in r.stdout and "stage1/assign        running" in r.stdout
     for shard in expand_urls(config["data"]):
-        ours = pq.read_table(sidecar_path(run_dir / "stage1", shard))
-        clean = pq.read_table(sidecar_path(clean_run / "stage1", shard))
+        ours = pq.read_table(StageDir(run_dir / "stage1").sidecar(shard))
+        clean = pq.read_table(StageDir(clean_run / "stage1").sidecar(shard))
         assert ours.column("key").to_pylist() == clean.column("key").to_pylist()
         assert ours.column("cluster").to_pylist() == clean.column("cluster").to_pylist(), shard
     for stage in ("stage1", "stage2"):

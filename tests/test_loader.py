@@ -6,11 +6,13 @@ import collections
 import numpy as np
 import open_clip
 import pytest
+import torch
 
 from pipeline import models
-from pipeline.artifacts import SidecarMeta, sidecar_path, write_sidecar
+from pipeline.artifacts import SidecarMeta, write_sidecar
+from pipeline.stage import StageDir
 from pipeline.buckets import BucketStats, _take_fullest, coarsen_labels, plan_batches
-from pipeline.data import BatchInfo, SidecarLabeler, TrainStream, make_loader, sidecar_label_table
+from pipeline.data import SidecarLabeler, TrainStream, make_loader, sidecar_label_table
 from shards.reader import ProblemLog, expand_urls, read_samples
 
 BG = {"red": 0, "green": 1, "blue": 2, "yellow": 3}
@@ -78,7 +80,7 @@ def labelled(tmp_path_factory, tiny_shards):
         keys = [s["__key__"] for s in samples]
         c1 = np.array([BG[s["json"]["attributes"]["background"]] for s in samples])
         c2 = np.array([s["json"]["attributes"]["count"] - 1 for s in samples])
-        write_sidecar(sidecar_path(stage, url), keys, c2, c1 * 2 + c2, meta)
+        write_sidecar(StageDir(stage).sidecar(url), keys, c2, c1 * 2 + c2, meta)
         truth.update(zip(keys, (c1 * 2 + c2).tolist()))
     return stage, meta, truth
 
@@ -97,10 +99,9 @@ def _epoch(tiny_shards, labeler, workers=2, **kw):
         stream = _tiny_stream(tiny_shards, labeler, rank, **kw)
         stream.set_epoch(0)
         stats = {}
-        for images, tokens, labels, caption_ids, valid, info, keys in make_loader(stream, workers, seed=0):
-            out.append((rank, keys, labels, valid))
-            info = BatchInfo.decode(info)
-            stats[info.worker] = info.stats
+        for batch in make_loader(stream, workers, seed=0):
+            out.append((rank, batch.keys, batch.labels, batch.valid))
+            stats[batch.info.worker] = batch.info.stats
         total = BucketStats()
         for s in stats.values():
             total = total.merge(s)
@@ -141,7 +142,7 @@ def test_labels_outnumbering_the_cap_keep_memory_bounded(tiny_shards, labelled, 
     for url in expand_urls(str(tiny_shards)):
         keys = [s["__key__"] for s in read_samples(url, decode=False)]
         labels = np.array([many[k] for k in keys])
-        write_sidecar(sidecar_path(tmp_path, url), keys, labels, labels, meta2)
+        write_sidecar(StageDir(tmp_path).sidecar(url), keys, labels, labels, meta2)
     table = sidecar_label_table(collections.Counter(many.values()), meta2.ks, min_size=0)
     result = _epoch(tiny_shards, SidecarLabeler(str(tmp_path), meta2, table), cap=32)
     stats = [r[2] for r in result if r[1] == "stats"]
@@ -154,16 +155,16 @@ def test_a_sample_without_sidecar_entry(tiny_shards, labelled, tmp_path):
     stage, meta, truth = labelled
     url = expand_urls(str(tiny_shards))[0]
     import pyarrow.parquet as pq
-    table = pq.read_table(sidecar_path(stage, url))
+    table = pq.read_table(StageDir(stage).sidecar(url))
     import pyarrow.compute as pc
     dropped = table.column("key")[5].as_py()
     keep = table.filter(pc.not_equal(table.column("key"), dropped))
     for u in expand_urls(str(tiny_shards)):
-        src = sidecar_path(stage, u)
-        dst = sidecar_path(tmp_path, u)
+        src = StageDir(stage).sidecar(u)
+        dst = StageDir(tmp_path).sidecar(u)
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())
-    write_sidecar(sidecar_path(tmp_path, url), keep.column("key").to_pylist(), keep.column("cluster").to_numpy(),
+    write_sidecar(StageDir(tmp_path).sidecar(url), keep.column("key").to_pylist(), keep.column("cluster").to_numpy(),
                   keep.column("label").to_numpy(), meta)
     labels = sidecar_label_table(collections.Counter(truth.values()), meta.ks, min_size=0)
     strict = SidecarLabeler(str(tmp_path), meta, labels)
@@ -173,9 +174,32 @@ def test_a_sample_without_sidecar_entry(tiny_shards, labelled, tmp_path):
     stream = _tiny_stream(tiny_shards, lenient, rank=0, world=1)
     stream.set_epoch(0)
     batches = list(make_loader(stream, 0, seed=0))
-    keys = [k for b in batches for k, v in zip(b[6], b[4].tolist()) if v]
+    keys = [k for b in batches for k, v in zip(b.keys, b.valid.tolist()) if v]
     assert sorted(keys) == sorted(truth)
-    assert BatchInfo.decode(batches[-1][5]).stats.missing_labels == 1
+    assert batches[-1].info.stats.missing_labels == 1
+
+
+def test_short_batches_and_padding_batches_are_masked_entries(tiny_shards, labelled):
+    """A short bucketed batch is padded to the batch size, and a rank whose data ran out gets
+    a batch of padding alone: blank image, empty caption, label -1, caption id 0, not valid."""
+    stage, meta, truth = labelled
+    table = sidecar_label_table(collections.Counter(truth.values()), meta.ks, min_size=0)
+    stream = _tiny_stream(tiny_shards, SidecarLabeler(str(stage), meta, table), rank=0, world=1)
+    stream.set_epoch(0)
+    batches = list(make_loader(stream, 2, seed=0))  # Batches pickled back from two worker processes
+    short = [b for b in batches if not b.valid.all()]
+    padding = stream.padding()
+    assert short and padding.info is None and not padding.valid.any()
+    blank, empty = padding.images[0], padding.tokens[0]
+    for b in short + [padding]:
+        n = int(b.valid.sum())
+        assert b.images.shape == batches[0].images.shape and b.tokens.shape == batches[0].tokens.shape
+        assert b.valid[:n].all() and all(b.keys[:n]) and b.keys[n:] == [""] * (16 - n)
+        assert (b.labels[n:] == -1).all() and (b.caption_ids[n:] == 0).all()
+        assert all(torch.equal(img, blank) for img in b.images[n:])
+        assert all(torch.equal(tok, empty) for tok in b.tokens[n:])
+    moved = short[0].to(torch.device("cpu"))
+    assert moved.keys == short[0].keys and moved.info == short[0].info and torch.equal(moved.images, short[0].images)
 
 
 def read_and_label(url, labeler):

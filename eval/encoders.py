@@ -1,0 +1,47 @@
+"""The models the evaluations compare, as encoders: NAME=SPEC -> normalised features.
+
+A model on an eval command line is NAME=SPEC (or SPEC alone, named after its file or
+folder); SPEC is anything `pipeline.models.load` takes: a merged artifact (`.pt` from
+pipeline.merge), a stage model folder, a training checkpoint (`checkpoints/step_N.pt`),
+or an open_clip architecture with a pretrained tag or file (`ARCH:TAG`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import models
+
+
+class Encoder:
+    """What the evaluations need of a model: normalised image and text features."""
+
+    def __init__(self, name: str, model, preprocess, tokenizer, device="cpu"):
+        self.name, self.model, self.preprocess, self.tokenizer, self.device = name, model, preprocess, tokenizer, device
+
+    @torch.no_grad()
+    def images(self, pils: list) -> torch.Tensor:
+        x = torch.stack([self.preprocess(p) for p in pils]).to(self.device)
+        return F.normalize(self.model.encode_image(x).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1).cpu()
+
+
+def parse_model_arg(arg: str) -> tuple[str, str]:
+    """NAME=SPEC -> (NAME, SPEC); SPEC alone is named after its folder or file stem."""
+    name, spec = arg.split("=", 1) if "=" in arg else ("", arg)
+    if not name:
+        name = Path(spec).name if os.path.isdir(spec) else Path(spec).stem
+    return name, spec
+
+
+def load_encoder(arg: str, device="cpu") -> Encoder:
+    """NAME=SPEC -> Encoder; raises UsageError naming the spec when it does not load."""
+    name, spec = parse_model_arg(arg)
+    loaded = models.load(spec, device=device)
+    return Encoder(name, loaded.model, loaded.preprocess, loaded.tokenizer, device)

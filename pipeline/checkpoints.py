@@ -1,0 +1,75 @@
+"""A stage's checkpoints: `step_NNNNNNNN` records in `out/checkpoints`, the newest `keep` kept.
+
+The engine writes and reads the model and optimizer (pipeline.engine); a checkpoint also
+holds what an exact resume needs:
+
+    step, epoch      where the run stands
+    name, config     the architecture and the whole TrainConfig
+    workers          DataLoader workers per rank when it was written
+    positions        per rank, {worker: batches consumed this epoch}
+    rng              per rank, torch's CPU RNG state
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.distributed import DistInfo, all_gather_object, barrier
+from pipeline.engine import Engine
+from pipeline.train_config import TrainConfig, to_dict
+
+log = logging.getLogger("pipeline.train")  # its lines belong to the training log
+
+
+@dataclass
+class Position:
+    """Where a run starts: its step, its epoch, and this rank's workers' batches consumed in it."""
+    step: int = 0
+    epoch: int = 0
+    workers: dict[int, int] = field(default_factory=dict)
+
+
+class Checkpoints:
+    """The checkpoints of one run, written and read through its engine."""
+
+    def __init__(self, folder: Path, engine: Engine, cfg: TrainConfig, info: DistInfo):
+        self.folder, self.engine, self.cfg, self.info = folder, engine, cfg, info
+
+    def _records(self) -> list[Path]:
+        return sorted(self.folder.glob(self.engine.record_glob))
+
+    def latest(self) -> Path | None:
+        records = self._records()
+        return records[-1] if records else None
+
+    def save(self, step: int, epoch: int, positions: dict[int, int]) -> None:
+        """Checkpoint `step` (every rank calls this, with its own workers' positions)."""
+        cfg, info = self.cfg, self.info
+        state = {"step": step, "epoch": epoch, "name": cfg.model, "config": to_dict(cfg), "workers": cfg.workers,
+                 "positions": [{str(k): int(v) for k, v in p.items()} for p in all_gather_object(positions, info)],
+                 "rng": all_gather_object(torch.get_rng_state(), info)}
+        self.engine.save(self.folder, f"step_{step:08d}", state)
+        barrier(info)
+        if info.is_main:
+            for old in self._records()[: -self.cfg.keep_checkpoints]:
+                self.engine.remove(self.folder, old.stem)
+
+    def load(self, record: Path) -> dict:
+        """Load checkpoint `record` into the engine; returns its state."""
+        return self.engine.load(self.folder, record.stem)
+
+    def restore(self, state: dict) -> Position:
+        """Restore this rank's RNG from a loaded `state`; the position to start from. The
+        workers' positions hold only for the same world size and workers per rank."""
+        rank = self.info.rank
+        torch.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        at = Position(int(state["step"]), int(state["epoch"]))
+        positions = state["positions"]
+        if len(positions) == self.info.world_size and state["workers"] == self.cfg.workers:
+            at.workers = {int(w): int(n) for w, n in positions[rank].items()}
+        else:
+            log.warning("world size or workers changed: epoch %d restarts from its first batch", at.epoch)
+        return at

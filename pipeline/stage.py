@@ -1,0 +1,210 @@
+"""The stage contract: where each job of a stage writes, and who the stage is.
+
+One stage folder holds everything the jobs of stage s write (formats: pipeline.artifacts):
+
+    stage<s>/train_config.json, metrics.jsonl, loader_stats.jsonl, checkpoints/   pipeline.train
+    stage<s>/model/                       the trained (or, stage 0, pretrained) model   pipeline.train
+    stage<s>/done.json                    written last by training                     pipeline.train
+    stage<s>/embeddings/<shard>.npz       one per input shard                          pipeline.embed
+    stage<s>/clusters/centroids.npy, stats.json                                         pipeline.cluster
+    stage<s>/sidecars/<shard>.parquet     one per input shard                          pipeline.assign
+    stage<s>/sidecars/_stage.json         the stage record (below)                     pipeline.assign
+    stage<s>/sidecars/_groups.json, clusters/assign_stats.json, clusters/grid.png      assign --reduce
+
+The stage record is written once by assign: the stage's index, its parent stage folder and
+the full metadata every sidecar of the stage carries (`SidecarMeta`: stage, K, the Ks of
+all stages so far, the fingerprints of the embedding model, of the centroids and of the
+parent's centroids). Readers (training's labels, the next stage's assign, launch) take the
+stage's identity from the record and check each sidecar's footer against it; the record
+itself is checked against the stage's current centroids and its parent's record, which
+costs one small file each, so a stale record is refused like a stale sidecar.
+
+Each job's "is it done?" sits next to the job (`is_done` in pipeline.train, embed,
+cluster, assign, merge) and builds on these paths; launch builds its plan from them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import UsageError
+from common.io import write_json
+from pipeline.artifacts import SidecarMeta, StaleSidecarError, array_fingerprint, check_sidecar, shard_stem
+
+SIDECAR_LABELS = "sidecars:"  # TrainConfig.labels of a stage trained on another stage's sidecars
+MAX_LABEL = 2 ** 63 - 1
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """The paths of one stage folder."""
+    path: Path
+
+    def __init__(self, path: str | os.PathLike):
+        object.__setattr__(self, "path", Path(path))
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # training
+    @property
+    def done(self) -> Path:
+        return self.path / "done.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def train_config(self) -> Path:
+        return self.path / "train_config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def loader_stats(self) -> Path:
+        return self.path / "loader_stats.jsonl"
+
+    # embedding
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.path / "embeddings"
+
+    def embeddings(self, url: str) -> Path:
+        return self.embeddings_dir / f"{shard_stem(url)}.npz"
+
+    def embedding_files(self) -> list[Path]:
+        files = sorted(self.embeddings_dir.glob("*.npz"))
+        if not files:
+            raise UsageError(f"{self.embeddings_dir}: no embeddings; run pipeline.embed first")
+        return files
+
+    # clustering
+    @property
+    def clusters_dir(self) -> Path:
+        return self.path / "clusters"
+
+    @property
+    def centroids(self) -> Path:
+        return self.clusters_dir / "centroids.npy"
+
+    @property
+    def cluster_stats(self) -> Path:
+        return self.clusters_dir / "stats.json"
+
+    # assignment
+    @property
+    def sidecars_dir(self) -> Path:
+        return self.path / "sidecars"
+
+    def sidecar(self, url_or_stem: str) -> Path:
+        return self.sidecars_dir / f"{shard_stem(url_or_stem)}.parquet"
+
+    @property
+    def record(self) -> Path:
+        return self.sidecars_dir / "_stage.json"
+
+    @property
+    def groups(self) -> Path:
+        return self.sidecars_dir / "_groups.json"
+
+    @property
+    def assign_stats(self) -> Path:
+        return self.clusters_dir / "assign_stats.json"
+
+    @property
+    def grid(self) -> Path:
+        return self.clusters_dir / "grid.png"
+
+    @property
+    def label_source(self) -> str:
+        """The TrainConfig.labels value that trains a stage on this stage's sidecars."""
+        return f"{SIDECAR_LABELS}{self.path}"
+
+    @classmethod
+    def from_label_source(cls, labels: str) -> "StageDir":
+        if not labels.startswith(SIDECAR_LABELS):
+            raise ValueError(f"labels {labels!r} do not name a stage's sidecars")
+        return cls(labels[len(SIDECAR_LABELS):])
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """sidecars/_stage.json: the stage's index, parent folder and its sidecars' metadata."""
+    stage: int
+    parent: Path | None
+    meta: SidecarMeta
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "parent": str(self.parent or ""), "meta": json.loads(self.meta.to_json(""))}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "StageRecord":
+        m = raw["meta"]
+        meta = SidecarMeta(stage=int(m["stage"]), k=int(m["k"]), ks=tuple(m["ks"]), model_fp=m["model_fp"],
+                           centroids_fp=m["centroids_fp"], parent_fp=m["parent_fp"])
+        return cls(int(raw["stage"]), Path(raw["parent"]) if raw.get("parent") else None, meta)
+
+
+def read_record(stage: StageDir) -> StageRecord:
+    """The stage record as written (UsageError when assign has not run)."""
+    if not stage.record.is_file():
+        raise UsageError(f"{stage.record}: missing; the assign step of {stage.path} has not run")
+    try:
+        return StageRecord.from_json(json.loads(stage.record.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StaleSidecarError(f"{stage.record}: not a stage record of this version ({exc}); rerun assign") from exc
+
+
+def write_record(stage: StageDir, record: StageRecord) -> None:
+    write_json(stage.record, record.to_json(), if_changed=True)
+
+
+def expected_record(stage: StageDir, index: int, parent: StageDir | None) -> StageRecord:
+    """The record the stage's sidecars must carry now: from its centroids, the model its
+    clustering recorded, and the parent's record (no embedding file is opened)."""
+    if not stage.centroids.is_file() or not stage.cluster_stats.is_file():
+        raise UsageError(f"{stage.centroids}: no centroids; run pipeline.cluster first")
+    centroids = np.load(stage.centroids)
+    model_fp = json.loads(stage.cluster_stats.read_text()).get("params", {}).get("model_fp")
+    if not model_fp:
+        raise StaleSidecarError(f"{stage.cluster_stats}: records no embedding model; rerun pipeline.cluster")
+    parent_meta = current_record(parent).meta if parent is not None else None
+    k = int(centroids.shape[0])
+    ks = (parent_meta.ks if parent_meta else ()) + (k,)
+    if np.prod([float(x) for x in ks]) > MAX_LABEL:
+        raise UsageError(f"pseudo-labels of K = {ks} do not fit in int64")
+    meta = SidecarMeta(stage=index, k=k, ks=ks, model_fp=model_fp, centroids_fp=array_fingerprint(centroids),
+                       parent_fp=parent_meta.centroids_fp if parent_meta else "")
+    return StageRecord(index, parent.path if parent is not None else None, meta)
+
+
+def current_record(stage: StageDir) -> StageRecord:
+    """The stage record, refused (StaleSidecarError) when the stage's centroids or its
+    parent's record have changed since assign wrote it."""
+    record = read_record(stage)
+    expect = expected_record(stage, record.stage, StageDir(record.parent) if record.parent else None)
+    if expect.meta != record.meta:
+        raise StaleSidecarError(f"{stage.record}: stale stage record (the centroids or the parent stage changed "
+                                f"since assign ran); rerun the assign step of {stage.path}")
+    return record
+
+
+def check_sidecars(stage: StageDir, urls, meta: SidecarMeta) -> None:
+    """Every shard's sidecar exists and carries `meta` (footers only); UsageError or
+    StaleSidecarError naming the first that does not."""
+    for url in urls:
+        path = stage.sidecar(url)
+        if not path.exists():
+            raise UsageError(f"{path}: no sidecar for shard {url}; run the assign step of {stage.path}")
+        check_sidecar(path, meta)

@@ -1,0 +1,136 @@
+"""What a training run reports: each step's metrics and log line, each epoch's loader counters.
+
+    metrics.jsonl        one line per step (rank 0), trimmed back to the resumed step on a
+                         resume; mirrored to TensorBoard when it is installed
+    loader_stats.jsonl   one line per epoch of the cluster-bucketed loader, summed over
+                         every worker of every rank
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from common.io import atomic_output
+from pipeline.batch import BatchInfo
+from pipeline.buckets import BucketStats
+from pipeline.distributed import DistInfo, all_gather_object
+from shards.reader import PROBLEM_KINDS
+
+log = logging.getLogger("pipeline.train")
+
+
+class MetricsLog:
+    """Each step's record, from the (resumed) `start_step` on; its log line every `log_every`
+    steps and at the last one, with throughput and ETA since the start of this process."""
+
+    def __init__(self, out: Path, start_step: int, total_steps: int, samples_per_step: int, log_every: int,
+                 info: DistInfo, tensorboard: bool):
+        self.start_step, self.total_steps, self.samples_per_step = start_step, total_steps, samples_per_step
+        self.log_every, self.enabled = log_every, info.is_main
+        self.path, self.tb, self.last = out / "metrics.jsonl", None, {}
+        if self.enabled:
+            self._open(out, tensorboard)
+        self.t_start = time.time()
+
+    def _open(self, out: Path, tensorboard: bool) -> None:
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.start_step]
+            with atomic_output(self.path, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def step(self, step: int, epoch: int, loss: torch.Tensor, lr: float, effective_negatives: float,
+             logit_scale: torch.Tensor) -> None:
+        """Record step `step` (just taken); `logit_scale` is the model's log-scale parameter."""
+        elapsed = time.time() - self.t_start
+        sps = (step - self.start_step) * self.samples_per_step / max(elapsed, 1e-9)
+        self.last = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "samples_per_s": sps,
+                     "effective_negatives": effective_negatives, "logit_scale": logit_scale.exp().item(),
+                     "time": time.time()}
+        self._write(self.last)
+        if self.enabled and (step % self.log_every == 0 or step == self.total_steps):
+            eta = (self.total_steps - step) * elapsed / max(step - self.start_step, 1)
+            log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s eta %s eff_neg %.1f scale %.1f",
+                     step, self.total_steps, epoch, self.last["loss"], lr, sps, _hms(eta),
+                     effective_negatives, self.last["logit_scale"])
+
+    def _write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+class LoaderProgress:
+    """What this rank's DataLoader workers have reported in one epoch, from their batches'
+    BatchInfo: each worker's batches consumed (`positions`, for checkpoints), problem counts
+    and bucketing counters so far."""
+
+    def __init__(self, start: dict[int, int]):
+        self.positions = dict(start)
+        self.problems: dict[int, list[int]] = {}
+        self.stats: dict[int, BucketStats] = {}
+
+    def update(self, info: BatchInfo | None) -> None:
+        if info is not None:
+            self.positions[info.worker] = info.made
+            self.problems[info.worker] = info.problems
+            self.stats[info.worker] = info.stats
+
+    def report_stats(self, out: Path, epoch: int, step: int, info: DistInfo, complete: bool) -> None:
+        """Sum the bucketing counters over workers and ranks; log them, append them to
+        loader_stats.jsonl (collective)."""
+        total = BucketStats()
+        for stats in self.stats.values():
+            total = total.merge(stats)
+        ranks = all_gather_object(total.as_list(), info)
+        total = BucketStats()
+        for values in ranks:
+            total = total.merge(BucketStats.from_list(values))
+        if info.is_main:
+            record = {"epoch": epoch, "step": step, "complete": complete, **total.__dict__}
+            with open(out / "loader_stats.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d%s loader: %d samples, %d pure and %d mixed batches (%d early at the cap, %d short), "
+                     "%d fallback samples, %d without a label, max %d buffered per worker", epoch,
+                     "" if complete else " (stopped at the step budget)", total.samples,
+                     total.pure_batches, total.mixed_batches, total.early_batches, total.short_batches,
+                     total.fallback_samples, total.missing_labels, total.max_buffered)
+
+    def report_problems(self, epoch: int, info: DistInfo) -> dict[str, int]:
+        """{kind: count} of the data problems the workers of all ranks met this epoch (each
+        worker logs its first ones itself); the main rank logs the total once (collective)."""
+        total = [0] * len(PROBLEM_KINDS)
+        for values in all_gather_object([sum(col) for col in zip(*self.problems.values())], info):
+            total = [a + b for a, b in zip(total, values or [0] * len(PROBLEM_KINDS))]
+        counts = {k: n for k, n in zip(PROBLEM_KINDS, total) if n}
+        if counts and info.is_main:
+            log.warning("epoch %d: the loader skipped data problems: %s", epoch,
+                        ", ".join(f"{k}={n}" for k, n in counts.items()))
+        return counts
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
