@@ -2,13 +2,15 @@
 
 A config is a dataclass. `from_mapping` builds one from a mapping (a YAML file's content,
 a launch section): unknown keys are refused, every value is coerced to its field's type
-(YAML 1.1 reads `1e-3` as a string: a float field takes it as 0.001), nested dataclasses are
-built alike, and the dataclass's own `validate()` (a list of problems) runs last. Every
-problem is reported at once in one `ConfigError` line, each naming its dotted key
-(`train.lr: expected a number, got 'abc'`).
+(YAML 1.1 reads `1e-3` as a string: a float field takes it as 0.001, an integer field
+`1e6` as 1000000), nested dataclasses are built alike (an empty section gets its
+defaults), and once every value has its type, the dataclass's own `validate()` (a list of
+problems) runs. The problems are reported in one `ConfigError` line, each naming its dotted
+key (`train.lr: expected a number, got 'abc'`).
 
-`apply_overrides` sets dotted keys (`train.lr=1e-3`, `executor.slurm.partition=gpu`) in a
-mapping before it is built, the same for `python -m launch run` and `python -m pipeline.train`.
+`apply_overrides` sets dotted keys in a mapping before it is built, the same for
+`python -m launch run` (`train.lr=1e-3`, `executor.slurm.partition=gpu`) and
+`python -m pipeline.train` (`lr=1e-3`).
 """
 from __future__ import annotations
 
@@ -127,6 +129,8 @@ def coerce(value: Any, hint, name: str, errors: list[str]) -> Any:
                 return out
         errors.append(f"{name}: expected {' or '.join(_type_name(a) for a in inner)}, got {value!r}")
         return value
+    if value is None and (dataclasses.is_dataclass(hint) or hint is dict or origin is dict):
+        return hint() if dataclasses.is_dataclass(hint) else {}  # an empty section: its defaults
     if value is None:
         errors.append(f"{name}: must not be empty")
         return value
@@ -140,6 +144,11 @@ def coerce(value: Any, hint, name: str, errors: list[str]) -> Any:
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str):  # YAML 1.1 reads 1e6 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:

@@ -14,6 +14,9 @@ import statistics
 from pathlib import Path
 
 from common.io import atomic_output, write_json
+from eval.mmvp import SUMMARY_NAME
+from eval.probes import RECORD_NAME
+from pipeline.stage import RunDir, StageDir
 
 SUPPRESSED, EASY = 35.0, 90.0
 METHODS = ("baseline", "ensemble", "mcl")
@@ -28,7 +31,8 @@ def seed_results(runs: dict[str, Path], seed: int, config: dict) -> dict:
     runs maps each method to its run folder (its eval/ holds mmvp_summary.json and probes.json)."""
     models = {}
     for method, run_dir in runs.items():
-        mmvp, probe = _read(run_dir / "eval" / "mmvp_summary.json"), _read(run_dir / "eval" / "probes.json")
+        evals = RunDir(run_dir).eval_dir
+        mmvp, probe = _read(evals / SUMMARY_NAME), _read(evals / RECORD_NAME)
         models[method] = {"mmvp": mmvp.get(method, {}), "probe": probe.get(method, {})}
         if method == "mcl":
             for name in (n for n in mmvp if n.startswith("stage")):
@@ -154,7 +158,7 @@ def _probe_table(per_seed: list[dict]) -> str:
 
 
 def _purity_table(stage_dirs: list[Path]) -> str:
-    stats = [(d.name, _read(d / "clusters" / "assign_stats.json")) for d in stage_dirs]
+    stats = [(d.name, _read(StageDir(d).assign_stats)) for d in stage_dirs]
     stats = [(n, s) for n, s in stats if s.get("purity")]
     if not stats:
         return "(no clustered stage)"
@@ -172,7 +176,7 @@ def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[
     plot(summary, out / "mmvp.png")
     seed, mcl = next(iter(mcl_runs.items()))
     stage_dirs = sorted(p for p in mcl.glob("stage*") if p.is_dir())
-    grids = [d / "clusters" / "grid.png" for d in stage_dirs if (d / "clusters" / "grid.png").is_file()]
+    grids = [StageDir(d).grid for d in stage_dirs if StageDir(d).grid.is_file()]
     parts = [
         "# MCL demo report", "",
         f"Seeds: {', '.join(map(str, summary['seeds']))}. MMVP-style pair accuracy (%), mean ± std over seeds; "

@@ -136,15 +136,15 @@ class RunConfig:
 
 def stage_train_config(cfg: RunConfig, stage: int) -> TrainConfig:
     """The validated TrainConfig of a trained stage (>= 1) of the run."""
-    from pipeline.stage import StageDir
+    from pipeline.stage import RunDir
 
-    run = Path(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
     train = dict(cfg.train)
     previous = cfg.parent(stage)
-    train.update(data=cfg.data, out=str(run / f"stage{stage}"),
-                 labels=StageDir(run / f"stage{previous}").label_source if previous is not None else "none")
+    train.update(data=cfg.data, out=str(run.stage(stage).path),
+                 labels=run.stage(previous).label_source if previous is not None else "none")
     if cfg.stage_init == "previous" and previous is not None:
-        train.update(cfg.finetune, pretrained=str(StageDir(run / f"stage{previous}").model_dir))
+        train.update(cfg.finetune, pretrained=str(run.stage(previous).model_dir))
     elif cfg.has_stage0:
         train.update(cfg.finetune)  # every stage fine-tunes the pretrained stage 0
     else:
@@ -165,7 +165,7 @@ def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
 
 def run_config(raw: dict, source: str, check: bool = True) -> RunConfig:
     """A validated RunConfig from a mapping; `source` names it in the error. `check=False`
-    only builds and type-checks it (a run folder's recorded config, whose data may be gone)."""
+    only builds and type-checks it (a run folder's recorded config, already validated)."""
     raw = dict(raw)
     if "clusters" in raw and not isinstance(raw["clusters"], (list, tuple)):
         raw["clusters"] = [raw["clusters"]]

@@ -98,9 +98,9 @@ def method_configs(run: dict, paths: dict[str, Path], seed_dir: Path, seed: int)
 def share_stage1(mcl, ensemble) -> None:
     """The ensemble's first member is MCL's stage 1 (same config but the folder): copy, don't retrain."""
     from launch.config import stage_train_config
-    from pipeline.stage import StageDir
+    from pipeline.stage import RunDir
 
-    src, dst = StageDir(Path(mcl.run_dir) / "stage1"), StageDir(Path(ensemble.run_dir) / "stage1")
+    src, dst = RunDir(mcl.run_dir).stage(1), RunDir(ensemble.run_dir).stage(1)
     a, b = stage_train_config(mcl, 1), stage_train_config(ensemble, 1)
     if dataclasses.replace(a, out="") != dataclasses.replace(b, out="") or not src.done.is_file() \
             or dst.done.exists():
@@ -120,14 +120,14 @@ def run_methods(runs: dict, parallel: int, seed: int) -> None:
     shared first member, is trained (or MCL's run has ended). Daemon threads, joined with a
     timeout: Ctrl-C stops the demo at once (a rerun resumes)."""
     from launch.run import emit, run
-    from pipeline.stage import StageDir
+    from pipeline.stage import RunDir
 
     slots, errors, threads = threading.Semaphore(parallel), {}, {}
 
     def launch(method: str) -> None:
         try:
             if method == "ensemble":
-                stage1 = StageDir(Path(runs["mcl"].run_dir) / "stage1").done
+                stage1 = RunDir(runs["mcl"].run_dir).stage(1).done
                 while not stage1.is_file() and threads["mcl"].is_alive():
                     time.sleep(2)
                 share_stage1(runs["mcl"], runs["ensemble"])

@@ -17,6 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 import psutil
 
+from pipeline.stage import RunDir
+
 ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                        "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
 
@@ -26,7 +28,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold RUN_DIR/.launch.lock (released when the launcher ends, also when it is killed)."""
     from common.cli import UsageError
 
-    path = Path(run_dir) / ".launch.lock"
+    path = RunDir(run_dir).lock
     with open(path, "a") as f:  # never written: a rerun that does no work changes no file
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,7 +46,7 @@ def live_jobs(executor: str, job_ids: Sequence[str], run_dir: Path) -> list[str]
 
 
 def _live_local(job_ids: Sequence[str], run_dir: Path) -> list[str]:
-    logs = str(Path(run_dir) / "logs")
+    logs = str(RunDir(run_dir).logs)
     alive = []
     for job_id in job_ids:
         try:

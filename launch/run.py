@@ -27,6 +27,7 @@ from typing import Callable
 from common.io import write_json
 from launch import steps as S
 from launch.config import RunConfig, stage_train_config
+from pipeline.stage import RunDir
 from pipeline.train_config import TrainConfig
 
 log = logging.getLogger("launch.run")
@@ -44,15 +45,15 @@ class Step:
 def plan(cfg: RunConfig) -> list[Step]:
     """The steps of the run, in order, each with its job's arguments and done test."""
     from pipeline import assign, cluster, embed, merge, models, train
-    from pipeline.stage import StageDir
+    from pipeline.stage import RunDir
     from shards.reader import expand_urls
 
-    run = Path(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
     urls = expand_urls(cfg.data)
     tasks = cfg.executor.tasks
     out: list[Step] = []
     names = cfg.stage_numbers
-    stages = {s: StageDir(run / f"stage{s}") for s in names}
+    stages = {s: run.stage(s) for s in names}
     for position, number in enumerate(names):
         stage = stages[number]
         if number == 0:
@@ -81,14 +82,14 @@ def plan(cfg: RunConfig) -> list[Step]:
                         functools.partial(assign.is_done, stage.path, number, parent, urls)))
         out.append(Step(f"stage{number}/reduce", S.reduce_stage, [dict(stage_dir=str(stage.path), data=cfg.data)],
                         functools.partial(assign.reduce_is_done, stage.path)))
-    merged = run / "merged.pt"
+    merged = run.merged
     model_dirs = [str(stages[s].model_dir) for s in names]
     merging = dict(stage_dirs=model_dirs, out=str(merged), names=[f"stage{s}" for s in names],
                    per_stage_norm=cfg.per_stage_norm)
     out.append(Step("merge", S.merge_stages, [merging], functools.partial(merge.is_done, model_dirs, merged)))
     if cfg.mmvp or cfg.probes:
         specs = [f"{cfg.name or cfg.method}={merged}"] + [f"stage{s}={stages[s].model_dir}" for s in names]
-        evaluation = dict(models=specs, out=str(run / "eval"), mmvp=cfg.mmvp, probes=cfg.probes)
+        evaluation = dict(models=specs, out=str(run.eval_dir), mmvp=cfg.mmvp, probes=cfg.probes)
         out.append(Step("eval", S.evaluate, [evaluation],
                         functools.partial(S.evaluated, merged=str(merged), **evaluation)))
     return out
@@ -98,7 +99,7 @@ def make_executor(cfg: RunConfig, step: Step, after: list[str] | None = None):
     import submitit
 
     ex = cfg.executor
-    folder = Path(cfg.run_dir) / "logs" / "%j"
+    folder = RunDir(cfg.run_dir).logs / "%j"
     # max_num_timeout: requeues after a timeout; preemptions are not counted
     if ex.name == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=ex.max_num_timeout)
@@ -145,7 +146,7 @@ def emit(line: str, label: str | None = None) -> None:
 
 class StateFile:
     def __init__(self, run_dir: Path):
-        self.path = run_dir / "launch_state.json"
+        self.path = RunDir(run_dir).state
         self.state = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def set(self, step: str, **fields) -> None:
@@ -175,8 +176,11 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict
     run_dir = Path(cfg.run_dir)
     say = functools.partial(emit, label=label)
     steps = plan(cfg)
+    for step in steps:
+        if step.name.endswith("/train"):
+            step.done()  # a stage trained with another config stops the launch here, before anything is written
     if not dry_run:
-        write_json(run_dir / "run_config.json", dataclasses.asdict(cfg), if_changed=True)
+        write_json(RunDir(run_dir).config, dataclasses.asdict(cfg), if_changed=True)
     state = StateFile(run_dir)
     result = {}
     chain: list[str] = []  # detach: the jobs of the step before, which the next one depends on
@@ -270,17 +274,20 @@ def _wait_for_earlier_launch(cfg: RunConfig, step: Step, state: StateFile, say) 
 
 def status(run_dir: str) -> list[tuple[str, str, str, str]]:
     """(step, state, job ids, log) for every step of a run."""
+    from common.cli import UsageError
     from launch.config import run_config
 
-    cfg_path = Path(run_dir) / "run_config.json"
+    cfg_path = RunDir(run_dir).config
     if not cfg_path.is_file():
-        from common.cli import UsageError
         raise UsageError(f"{cfg_path}: missing; not a run folder (python -m launch run writes it)")
     cfg = run_config(json.loads(cfg_path.read_text()), str(cfg_path), check=False)
     recorded = StateFile(Path(run_dir)).state
     rows = []
     for step in plan(cfg):
         rec = recorded.get(step.name, {})
-        state = "done" if step.done() else rec.get("state", "pending")
+        try:
+            state = "done" if step.done() else rec.get("state", "pending")
+        except UsageError:  # e.g. a stage folder trained with another config than the recorded one
+            state = "conflict"
         rows.append((step.name, state, ",".join(rec.get("job_ids", [])), (rec.get("logs") or [""])[0]))
     return rows

@@ -116,7 +116,7 @@ def reduce_is_done(stage_dir: str | Path) -> bool:
     stage = StageDir(stage_dir)
     try:
         stats = json.loads(stage.assign_stats.read_text())
-        return stats.get("centroids_fp") == current_record(stage).meta.centroids_fp
+        return stats.get("record") == current_record(stage).to_json()
     except (UsageError, StaleSidecarError, OSError, ValueError):
         return False
 
@@ -125,8 +125,8 @@ def reduce(stage_dir: str | Path, data: str | None = None, batch_sizes: Sequence
            grid_per_cluster: int = 8) -> dict:
     """Group sizes, cluster sizes and NMI over all samples, and the cluster grid PNG."""
     stage = StageDir(stage_dir)
-    meta = current_record(stage).meta
-    stage_index = meta.stage
+    record = current_record(stage)
+    meta, stage_index = record.meta, record.stage
     groups: collections.Counter = collections.Counter()
     cluster_sizes = np.zeros(meta.k, np.int64)
     assignments, attributes = [], []
@@ -163,7 +163,7 @@ def reduce(stage_dir: str | Path, data: str | None = None, batch_sizes: Sequence
     stats = {"stage": stage_index, "k": meta.k, "cluster_sizes": cluster_sizes.tolist(),
              "nmi": attribute_nmi(np.concatenate(assignments), attributes) if assignments else {},
              "purity": attribute_purity(np.concatenate(assignments), attributes) if assignments else {},
-             "top_words": top_words, "groups": summary, "centroids_fp": meta.centroids_fp}
+             "top_words": top_words, "groups": summary, "record": record.to_json()}
     if data:
         cluster_grid(data, key_cluster, top_words, cluster_sizes, stage.grid, grid_per_cluster)
     write_json(stage.assign_stats, stats)  # last: reduce_is_done reads it

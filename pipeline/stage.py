@@ -1,9 +1,17 @@
 """The stage contract: where each job of a stage writes, and who the stage is.
 
+A run folder (`RunDir`) holds one folder per stage, the merged model and the evaluations:
+
+    <run>/stage<s>/        one StageDir per stage (stage0: the pretrained model, fine-tune mode)
+    <run>/merged.pt        pipeline.merge
+    <run>/eval/            eval.mmvp and eval.probes outputs
+    <run>/run_config.json, launch_state.json, logs/, .launch.lock     launch's own
+
 One stage folder holds everything the jobs of stage s write (formats: pipeline.artifacts):
 
     stage<s>/train_config.json, metrics.jsonl, loader_stats.jsonl, checkpoints/   pipeline.train
-    stage<s>/model/                       the trained (or, stage 0, pretrained) model   pipeline.train
+    stage<s>/model/                       the trained model (stage 0: the pretrained    pipeline.train
+                                          one, saved by launch's stage0/save step)
     stage<s>/done.json                    written last by training                     pipeline.train
     stage<s>/embeddings/<shard>.npz       one per input shard                          pipeline.embed
     stage<s>/clusters/centroids.npy, stats.json                                         pipeline.cluster
@@ -20,7 +28,10 @@ itself is checked against the stage's current centroids and its parent's record,
 costs one small file each, so a stale record is refused like a stale sidecar.
 
 Each job's "is it done?" sits next to the job (`is_done` in pipeline.train, embed,
-cluster, assign, merge) and builds on these paths; launch builds its plan from them.
+cluster, assign, merge; `reduce_is_done` in assign; `models.is_saved`) and builds on these
+paths; launch builds its plan from them. Train, embed, cluster and assign apply the same
+test themselves when run and skip what is done (assign per sidecar); reduce and merge
+always redo their small work when run by hand.
 """
 from __future__ import annotations
 
@@ -136,6 +147,45 @@ class StageDir:
         if not labels.startswith(SIDECAR_LABELS):
             raise ValueError(f"labels {labels!r} do not name a stage's sidecars")
         return cls(labels[len(SIDECAR_LABELS):])
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run folder."""
+    path: Path
+
+    def __init__(self, path: str | os.PathLike):
+        object.__setattr__(self, "path", Path(path))
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def stage(self, number: int) -> StageDir:
+        return StageDir(self.path / f"stage{number}")
+
+    @property
+    def merged(self) -> Path:
+        return self.path / "merged.pt"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "run_config.json"
+
+    @property
+    def state(self) -> Path:
+        return self.path / "launch_state.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / ".launch.lock"
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,8 @@ def test_stale_and_foreign_sidecars_are_refused(tmp_path):
     shutil.copy(s2 / "sidecars" / "00001.parquet", moved)
     with pytest.raises(StaleSidecarError, match="shard is '00001', expected '00000'"):
         read_sidecar(moved, expect)
+    reduce(s2)
+    assert assign_job.reduce_is_done(s2)
     # stage 1 re-clustered (new centroids): stage 2's record is stale for the loader ...
     (s1 / "clusters" / "stats.json").unlink()
     cluster(s1, k=4, seed=99)
@@ -123,6 +125,9 @@ def test_stale_and_foreign_sidecars_are_refused(tmp_path):
         assign(s2, 2, parent=s1)
     assign(s1, 1)
     assert current_record(StageDir(s1)).meta.centroids_fp != expect.parent_fp
+    assign(s2, 2, parent=s1)  # same centroids of its own, new parent labels: its summary is stale
+    assert current_record(StageDir(s2)).meta.centroids_fp == expect.centroids_fp
+    assert not assign_job.reduce_is_done(s2)
     # re-embedding with another model: the clustering is no longer done, and once redone the
     # stage's own sidecars are stale
     _planted(s1, k=4, seed=1, model_fp="model1-retrained")

@@ -107,6 +107,13 @@ def test_yaml_1_1_numbers_in_a_run_config_and_on_the_command_line_reach_training
     trained = json.loads((run_dir / "stage1" / "train_config.json").read_text())
     assert trained["lr"] == 0.001 and trained["wd"] == 0.02
     assert json.loads((run_dir / "stage1" / "done.json").read_text())["steps"] == 3
+    # the same run folder with another training config: refused before anything is written
+    recorded = (run_dir / "run_config.json").read_bytes()
+    r = run_cli("launch", "run", "--config", str(config), f"run_dir={run_dir}", f"data={tiny_shards}", "mmvp=",
+                "method=ensemble", "stages=1", "train.steps=3", "train.wd=3e-2")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "stage1/done.json: this stage was trained with another config; use another `out`"), r.stderr[-3000:]
+    assert (run_dir / "run_config.json").read_bytes() == recorded
 
 
 def test_a_bad_value_fails_before_submission_with_one_line(tmp_path, tiny_shards):
