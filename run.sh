@@ -2,9 +2,10 @@
 # The two quickstart commands. Each sets up what is missing (a virtual environment in
 # .venv from the pinned requirements, reinstalled only when they change), then runs:
 #   ./run.sh demo [args]   the demo on the synthetic world (python -m launch demo)
-#   ./run.sh test [args]   the test suite (python -m pytest); as root it first starts a
-#                          single-node Slurm on localhost (scripts/slurm_local.sh) for the
-#                          slurm executor's test
+#   ./run.sh test [args]   the test suite (python -m pytest); also sets up img2dataset in
+#                          .venv-img2dataset (a real img2dataset output is a test fixture);
+#                          as root it first starts a single-node Slurm on localhost
+#                          (scripts/slurm_local.sh) for the slurm executor's test
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,10 +37,24 @@ setup() {
   fi
 }
 
+# The tests build a real img2dataset output (tests/test_img2dataset.py) with img2dataset in a
+# venv of its own: its pins clash with the project's.
+I2D_VENV=.venv-img2dataset
+setup_img2dataset() {
+  local want
+  want=$(sha256sum requirements-img2dataset.txt | cut -d' ' -f1)
+  if [ ! -x "$I2D_VENV/bin/img2dataset" ] || [ "$(cat "$I2D_VENV/.requirements.sha256" 2>/dev/null || true)" != "$want" ]; then
+    echo "run.sh: installing img2dataset into $I2D_VENV (first time: about a minute)" >&2
+    [ -x "$I2D_VENV/bin/python" ] || "$(find_python)" -m venv "$I2D_VENV"
+    "$I2D_VENV/bin/pip" install --disable-pip-version-check -q -r requirements-img2dataset.txt
+    echo "$want" > "$I2D_VENV/.requirements.sha256"
+  fi
+}
+
 cmd=${1:-}
 case "$cmd" in
   demo) shift; setup; exec "$VENV/bin/python" -m launch demo "$@" ;;
-  test) shift; setup
+  test) shift; setup; setup_img2dataset
         if [ "$(id -u)" = 0 ]; then  # the slurm executor's tests need a Slurm: start one on localhost
           bash scripts/slurm_local.sh || echo "run.sh: Slurm did not start; its test will fail" >&2
         fi

@@ -8,6 +8,7 @@ Commands:
 from __future__ import annotations
 
 import os
+import sys
 from typing import Sequence
 
 from common.cli import ArgumentParser, run_main, setup_logging
@@ -41,9 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     if args.command == "run":
         from launch.config import load_run_config
-        from launch.run import run as run_dag
+        from launch.run import StepFailed, run as run_dag
 
-        run_dag(load_run_config(args.config, args.overrides), dry_run=args.dry_run, detach=args.detach)
+        cfg = load_run_config(args.config, args.overrides)
+        try:
+            run_dag(cfg, dry_run=args.dry_run, detach=args.detach)
+        except StepFailed as exc:  # the job's log has the whole story
+            print(f"python -m launch: error: {exc}", file=sys.stderr)
+            return 1
     elif args.command == "status":
         from launch.run import status
 

@@ -200,6 +200,23 @@ def _train_section(raw, section: str, errors: list[str]) -> dict:
     return out
 
 
+def _shards_gone(cfg: RunConfig, urls: list[str]) -> list[str]:
+    """A shard that a stage of this run was embedded from must still be in the data (a folder
+    spec would otherwise just drop it, and the run go on with clusters made with it)."""
+    from pipeline.artifacts import shard_stem
+    from pipeline.stage import RunDir
+
+    stems = {shard_stem(u) for u in urls}
+    run = RunDir(cfg.run_dir)
+    for number in range(cfg.stages + 1):
+        embeddings = run.stage(number).embeddings_dir
+        gone = sorted(p.stem for p in embeddings.glob("*.npz") if p.stem not in stems) if embeddings.is_dir() else []
+        if gone:
+            return [f"data: shard(s) {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} that stage{number} of "
+                    f"{cfg.run_dir} was made from are no longer in {cfg.data}; restore them or use a new run_dir"]
+    return []
+
+
 def validate(cfg: RunConfig) -> list[str]:
     from pipeline import models
     from shards.reader import expand_urls
@@ -210,6 +227,8 @@ def validate(cfg: RunConfig) -> list[str]:
         urls = expand_urls(cfg.data)
     except UsageError as exc:
         errors.append(f"data: {exc}")
+    if urls:
+        errors += _shards_gone(cfg, urls)
     if cfg.mmvp and not (Path(cfg.mmvp) / "Questions.csv").is_file():
         errors.append(f"mmvp: {cfg.mmvp}/Questions.csv missing")
     if cfg.method not in ("mcl", "ensemble"):

@@ -211,12 +211,23 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict
         try:
             outputs = [j.result() for j in jobs]
         except Exception as exc:
-            state.set(step.name, state="failed", error=str(exc).splitlines()[-1][:300] if str(exc) else "")
-            raise RuntimeError(f"step {step.name} failed; see {jobs[0].paths.stderr}") from exc
+            reason = _last_line(exc)
+            state.set(step.name, state="failed", error=reason)
+            raise StepFailed(f"step {step.name} failed: {reason}; log: {jobs[0].paths.stderr}") from exc
         state.set(step.name, state="done", output=outputs if len(outputs) > 1 else outputs[0])
         say(f"{step.name:<20} finished in {time.monotonic() - started:.0f} s")
         result[step.name] = "done"
     return result
+
+
+class StepFailed(RuntimeError):
+    """A job of the run failed; the message is one line: the step, the job's error, its log."""
+
+
+def _last_line(exc: BaseException) -> str:
+    """The job's own error line (submitit's message carries the job's whole traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__
 
 
 def _submit(cfg: RunConfig, step: Step, state: StateFile, after: list[str] | None = None) -> list:

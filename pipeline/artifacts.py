@@ -9,6 +9,8 @@ pipeline.stage's `StageDir`; the formats:
         captions    str [n]
         attributes  str [n]          the json "attributes" of each sample ("" when absent)
         model_fp    str []           fingerprint of the model (and tower) that embedded them
+        skipped_keys, skipped_kinds  str [m]  the samples of the shard the reader skipped (a key
+                                     and its problem kind, e.g. corrupt_image): they have no row
     stage<s>/clusters/centroids.npy     float32 [K, d]      (pipeline.cluster)
     stage<s>/clusters/stats.json        K, objective, time, sample size, sizes, NMI per attribute
     stage<s>/sidecars/<shard>.parquet   one per input shard (pipeline.assign)
@@ -18,6 +20,10 @@ pipeline.stage's `StageDir`; the formats:
                           label_s = label_{s-1} * K_s + c_s (label_0 = 0)
       and, in the parquet schema metadata, `mcl.sidecar` = JSON
         {"stage", "k", "ks" (K of every stage 1..s), "model_fp", "centroids_fp", "parent_fp", "shard"}
+      and `mcl.skipped` = JSON {key: problem kind}: the samples the embed job could not use
+        (a corrupt image, ...: the reader's problem kinds). They have no row; a reader of the
+        shard that meets one skips it and counts it under that kind. A key with neither a row
+        nor a skip record means a stale or foreign sidecar.
     stage<s>/sidecars/_stage.json       the stage record: this metadata once (pipeline.stage)
     stage<s>/sidecars/_groups.json      size of every pseudo-label group (the reduce step)
 
@@ -41,6 +47,7 @@ from common.io import atomic_output, atomic_path
 from shards.reader import shard_basename
 
 SIDECAR_META_KEY = b"mcl.sidecar"
+SKIPPED_META_KEY = b"mcl.skipped"
 
 
 class StaleSidecarError(ValueError):
@@ -68,11 +75,21 @@ def array_fingerprint(a: np.ndarray) -> str:
 
 
 def write_embeddings(path: Path, embeddings: np.ndarray, keys: list[str], captions: list[str],
-                     attributes: list[str], model_fp: str) -> None:
+                     attributes: list[str], model_fp: str, skipped: dict[str, str] | None = None) -> None:
+    skipped = skipped or {}
     with atomic_output(path, "wb") as f:
         np.savez(f, embeddings=embeddings.astype(np.float16), keys=np.array(keys, dtype=str),
                  captions=np.array(captions, dtype=str), attributes=np.array(attributes, dtype=str),
-                 model_fp=np.array(model_fp))
+                 model_fp=np.array(model_fp), skipped_keys=np.array(list(skipped), dtype=str),
+                 skipped_kinds=np.array(list(skipped.values()), dtype=str))
+
+
+def read_skipped(path: Path) -> dict[str, str]:
+    """{key: problem kind} of the samples of the shard that the embed job could not use."""
+    with np.load(path, allow_pickle=False) as z:
+        if "skipped_keys" not in z.files:
+            return {}
+        return dict(zip(z["skipped_keys"].tolist(), z["skipped_kinds"].tolist()))
 
 
 def read_embeddings(path: Path, fields=("embeddings", "keys")) -> dict:
@@ -106,11 +123,13 @@ class SidecarMeta:
                            "shard": shard}, sort_keys=True).encode()
 
 
-def write_sidecar(path: Path, keys, clusters: np.ndarray, labels: np.ndarray, meta: SidecarMeta) -> None:
+def write_sidecar(path: Path, keys, clusters: np.ndarray, labels: np.ndarray, meta: SidecarMeta,
+                  skipped: dict[str, str] | None = None) -> None:
     table = pa.table({"key": pa.array(list(keys), pa.string()),
                       "cluster": pa.array(clusters.astype(np.int32)),
                       "label": pa.array(labels.astype(np.int64))})
-    table = table.replace_schema_metadata({SIDECAR_META_KEY: meta.to_json(path.stem)})
+    table = table.replace_schema_metadata({SIDECAR_META_KEY: meta.to_json(path.stem),
+                                           SKIPPED_META_KEY: json.dumps(skipped or {}, sort_keys=True).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -132,6 +151,13 @@ def check_sidecar(path: Path, expect: SidecarMeta) -> None:
             raise StaleSidecarError(
                 f"{path}: stale or foreign sidecar: {field} is {meta.get(field)!r}, expected {want[field]!r} "
                 "(rerun the assign step of this stage)")
+
+
+def sidecar_skipped(path: Path) -> dict[str, str]:
+    """{key: problem kind} of the shard's samples that have no entry because the embed job
+    could not use them (read from the footer)."""
+    md = pq.read_schema(path).metadata or {}
+    return json.loads(md.get(SKIPPED_META_KEY, b"{}"))
 
 
 def read_sidecar(path: Path, expect: SidecarMeta | None = None) -> dict[str, int]:

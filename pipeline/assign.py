@@ -31,7 +31,7 @@ import numpy as np
 from common.cli import ArgumentParser, UsageError, add_task_args, run_main, setup_logging
 from common.io import atomic_output, write_json
 from pipeline.artifacts import (StaleSidecarError, check_sidecar, read_embeddings, read_sidecar,
-                                read_sidecar_columns, sidecar_meta, write_sidecar)
+                                read_sidecar_columns, read_skipped, sidecar_meta, write_sidecar)
 from pipeline.metrics import attribute_nmi, attribute_purity
 from pipeline.stage import (StageDir, check_sidecars, current_record, expected_record, read_record,
                             write_record)
@@ -105,7 +105,7 @@ def assign(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
             if missing:
                 raise UsageError(f"{parent_path}: no entry for key {missing[0]} ({len(missing)} keys missing)")
             labels = np.array([parent_labels[k] for k in keys], dtype=np.int64) * meta.k + clusters
-        write_sidecar(path, keys, clusters, labels, meta)
+        write_sidecar(path, keys, clusters, labels, meta, skipped=read_skipped(f))
         written += 1
     log.info("task %d of %d: %d sidecars written, %d current", task, tasks, written, len(files) - written)
     return out

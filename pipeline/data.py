@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import webdataset as wds
 
-from pipeline.artifacts import read_sidecar
+from pipeline.artifacts import read_sidecar, sidecar_skipped
 from pipeline.stage import StageDir
 from pipeline.batch import Batch, BatchInfo
 from pipeline.buckets import BucketStats, coarsen_labels, plan_batches
@@ -42,10 +42,12 @@ def stable_hash64(text: str) -> int:
 
 
 class Labeler:
-    """sample -> (label, parent label); `stats` is the worker's BucketStats to count into."""
+    """sample -> (label, parent label), or None for a sample an earlier job could not use
+    (skipped, counted in `problems`); `stats` is the worker's BucketStats to count into."""
     stats: BucketStats | None = None
+    problems: ProblemLog | None = None
 
-    def __call__(self, sample: dict) -> tuple[int, int]:
+    def __call__(self, sample: dict) -> tuple[int, int] | None:
         raise NotImplementedError
 
 
@@ -81,19 +83,26 @@ class SidecarLabeler(Labeler):
 
     `table` maps each packed pseudo-label to (label for the loss, parent label for the
     bucketing, whether it fell back to an ancestor): see `sidecar_label_table`. A sample
-    without an entry is an error naming shard and key, or with `missing="own"` joins one
-    label of its own and is counted.
+    the embed job could not use (the sidecar's skip record: a corrupt image, ...) is skipped
+    and counted under the same problem kind. A sample without an entry for no recorded
+    reason is an error naming shard and key (a stale or foreign sidecar), or with
+    `missing="own"` joins one label of its own and is counted.
     """
 
     def __init__(self, stage, expect, table: dict, missing: str = "error"):
         self.stage, self.expect, self.table, self.missing = StageDir(stage), expect, table, missing
-        self._url, self._labels = None, {}
+        self._url, self._labels, self._skipped = None, {}, {}
 
-    def __call__(self, sample: dict) -> tuple[int, int]:
+    def __call__(self, sample: dict) -> tuple[int, int] | None:
         url = sample["__url__"]
         if url != self._url:
-            self._url, self._labels = url, read_sidecar(self.stage.sidecar(url), self.expect)
+            path = self.stage.sidecar(url)
+            self._url, self._labels, self._skipped = url, read_sidecar(path, self.expect), sidecar_skipped(path)
         packed = self._labels.get(sample["__key__"])
+        if packed is None and sample["__key__"] in self._skipped:
+            if self.problems is not None:
+                self.problems.add(self._skipped[sample["__key__"]], url, sample["__key__"], "skipped by embed")
+            return None
         if packed is None:
             if self.missing != "own":
                 raise KeyError(f"{self.stage.sidecar(url)}: no pseudo-label for key {sample['__key__']} "
@@ -178,7 +187,10 @@ class TrainStream(IterableDataset):
 
     def _labelled(self, samples, rnd: int):
         for s in samples:  # in shard order, before the shuffle: one sidecar read per shard
-            s["label"], s["parent"] = self.labeler(s)
+            labels = self.labeler(s)
+            if labels is None:
+                continue  # an earlier job could not use it (counted by the labeler)
+            s["label"], s["parent"] = labels
             s["caption_id"] = stable_hash64(s["text"])
             s["round"] = rnd
             yield s
@@ -197,7 +209,7 @@ class TrainStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stats = BucketStats()
-        self.labeler.stats = stats
+        self.labeler.stats, self.labeler.problems = stats, self.problems
         done = self.start.get(worker, 0)
         blank = self._blank()
         for made, plan in enumerate(self._plans(worker, workers, stats), start=1):

@@ -37,7 +37,8 @@ TOWERS = ("image", "text", "both")
 
 class ShardBatches(IterableDataset):
     """Batches of decoded, transformed samples, whole shards per DataLoader worker; the
-    last batch of each shard is flagged so the caller can write the shard."""
+    last batch of each shard is flagged so the caller can write the shard, and carries the
+    keys of the shard's samples the reader skipped, with the problem kind ({key: kind})."""
 
     def __init__(self, urls, transform, tokenizer, batch_size: int):
         super().__init__()
@@ -55,7 +56,9 @@ class ShardBatches(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield self._collate(url, batch, last=False)
                     batch = []
-            yield self._collate(url, batch, last=True)
+            final = self._collate(url, batch, last=True)
+            final["skipped"] = {p["key"]: p["kind"] for p in problems.items if p["shard"] == url and p["key"]}
+            yield final
 
     def _collate(self, url, batch, last):
         images = torch.stack([self.transform(s["image"]) for s in batch]) if batch else torch.empty(0)
@@ -125,7 +128,8 @@ def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str
         if batch["last"]:
             acc = pending.pop(batch["url"])
             emb = np.concatenate(acc["emb"]) if acc["emb"] else np.zeros((0, 0), np.float32)
-            write_embeddings(paths[batch["url"]], emb, acc["keys"], acc["captions"], acc["attributes"], fp)
+            write_embeddings(paths[batch["url"]], emb, acc["keys"], acc["captions"], acc["attributes"], fp,
+                             skipped=batch["skipped"])
             bar.update()
             bar.set_postfix(samples=n_samples)
     bar.close()

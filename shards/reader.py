@@ -338,20 +338,31 @@ def local_sibling(url: str, suffix: str) -> Path | None:
 
 
 def count_samples(urls: Sequence[str]) -> int:
-    """Samples in the shards, from the sizes.json beside them (as open_clip reads it)."""
+    """Samples in the shards, from the sizes.json beside them (as open_clip reads it), or
+    else from img2dataset's `<shard>_stats.json` (its `successes`: the samples it wrote)."""
     total, cache = 0, {}
     for url in urls:
-        sizes_path = local_sibling(url, ".tar")
-        sizes_file = sizes_path.parent / "sizes.json" if sizes_path is not None else None
-        if sizes_file is None or not sizes_file.exists():
-            raise UsageError(f"{url}: no sizes.json beside the shards; run `python -m shards.validate` "
-                             "or set train_num_samples")
-        if sizes_file not in cache:
-            cache[sizes_file] = json.loads(sizes_file.read_text())
+        shard = local_sibling(url, ".tar")
+        if shard is None:
+            raise UsageError(f"{url}: remote shards need train_num_samples (no sizes.json to read)")
+        sizes_file = shard.parent / "sizes.json"
         name = shard_basename(url)
-        if name not in cache[sizes_file]:
-            raise UsageError(f"{sizes_file}: has no entry for {name}; rerun shards.validate")
-        total += int(cache[sizes_file][name])
+        if sizes_file.exists():
+            if sizes_file not in cache:
+                cache[sizes_file] = json.loads(sizes_file.read_text())
+            if name not in cache[sizes_file]:
+                raise UsageError(f"{sizes_file}: has no entry for {name}; rerun shards.validate")
+            total += int(cache[sizes_file][name])
+            continue
+        stats_file = local_sibling(url, "_stats.json")
+        try:
+            total += int(json.loads(stats_file.read_text())["successes"])
+        except FileNotFoundError:
+            raise UsageError(f"{url}: neither sizes.json nor {stats_file.name} beside the shard; run "
+                             "`python -m shards.validate` or set train_num_samples") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{stats_file}: no img2dataset 'successes' count ({exc}); run "
+                             "`python -m shards.validate` or set train_num_samples") from None
     return total
 
 

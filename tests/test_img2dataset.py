@@ -1,0 +1,132 @@
+"""Real img2dataset output, with the faults real CC12M shards contain, through a whole 2-stage run.
+
+The fixture runs the real `img2dataset` (its own venv, .venv-img2dataset: ./run.sh test makes it)
+on file:// URLs of synthetic-world images, three of them missing (failed downloads), then
+injects into its shards a truncated JPEG, a sample without caption, a non-UTF-8 caption, and
+cuts the last shard short. The folder has img2dataset's _stats.json files and no sizes.json.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli, write_raw_tar
+
+IMG2DATASET = REPO / ".venv-img2dataset" / "bin" / "img2dataset"
+INJECTED = {"corrupt_image": 1, "missing_caption": 1, "bad_text_encoding": 1, "truncated_tar": 1}
+
+
+def _members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+
+
+@pytest.fixture(scope="module")
+def img2dataset_shards(tmp_path_factory, tiny_spec) -> dict:
+    """{"data": folder of img2dataset shards with faults, "skipped": {key: kind} of the faulty samples of
+    shard 00001, "good": the samples left}."""
+    from shards.generate import generate
+    from shards.reader import read_samples
+
+    assert IMG2DATASET.is_file(), f"{IMG2DATASET} missing: ./run.sh test installs it (requirements-img2dataset.txt)"
+    root = tmp_path_factory.mktemp("img2dataset")
+    generate(root / "src", tiny_spec, 300, 300, seed=3, progress=False)
+    (root / "images").mkdir()
+    rows = []
+    for i, s in enumerate(read_samples(str(root / "src"), decode=False)):
+        image = root / "images" / f"{i}.jpg"
+        image.write_bytes(s["image"])
+        rows.append({"url": image.as_uri(), "caption": s["text"]})
+        if i % 100 == 50:  # a failed download now and then
+            rows.append({"url": (root / "images" / f"gone{i}.jpg").as_uri(), "caption": "a lost image"})
+    with open(root / "urls.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["url", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = root / "shards"
+    r = subprocess.run([str(IMG2DATASET), "--url_list", str(root / "urls.csv"), "--input_format", "csv",
+                        "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
+                        "--output_folder", str(out), "--processes_count", "1", "--thread_count", "4",
+                        "--image_size", "32", "--resize_mode", "no", "--number_sample_per_shard", "101",
+                        "--enable_wandb", "False", "--distributor", "multiprocessing"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = {p.name: json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))}
+    assert len(stats) == 3 and sum(s["successes"] for s in stats.values()) == 300
+    assert sum(s["failed_to_download"] for s in stats.values()) == 3
+    assert not (out / "sizes.json").exists()
+
+    # shard 00001: a truncated JPEG, a caption lost, a caption that is not UTF-8
+    members = _members(out / "00001.tar")
+    keys = sorted({name.split(".")[0] for name, _ in members})
+    corrupt, uncaptioned, badtext = keys[10], keys[20], keys[30]
+    broken = []
+    for name, data in members:
+        if name == f"{corrupt}.jpg":
+            data = data[: len(data) // 2]
+        elif name == f"{uncaptioned}.txt":
+            continue
+        elif name == f"{badtext}.txt":
+            data = b"\xff\xfe a caption in another encoding \xe9"
+        broken.append((name, data))
+    write_raw_tar(out / "00001.tar", broken)
+    # the last shard cut short in the middle of an image (the samples before it are whole)
+    with tarfile.open(out / "00002.tar") as tf:
+        cut = next(m for m in tf.getmembers()[len(tf.getmembers()) // 2:] if m.name.endswith(".jpg"))
+    last = (out / "00002.tar").read_bytes()
+    (out / "00002.tar").write_bytes(last[: cut.offset_data + cut.size // 2])
+
+    from shards.reader import ProblemLog
+    problems = ProblemLog(logger=None)
+    good = sum(1 for _ in read_samples(str(out), problems))
+    assert dict(problems.counts) == INJECTED  # the reader names exactly what was injected
+    assert 200 < good < 300 - 3
+    skipped = {corrupt: "corrupt_image", uncaptioned: "missing_caption", badtext: "bad_text_encoding"}
+    return {"data": out, "skipped": skipped, "good": good}
+
+
+def test_a_whole_two_stage_run_goes_through_real_img2dataset_output_with_faults(tmp_path, img2dataset_shards):
+    data, run_dir = img2dataset_shards["data"], tmp_path / "run"
+    args = ["--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={run_dir}", f"data={data}", "mmvp=",
+            "clusters=2", "train.steps=", "train.epochs=1", "executor.tasks=1"]
+    r = run_cli("launch", "run", *args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    good = img2dataset_shards["good"]
+    for stage in ("stage1", "stage2"):
+        done = json.loads((run_dir / stage / "done.json").read_text())
+        assert done["data_problems"] == INJECTED, (stage, done["data_problems"])
+    # the samples embed could not use (the one whose image does not decode among them): recorded
+    # with their problem, carried into the sidecar, skipped and counted by stage 2's loader
+    import numpy as np
+    from pipeline.artifacts import read_skipped, sidecar_skipped
+    from pipeline.stage import StageDir
+    stage1 = StageDir(run_dir / "stage1")
+    skipped = img2dataset_shards["skipped"]
+    assert read_skipped(stage1.embeddings("00001.tar")) == skipped
+    assert sidecar_skipped(stage1.sidecar("00001.tar")) == skipped
+    embedded = sum(len(np.load(p)["keys"]) for p in stage1.embedding_files())
+    assert embedded == good
+    # stage 2's first epoch (the bucketed loader): every good sample exactly once, nothing else
+    # (the epoch's steps come from img2dataset's counts, which include the faulty samples: the
+    # step budget runs into a second epoch)
+    epochs = [json.loads(line) for line in stage1.path.parent.joinpath("stage2", "loader_stats.jsonl")
+              .read_text().splitlines()]
+    assert epochs[0]["complete"] and epochs[0]["samples"] == good and epochs[0]["missing_labels"] == 0
+
+    # a shard that disappears after stage 1 and 2: the next launch stops at once, naming it
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    gone = data.parent / "00001.tar.moved"
+    (data / "00001.tar").rename(gone)
+    try:
+        r = run_cli("launch", "run", *args, "stages=3")
+    finally:
+        gone.rename(data / "00001.tar")
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "00001" in lines[0] and "no longer in" in lines[0], lines
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == stamps
