@@ -161,3 +161,25 @@ def test_a_tar_cut_anywhere_is_reported_and_keeps_its_complete_samples(tmp_path,
         keys = [s["__key__"] for s in read_samples(str(path), problems, decode=False)]
         assert problems.counts["truncated_tar"] == 1, cut
         assert keys == full[: len(keys)], cut
+
+
+def test_sample_counts_from_sizes_json_or_else_img2dataset_stats(tmp_path, world):
+    import json
+    import shutil
+
+    from shards.reader import count_samples
+
+    for name in ("00000.tar", "00001.tar"):
+        shutil.copy(world / name, tmp_path / name)
+    urls = expand_urls(str(tmp_path))
+    with pytest.raises(UsageError, match="neither sizes.json nor 00000_stats.json beside the shard"):
+        count_samples(urls)
+    for stem, n in (("00000", 97), ("00001", 98)):
+        (tmp_path / f"{stem}_stats.json").write_text(json.dumps({"count": 100, "successes": n}))
+    assert count_samples(urls) == 97 + 98
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 100, "00001.tar": 100}))
+    assert count_samples(urls) == 200  # exact counts (shards.validate) come first
+    (tmp_path / "sizes.json").unlink()
+    (tmp_path / "00001_stats.json").write_text("{}")
+    with pytest.raises(UsageError, match="00001_stats.json: no img2dataset 'successes' count"):
+        count_samples(urls)
