@@ -58,7 +58,7 @@ def plan(cfg: RunConfig) -> list[Step]:
         stage = stages[number]
         if number == 0:
             save = dict(arch=cfg.train.get("model", TrainConfig.model), pretrained=cfg.train["pretrained"],
-                        out=str(stage.model_dir))
+                        out=str(stage.model_dir), quick_gelu=cfg.train.get("quick_gelu"))
             out.append(Step("stage0/save", S.save_stage0, [save], functools.partial(models.is_saved, stage.model_dir)))
         else:
             train_cfg = stage_train_config(cfg, number)

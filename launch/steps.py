@@ -16,13 +16,14 @@ def _setup() -> None:
     setup_logging()
 
 
-def save_stage0(*, arch: str, pretrained: str, out: str) -> str:
-    """Stage 0 (fine-tune mode): the pretrained model, saved like a trained stage."""
+def save_stage0(*, arch: str, pretrained: str, out: str, quick_gelu: bool | None = None) -> str:
+    """Stage 0 (fine-tune mode): the pretrained model, saved like a trained stage (with the
+    activation it needs recorded in its config)."""
     _setup()
     from pipeline import models
 
-    model, *_ = models.create(arch, pretrained=pretrained)
-    return str(models.save_model(model, arch, models.model_config(arch), out))
+    model, *_ = models.create(arch, pretrained=pretrained, quick_gelu=quick_gelu)
+    return str(models.save_model(model, arch, models.model_config(arch, pretrained, quick_gelu), out))
 
 
 class TrainStage(submitit.helpers.Checkpointable):

@@ -54,10 +54,27 @@ def known_architecture(arch: str) -> bool:
     return arch in open_clip.list_models()
 
 
+def quick_gelu_for(arch: str, pretrained: str | None, quick_gelu: bool | None = None) -> bool:
+    """Whether the model needs QuickGELU: `quick_gelu` when given; else what the pretrained tag
+    was trained with (OpenAI's weights: yes, as open_clip's own `-quickgelu` configs say);
+    a saved stage folder: what it was saved with; else the architecture's config."""
+    if quick_gelu is not None:
+        return quick_gelu
+    register_project_configs()
+    if pretrained and os.path.isdir(pretrained) and (Path(pretrained) / CONFIG_NAME).is_file():
+        return bool(model_config(arch, pretrained).get("quick_gelu", False))  # as the saved stage was built
+    if pretrained and not os.path.exists(pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+        if tag_cfg:
+            return bool(tag_cfg.get("quick_gelu", False))
+    return bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
+
+
 def create(arch: str, pretrained: str | None = None, precision: str = "fp32", device="cpu",
            lock_image: bool = False, lock_image_unlocked_groups: int = 0,
-           lock_text: bool = False, lock_text_unlocked_layers: int = 0):
-    """(model, train transform, eval transform, tokenizer) for an architecture and init."""
+           lock_text: bool = False, lock_text_unlocked_layers: int = 0, quick_gelu: bool | None = None):
+    """(model, train transform, eval transform, tokenizer) for an architecture and init. A saved
+    stage folder rebuilds the activation it was saved with; otherwise see `quick_gelu_for`."""
     register_project_configs()
     if pretrained and os.path.isdir(pretrained):
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
@@ -66,8 +83,10 @@ def create(arch: str, pretrained: str | None = None, precision: str = "fp32", de
     else:
         if not known_architecture(arch):
             raise ValueError(f"unknown model architecture {arch!r} (not in open_clip nor {MODEL_CONFIG_DIR})")
+        gelu = quick_gelu_for(arch, pretrained, quick_gelu)
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
-            arch, pretrained=pretrained or None, precision=precision, device=device)
+            arch, pretrained=pretrained or None, precision=precision, device=device, force_quick_gelu=gelu,
+            quick_gelu=gelu)
         tokenizer = open_clip.get_tokenizer(arch)
     if lock_image:
         model.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=False)
@@ -76,14 +95,15 @@ def create(arch: str, pretrained: str | None = None, precision: str = "fp32", de
     return model, pre_train, pre_val, tokenizer
 
 
-def model_config(arch: str, pretrained: str | None = None) -> dict:
+def model_config(arch: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> dict:
+    """The open_clip model config a stage is saved with (its activation recorded)."""
     if pretrained and os.path.isdir(pretrained):
         return json.loads((Path(pretrained) / CONFIG_NAME).read_text())["model_cfg"]
     register_project_configs()
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise ValueError(f"unknown model architecture {arch!r}")
-    return cfg
+    return {**cfg, "quick_gelu": quick_gelu_for(arch, pretrained, quick_gelu)}
 
 
 def _fresh_shapes(model_cfg: dict) -> dict:
@@ -144,7 +164,9 @@ def load(spec: str | os.PathLike, pretrained: str | None = None, device="cpu") -
                 model = merged.from_artifact(blob, device)
                 return Loaded(model, model.preprocess, model.tokenizer)
             if isinstance(blob, dict) and "state_dict" in blob and "name" in blob:  # a training checkpoint
-                model, _, pre, tok = create(blob["name"], device=device)
+                trained = blob.get("config") or {}
+                model, _, pre, tok = create(blob["name"], device=device, quick_gelu=quick_gelu_for(
+                    blob["name"], trained.get("pretrained"), trained.get("quick_gelu")))
                 model.load_state_dict({k: v.reshape(model.state_dict()[k].shape)
                                        for k, v in blob["state_dict"].items()})
                 return Loaded(model.eval(), pre, tok)

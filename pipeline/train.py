@@ -48,7 +48,7 @@ from shards.reader import count_samples, expand_urls
 
 log = logging.getLogger("pipeline.train")
 # Keys of the config that change what is trained; others (logging, workers...) may differ on resume.
-RESULT_KEYS = ("data", "model", "pretrained", "lock_image", "lock_image_unlocked_groups", "lock_text",
+RESULT_KEYS = ("data", "model", "pretrained", "quick_gelu", "lock_image", "lock_image_unlocked_groups", "lock_text",
                "lock_text_unlocked_layers", "seed", "batch_size", "augment", "train_num_samples", "epochs",
                "steps", "labels", "bucket", "bucket_cap", "fallback_min_batches", "missing_labels",
                "caption_dedup", "local_loss", "lr", "wd", "beta1", "beta2", "eps", "warmup", "lr_scheduler",
@@ -93,8 +93,8 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
     model, pre_train, pre_val, tokenizer = models.create(
         cfg.model, cfg.pretrained, device=info.device, lock_image=cfg.lock_image,
         lock_image_unlocked_groups=cfg.lock_image_unlocked_groups, lock_text=cfg.lock_text,
-        lock_text_unlocked_layers=cfg.lock_text_unlocked_layers)
-    model_cfg = models.model_config(cfg.model, cfg.pretrained)
+        lock_text_unlocked_layers=cfg.lock_text_unlocked_layers, quick_gelu=cfg.quick_gelu)
+    model_cfg = models.model_config(cfg.model, cfg.pretrained, cfg.quick_gelu)
 
     num_samples = cfg.train_num_samples or count_samples(urls)
     worker_batches, steps_per_epoch = epoch_plan(num_samples, cfg.batch_size, info.world_size, cfg.workers)

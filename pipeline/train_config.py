@@ -23,6 +23,7 @@ class TrainConfig:
     # model and init
     model: str = "mcl-tiny-vit"      # open_clip architecture or a config in configs/models
     pretrained: str | None = None    # open_clip tag, checkpoint file, or saved stage folder
+    quick_gelu: bool | None = None   # None: as the pretrained tag was trained (OpenAI: QuickGELU)
     lock_image: bool = False
     lock_image_unlocked_groups: int = 0
     lock_text: bool = False
