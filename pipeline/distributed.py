@@ -1,4 +1,9 @@
-"""torch.distributed setup: from torchrun's or Slurm's environment, gloo on CPU, nccl on GPU."""
+"""torch.distributed setup: from torchrun's or Slurm's environment, gloo on CPU, nccl on GPU.
+
+Under torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT. Under Slurm, with nothing
+else (`srun python -m pipeline.train ...`, one task per GPU, on any number of nodes):
+SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and the first host of SLURM_JOB_NODELIST.
+"""
 from __future__ import annotations
 
 import datetime
@@ -33,6 +38,20 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def rendezvous() -> dict[str, str]:
+    """MASTER_ADDR and MASTER_PORT when the launcher gave none: under Slurm (a bare `srun`,
+    or submitit's job) the first host of SLURM_JOB_NODELIST and a port derived from the job
+    id (two jobs sharing a node do not collide); else this host."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    if nodelist:
+        from submitit.slurm.slurm import SlurmJobEnvironment
+
+        job = os.environ.get("SLURM_JOB_ID", "0")
+        port = 20000 + int(job) % 20000 if job.isdigit() else 29500
+        return {"MASTER_ADDR": SlurmJobEnvironment().hostnames[0], "MASTER_PORT": str(port)}
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
 def init_distributed(backend: str = "auto") -> DistInfo:
     """Join the process group described by the environment (torchrun, or srun one task per
     GPU); a single process when there is none. `backend`: auto | gloo | nccl."""
@@ -48,8 +67,8 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        for name, value in rendezvous().items():
+            os.environ.setdefault(name, value)
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank, world, local_rank, device, backend)

@@ -86,6 +86,42 @@ def test_two_process_training_lowers_the_loss(tmp_path, tiny_shards, engine):
         assert "ZeRO-2" in r.stderr and (stage / "checkpoints" / "step_00000020").is_dir()
 
 
+def test_a_bare_srun_environment_on_two_nodes_forms_one_process_group(tmp_path, tiny_shards):
+    """What `srun -N 2 --ntasks-per-node 1 python -m pipeline.train ...` gives each task (no
+    torchrun, no MASTER_ADDR): ranks from SLURM_PROCID, the rendezvous on the first host of
+    SLURM_JOB_NODELIST. Two processes given that environment by hand (both "nodes" are this host)."""
+    import socket
+
+    from pipeline.distributed import rendezvous
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_JOB_NODELIST", "gpu-a[07-08],gpu-b3")
+        mp.setenv("SLURM_JOB_ID", "123456")
+        assert rendezvous() == {"MASTER_ADDR": "gpu-a07", "MASTER_PORT": "23456"}
+    stage = tmp_path / "srun"
+    busy = socket.socket()  # torch's default port taken: the job's own port must be used
+    busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        busy.bind(("127.0.0.1", 29500))
+        busy.listen()
+    except OSError:
+        pass  # someone else holds it: the same situation
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    procs = []
+    for rank in (0, 1):
+        env = {**base, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "SLURM_JOB_ID": "4242",
+               "SLURM_JOB_NODELIST": "localhost", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "2",
+               "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank), "SLURM_LOCALID": "0"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.train", f"data={tiny_shards}", f"out={stage}",
+                                       "steps=4", "workers=0", "save_every=4", *COMMON], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    busy.close()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "global batch 64" in outs[0][1]  # 2 ranks x 32
+    assert len(_losses(stage)) == 4 and (stage / "done.json").is_file()
+
+
 def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_shards):
     args = [f"data={tiny_shards}", "steps=30", "workers=2", "save_every=6", *COMMON]
     clean = tmp_path / "clean"
