@@ -170,6 +170,8 @@ def coerce(value: Any, hint, name: str, errors: list[str]) -> Any:
             return [coerce(v, item, f"{name}[{i}]", errors) for i, v in enumerate(value)]
     elif origin is dict or hint is dict:
         if isinstance(value, dict):
+            if len(args) == 2:
+                return {k: coerce(v, args[1], f"{name}.{k}", errors) for k, v in value.items()}
             return dict(value)
     else:
         raise TypeError(f"{name}: unsupported config type {hint!r}")

@@ -27,11 +27,21 @@ validated here, by the same function the train job uses, before anything is subm
       max_num_timeout: 3               # requeues after timeouts (preemptions requeue without limit)
       tasks: 2                         # array tasks of the embed and assign steps
       array_parallelism: 8
-      slurm: {partition: ..., account: ..., gpus_per_node: ..., cpus_per_task: ..., mem_gb: ...,
-              nodes: 1, additional_parameters: {...}}
+      slurm:                         # shared by every step unless a step says otherwise
+        partition: ...                 # also account, qos, constraint, cpus_per_task, mem_gb
+        nodes: 1                       # the training step's nodes
+        gpus_per_node: 8               # the training step's GPUs per node (one task per GPU);
+                                       # embed (per array task), cluster and eval take one GPU;
+                                       # save, assign, reduce and merge run on the CPU
+        additional_parameters: {...}   # extra sbatch parameters
+        steps:                         # per kind of step, over those defaults
+          train: {nodes: 2, mem_gb: 400, timeout_min: 1440}
+          embed: {cpus_per_task: 8}    # keys: nodes, gpus_per_node, tasks_per_node, cpus_per_task,
+                                       # mem_gb, partition, timeout_min, additional_parameters
 """
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,22 +55,78 @@ from pipeline.train_config import TrainConfig, train_config
 RUN_MANAGED = ("data", "out", "labels")  # train keys the run sets for each stage
 
 
+STEP_KINDS = ("save", "train", "embed", "cluster", "assign", "reduce", "merge", "eval")
+GPU_STEPS = ("train", "embed", "cluster", "eval")  # the others run on the CPU
+MULTI_NODE_STEPS = ("train",)
+
+
+@dataclass
+class StepResources:
+    """What one kind of step asks Slurm for; None: the default for that kind."""
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    tasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    partition: str | None = None
+    timeout_min: int | None = None
+    additional_parameters: dict = field(default_factory=dict)
+
+    def validate(self) -> list[str]:
+        return [f"{name}: must be >= {low}, got {getattr(self, name)}"
+                for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1),
+                                  ("mem_gb", 0), ("timeout_min", 1))
+                if getattr(self, name) is not None and getattr(self, name) < low]
+
+
 @dataclass
 class SlurmConfig:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    nodes: int | None = None
-    gpus_per_node: int = 0
+    nodes: int = 1                   # the training step's nodes
+    gpus_per_node: int = 0           # the training step's GPUs per node (one task each); the other GPU
+                                     # steps (embed tasks, cluster, eval) take one GPU
     cpus_per_task: int | None = None
     mem_gb: float | None = None
     additional_parameters: dict = field(default_factory=dict)
+    steps: dict[str, StepResources] = field(default_factory=dict)  # per kind of step, over the defaults
 
     def validate(self) -> list[str]:
-        return [f"{name}: must be >= {low}, got {getattr(self, name)}"
-                for name, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("mem_gb", 0))
-                if getattr(self, name) is not None and getattr(self, name) < low]
+        errors = [f"{name}: must be >= {low}, got {getattr(self, name)}"
+                  for name, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("mem_gb", 0))
+                  if getattr(self, name) is not None and getattr(self, name) < low]
+        for kind, res in self.steps.items():
+            where = f"steps.{kind}"
+            if kind not in STEP_KINDS:
+                errors.append(f"{where}: unknown step (one of {', '.join(STEP_KINDS)})")
+                continue
+            errors += [f"{where}.{e}" for e in res.validate()]
+            if res.gpus_per_node and kind not in GPU_STEPS:
+                errors.append(f"{where}.gpus_per_node: the {kind} step runs on the CPU")
+            if res.nodes is not None and res.nodes > 1 and kind not in MULTI_NODE_STEPS:
+                errors.append(f"{where}.nodes: the {kind} step runs on one node (only train spans nodes)")
+        return errors
+
+    def resources(self, kind: str) -> StepResources:
+        """The resources of one kind of step: its defaults, then `steps.<kind>`."""
+        gpus = 0
+        if kind in GPU_STEPS and self.gpus_per_node:
+            gpus = self.gpus_per_node if kind == "train" else 1
+        res = StepResources(nodes=self.nodes if kind == "train" else 1, gpus_per_node=gpus,
+                            cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb, partition=self.partition,
+                            additional_parameters=dict(self.additional_parameters))
+        override = self.steps.get(kind, StepResources())
+        for f in dataclasses.fields(StepResources):
+            value = getattr(override, f.name)
+            if f.name == "additional_parameters":
+                res.additional_parameters.update(value)
+            elif value is not None:
+                setattr(res, f.name, value)
+        if kind == "train" and res.tasks_per_node is None:
+            res.tasks_per_node = res.gpus_per_node or 1  # one task per GPU (per node on CPUs)
+        return res
 
 
 @dataclass

@@ -39,7 +39,6 @@ class Step:
     fn: Callable
     calls: list[dict]     # the keyword arguments of each task (several = an array job)
     done: Callable[[], bool]  # the job's own "is this done?" for these arguments
-    gpus: int = 0
 
 
 def plan(cfg: RunConfig) -> list[Step]:
@@ -63,7 +62,7 @@ def plan(cfg: RunConfig) -> list[Step]:
         else:
             train_cfg = stage_train_config(cfg, number)
             out.append(Step(f"stage{number}/train", S.train_stage, [dict(cfg=train_cfg)],
-                            functools.partial(train.is_done, train_cfg), gpus=1))
+                            functools.partial(train.is_done, train_cfg)))
         if number == names[-1] or cfg.method == "ensemble":
             continue  # the last stage is not clustered, nor any stage of an ensemble
         parent = str(stages[names[position - 1]].path) if position > 0 else None
@@ -71,11 +70,11 @@ def plan(cfg: RunConfig) -> list[Step]:
         out.append(Step(f"stage{number}/embed", S.embed_task,
                         [dict(embedding, task=t, tasks=tasks, batch_size=cfg.embed.batch_size,
                               workers=cfg.embed.workers) for t in range(tasks)],
-                        functools.partial(embed.is_done, **embedding), gpus=1))
+                        functools.partial(embed.is_done, **embedding)))
         clustering = dict(stage_dir=str(stage.path), k=cfg.k(position), niter=cfg.cluster_niter, seed=0,
                           sample_size=cfg.cluster_sample_size)
         out.append(Step(f"stage{number}/cluster", S.cluster_stage, [clustering],
-                        functools.partial(cluster.is_done, **clustering), gpus=1))
+                        functools.partial(cluster.is_done, **clustering)))
         out.append(Step(f"stage{number}/assign", S.assign_task,
                         [dict(stage_dir=str(stage.path), stage_index=number, parent=parent, task=t, tasks=tasks)
                          for t in range(tasks)],
@@ -111,20 +110,27 @@ def make_executor(cfg: RunConfig, step: Step, after: list[str] | None = None):
     return executor
 
 
+def step_kind(name: str) -> str:
+    """stage2/train -> train, merge -> merge: the key of the step's resources."""
+    return name.rsplit("/", 1)[-1]
+
+
 def slurm_parameters(cfg: RunConfig, step: Step, after: list[str] | None = None) -> dict:
-    """submitit's parameters for `step`; `after`: job ids it must wait for (sbatch --dependency
-    afterok, and cancelled if one of them fails)."""
+    """submitit's parameters for `step`, from its kind's resources (launch.config); `after`: job
+    ids it must wait for (sbatch --dependency afterok, and cancelled if one of them fails)."""
     sl = cfg.executor.slurm
-    params = {"timeout_min": cfg.executor.timeout_min, "slurm_signal_delay_s": cfg.executor.signal_delay_s}
-    for key in ("partition", "account", "cpus_per_task", "mem_gb", "nodes", "constraint", "qos"):
+    res = sl.resources(step_kind(step.name))
+    params = {"timeout_min": res.timeout_min or cfg.executor.timeout_min,
+              "slurm_signal_delay_s": cfg.executor.signal_delay_s, "slurm_nodes": res.nodes}
+    for key in ("account", "constraint", "qos"):
         if getattr(sl, key) is not None:
             params[f"slurm_{key}"] = getattr(sl, key)
-    gpus = sl.gpus_per_node if step.gpus else 0
-    if gpus:
-        params["slurm_gpus_per_node"] = gpus
-        if step.name.endswith("/train"):
-            params["slurm_tasks_per_node"] = gpus  # one task per GPU; torch.distributed from the Slurm job
-    extra = dict(sl.additional_parameters)
+    for key in ("partition", "cpus_per_task", "mem_gb", "tasks_per_node"):
+        if getattr(res, key) is not None:
+            params[f"slurm_{key}"] = getattr(res, key)
+    if res.gpus_per_node:
+        params["slurm_gpus_per_node"] = res.gpus_per_node
+    extra = dict(res.additional_parameters)
     if after:
         whole = list(dict.fromkeys(j.split("_")[0] for j in after))  # an array's id covers its tasks
         extra.update(dependency="afterok:" + ":".join(whole), kill_on_invalid_dep="yes")

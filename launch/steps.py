@@ -91,7 +91,10 @@ def evaluate(*, models: list[str], out: str, mmvp: str | None, probes: str | Non
     from eval.encoders import load_encoder
     from eval import mmvp as M
 
-    encoders = [load_encoder(m) for m in models]
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoders = [load_encoder(m, device) for m in models]
     result = {}
     if mmvp:
         result["mmvp"] = M.write_outputs(M.evaluate(mmvp, encoders), out)

@@ -2,6 +2,7 @@
 a whole run killed twice and rerun, and a training job requeued on preemption."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -80,6 +81,43 @@ def test_dry_run_prints_the_slurm_plan_without_submitting(tmp_path, tiny_shards,
     assert not run_dir.exists()
 
 
+def test_the_paper_recipe_plans_each_step_with_its_own_resources(tmp_path, tiny_shards):
+    r = run_cli("launch", "run", "--config", str(REPO / "configs" / "paper_vitl14.yaml"), f"run_dir={tmp_path / 'r'}",
+                f"data={tiny_shards}", "mmvp=", "train.train_num_samples=10000000", "executor.slurm.partition=gpu",
+                "--dry-run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = {line.split()[0]: (int(line.split()[3]), ast.literal_eval(line.split(": ", 1)[1]))
+            for line in r.stdout.splitlines()}
+    assert list(plan)[:6] == ["stage0/save", "stage0/embed", "stage0/cluster", "stage0/assign", "stage0/reduce",
+                              "stage1/train"] and list(plan)[-1] == "merge" and len(plan) == 17
+    for name, (tasks, params) in plan.items():
+        kind = name.rsplit("/", 1)[-1]
+        assert params["slurm_nodes"] == 1 and params["slurm_partition"] == "gpu", name
+        gpus = {"train": 8, "embed": 1, "cluster": 1}.get(kind)
+        assert params.get("slurm_gpus_per_node") == gpus, name
+        assert params.get("slurm_tasks_per_node") == (8 if kind == "train" else None), name
+        assert tasks == (32 if kind in ("embed", "assign") else 1), name
+    assert plan["stage1/train"][1]["slurm_mem_gb"] == 900 and plan["stage1/assign"][1]["slurm_cpus_per_task"] == 4
+    # two nodes for training alone
+    r = run_cli("launch", "run", "--config", str(REPO / "configs" / "paper_vitl14.yaml"), f"run_dir={tmp_path / 'r'}",
+                f"data={tiny_shards}", "mmvp=", "train.train_num_samples=10000000", "executor.slurm.nodes=2",
+                "--dry-run")
+    nodes = {line.split()[0]: ast.literal_eval(line.split(": ", 1)[1])["slurm_nodes"] for line in r.stdout.splitlines()}
+    assert {n for s, n in nodes.items() if s.endswith("/train")} == {2}
+    assert {n for s, n in nodes.items() if not s.endswith("/train")} == {1}
+    # every stage fine-tunes the OpenAI weights, with QuickGELU from the tag
+    from launch.config import load_run_config, stage_train_config
+    from pipeline import models
+    cfg = load_run_config(str(REPO / "configs" / "paper_vitl14.yaml"),
+                          [f"run_dir={tmp_path / 'r'}", f"data={tiny_shards}", "mmvp=",
+                           "train.train_num_samples=10000000"])
+    stage2 = stage_train_config(cfg, 2)
+    assert (stage2.pretrained, stage2.lock_image_unlocked_groups, stage2.lock_text, stage2.local_loss) == \
+        ("openai", 6, True, True)
+    assert stage2.labels == f"sidecars:{tmp_path / 'r' / 'stage1'}" and stage2.lr == 5e-4
+    assert models.model_config(stage2.model, stage2.pretrained, stage2.quick_gelu)["quick_gelu"] is True
+
+
 def test_the_whole_config_is_validated_first(tmp_path):
     r = run_cli("launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={tmp_path}",
                 "data=/nonexistent/{0..3}.tar", "clusters=1", "train.model=no-such-net", "mmvp=/nowhere",
@@ -134,6 +172,11 @@ def test_a_bad_value_fails_before_submission_with_one_line(tmp_path, tiny_shards
     ("embed.batch_size=0", "embed.batch_size: must be >= 1, got 0"),
     ("stages=two", "stages: expected an integer, got 'two'"),
     ("train.data=x", "train.data: set by the run for each stage"),
+    ("executor.slurm.steps.assign.gpus_per_node=1", "executor.slurm.steps.assign.gpus_per_node: the assign step runs "
+                                                    "on the CPU"),
+    ("executor.slurm.steps.embed.nodes=2", "executor.slurm.steps.embed.nodes: the embed step runs on one node"),
+    ("executor.slurm.steps.trian.mem_gb=8", "executor.slurm.steps.trian: unknown step"),
+    ("executor.slurm.steps.train.gpus=8", "executor.slurm.steps.train.gpus: unknown key"),
 ])
 def test_every_key_of_the_run_config_is_typed_and_validated_by_name(tmp_path, tiny_shards, override, message):
     from common.cli import UsageError
