@@ -9,7 +9,7 @@ synthetic world), model (`mcl-tiny-vit`, a random init saved as a stage), DataLo
 process. Embed: `pipeline.embed.embed` over all shards after a one-shard warm-up (samples
 per second of the call). Train: `pipeline.train`, steady-state samples/s from its
 metrics.jsonl. What bounds embedding: the same shards read, decoded and transformed without
-the model (the loader alone), and the image tower alone on one ready batch.
+the model (the loader alone, images only, as embed reads them for the image tower), and the image tower alone on one ready batch.
 Prints samples/s of each and the ratio embed / train (target >= 3).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ total = time.perf_counter() - t
 import numpy as np
 n = sum(len(np.load(f)["keys"]) for f in files)
 loaded = models.load(model_dir)
-loader = torch.utils.data.DataLoader(ShardBatches(urls, loaded.preprocess, loaded.tokenizer, batch),
+loader = torch.utils.data.DataLoader(ShardBatches(urls, loaded.preprocess, None, batch),
                                      batch_size=None, num_workers=1)
 t = time.perf_counter()
 first, m = None, 0

@@ -38,7 +38,8 @@ TOWERS = ("image", "text", "both")
 class ShardBatches(IterableDataset):
     """Batches of decoded, transformed samples, whole shards per DataLoader worker; the
     last batch of each shard is flagged so the caller can write the shard, and carries the
-    keys of the shard's samples the reader skipped, with the problem kind ({key: kind})."""
+    keys of the shard's samples the reader skipped, with the problem kind ({key: kind}).
+    `transform` or `tokenizer` None: that tower's input is not prepared."""
 
     def __init__(self, urls, transform, tokenizer, batch_size: int):
         super().__init__()
@@ -61,8 +62,10 @@ class ShardBatches(IterableDataset):
             yield final
 
     def _collate(self, url, batch, last):
-        images = torch.stack([self.transform(s["image"]) for s in batch]) if batch else torch.empty(0)
-        tokens = self.tokenizer([s["text"] for s in batch]) if batch else torch.empty(0, dtype=torch.long)
+        images = torch.stack([self.transform(s["image"]) for s in batch]) \
+            if batch and self.transform is not None else torch.empty(0)
+        tokens = self.tokenizer([s["text"] for s in batch]) \
+            if batch and self.tokenizer is not None else torch.empty(0, dtype=torch.long)
         attrs = [json.dumps(s["json"]["attributes"], sort_keys=True)
                  if isinstance(s["json"], dict) and "attributes" in s["json"] else "" for s in batch]
         return {"url": url, "last": last, "keys": [s["__key__"] for s in batch],
@@ -112,7 +115,8 @@ def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model, preprocess, tokenizer = models.load(model_ref, pretrained, device)
-    loader = DataLoader(ShardBatches(todo, preprocess, tokenizer, batch_size), batch_size=None,
+    loader = DataLoader(ShardBatches(todo, preprocess if tower != "text" else None,  # only what the tower needs
+                                     tokenizer if tower != "image" else None, batch_size), batch_size=None,
                         num_workers=min(workers, len(todo)), pin_memory=device.type == "cuda")
     pending: dict[str, dict] = {}
     bar = tqdm(total=len(todo), desc="embed", unit="shard", disable=not progress)
