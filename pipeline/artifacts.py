@@ -6,7 +6,8 @@ pipeline.stage's `StageDir`; the formats:
     stage<s>/embeddings/<shard>.npz     one per input shard (written by pipeline.embed)
         embeddings  float16 [n, d], L2-normalised
         keys        str [n]          the samples' __key__ (never positions)
-        captions    str [n]
+        caption_bytes uint8, caption_ends int64 [n]   the captions, UTF-8, one after the other
+                                     (read_embeddings(..., ("captions",)) decodes them)
         attributes  str [n]          the json "attributes" of each sample ("" when absent)
         model_fp    str []           fingerprint of the model (and tower) that embedded them
         skipped_keys, skipped_kinds  str [m]  the samples of the shard the reader skipped (a key
@@ -77,9 +78,12 @@ def array_fingerprint(a: np.ndarray) -> str:
 def write_embeddings(path: Path, embeddings: np.ndarray, keys: list[str], captions: list[str],
                      attributes: list[str], model_fp: str, skipped: dict[str, str] | None = None) -> None:
     skipped = skipped or {}
-    with atomic_output(path, "wb") as f:
+    encoded = [c.encode("utf-8") for c in captions]  # UTF-8 with offsets, not fixed-width UTF-32:
+    ends = np.cumsum([len(c) for c in encoded], dtype=np.int64)  # one 2,000-character caption
+    with atomic_output(path, "wb") as f:                             # would widen every row
         np.savez(f, embeddings=embeddings.astype(np.float16), keys=np.array(keys, dtype=str),
-                 captions=np.array(captions, dtype=str), attributes=np.array(attributes, dtype=str),
+                 caption_bytes=np.frombuffer(b"".join(encoded), dtype=np.uint8), caption_ends=ends,
+                 attributes=np.array(attributes, dtype=str),
                  model_fp=np.array(model_fp), skipped_keys=np.array(list(skipped), dtype=str),
                  skipped_kinds=np.array(list(skipped.values()), dtype=str))
 
@@ -94,7 +98,12 @@ def read_skipped(path: Path) -> dict[str, str]:
 
 def read_embeddings(path: Path, fields=("embeddings", "keys")) -> dict:
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in fields}
+        out = {k: z[k] for k in fields if k != "captions" or "captions" in z.files}
+        if "captions" in fields and "captions" not in out:
+            data, ends = z["caption_bytes"].tobytes(), z["caption_ends"]
+            starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+            out["captions"] = np.array([data[a:b].decode("utf-8") for a, b in zip(starts, ends)], dtype=object)
+        return out
 
 
 def embeddings_model_fp(path: Path) -> str | None:

@@ -31,8 +31,9 @@ import numpy as np
 from common.cli import ArgumentParser, UsageError, add_task_args, run_main, setup_logging
 from common.io import atomic_output, write_json
 from pipeline.artifacts import (StaleSidecarError, check_sidecar, read_embeddings, read_sidecar,
-                                read_sidecar_columns, read_skipped, sidecar_meta, write_sidecar)
+                                read_sidecar_columns, read_skipped, shard_stem, sidecar_meta, write_sidecar)
 from pipeline.metrics import attribute_nmi, attribute_purity
+from shards.reader import expand_urls
 from pipeline.stage import (StageDir, check_sidecars, current_record, expected_record, read_record,
                             write_record)
 
@@ -132,6 +133,7 @@ def reduce(stage_dir: str | Path, data: str | None = None, batch_sizes: Sequence
     assignments, attributes = [], []
     words: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     key_cluster: dict[str, int] = {}
+    grid_shards: set[str] = set()  # the grid reads only these shards' samples
     for f in stage.embedding_files():
         path = stage.sidecar(f.stem)
         if not path.exists():
@@ -151,6 +153,7 @@ def reduce(stage_dir: str | Path, data: str | None = None, batch_sizes: Sequence
             words[c].update(w for w in caption.lower().split() if w not in _STOPWORDS)
         if len(key_cluster) < 50 * meta.k * grid_per_cluster:
             key_cluster.update(zip(keys, clusters.tolist()))
+            grid_shards.add(f.stem)
     sizes = sorted(groups.values())
     summary = {
         "stage": stage_index, "ks": list(meta.ks), "samples": int(sum(sizes)), "groups": len(sizes),
@@ -165,7 +168,8 @@ def reduce(stage_dir: str | Path, data: str | None = None, batch_sizes: Sequence
              "purity": attribute_purity(np.concatenate(assignments), attributes) if assignments else {},
              "top_words": top_words, "groups": summary, "record": record.to_json()}
     if data:
-        cluster_grid(data, key_cluster, top_words, cluster_sizes, stage.grid, grid_per_cluster)
+        urls = [u for u in expand_urls(data) if shard_stem(u) in grid_shards]
+        cluster_grid(urls, key_cluster, top_words, cluster_sizes, stage.grid, grid_per_cluster)
     write_json(stage.assign_stats, stats)  # last: reduce_is_done reads it
     log.info("stage %d: %d samples in %d groups (smallest %d, largest %d); groups below batch sizes %s; NMI %s",
              stage_index, summary["samples"], summary["groups"], summary["smallest_group"],
@@ -176,7 +180,7 @@ def reduce(stage_dir: str | Path, data: str | None = None, batch_sizes: Sequence
 _STOPWORDS = {"a", "an", "the", "of", "on", "in", "photo", "some", "at", "and", "with", "background", "pointing"}
 
 
-def cluster_grid(data: str, key_cluster: dict[str, int], top_words: dict, sizes: np.ndarray, path: Path,
+def cluster_grid(data: str | Sequence[str], key_cluster: dict[str, int], top_words: dict, sizes: np.ndarray, path: Path,
                  per_cluster: int) -> Path:
     """One row per cluster: its size, its top caption words and `per_cluster` sample images."""
     from PIL import Image, ImageDraw

@@ -48,6 +48,7 @@ from shards.reader import count_samples, expand_urls
 
 log = logging.getLogger("pipeline.train")
 # Keys of the config that change what is trained; others (logging, workers...) may differ on resume.
+LOCAL_LOSS_ABOVE = 4096  # global batches above this should use the local loss (warned)
 RESULT_KEYS = ("data", "model", "pretrained", "quick_gelu", "lock_image", "lock_image_unlocked_groups", "lock_text",
                "lock_text_unlocked_layers", "seed", "batch_size", "augment", "train_num_samples", "epochs",
                "steps", "labels", "bucket", "bucket_cap", "fallback_min_batches", "missing_labels",
@@ -105,6 +106,11 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
         log.info("%s: %d shards, %d samples/epoch, %d steps/epoch, %d steps, global batch %d, %s%s",
                  out, len(urls), num_samples, steps_per_epoch, total_steps, cfg.batch_size * info.world_size,
                  cfg.engine, f" ZeRO-{cfg.zero_stage}" if cfg.engine == "deepspeed" else "")
+        global_batch = cfg.batch_size * info.world_size
+        if info.distributed and not cfg.local_loss and global_batch > LOCAL_LOSS_ABOVE:
+            log.warning("global batch %d: the loss builds %d x %d logits and masks on every rank; "
+                        "local_loss: true builds %d x %d (the same gradients with gather_with_grad)",
+                        global_batch, global_batch, global_batch, cfg.batch_size, global_batch)
 
     engine = create_engine(model, cfg, info)
     from open_clip_train.scheduler import const_lr, cosine_lr
