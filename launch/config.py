@@ -55,6 +55,12 @@ from pipeline.train_config import TrainConfig, train_config
 RUN_MANAGED = ("data", "out", "labels")  # train keys the run sets for each stage
 
 
+def _at_least(section, **bounds) -> list[str]:
+    """A problem for each field below its bound (None: unset, no problem)."""
+    return [f"{name}: must be >= {low}, got {getattr(section, name)}" for name, low in bounds.items()
+            if getattr(section, name) is not None and getattr(section, name) < low]
+
+
 STEP_KINDS = ("save", "train", "embed", "cluster", "assign", "reduce", "merge", "eval")
 GPU_STEPS = ("train", "embed", "cluster", "eval")  # the others run on the CPU
 MULTI_NODE_STEPS = ("train",)
@@ -73,10 +79,7 @@ class StepResources:
     additional_parameters: dict = field(default_factory=dict)
 
     def validate(self) -> list[str]:
-        return [f"{name}: must be >= {low}, got {getattr(self, name)}"
-                for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1),
-                                  ("mem_gb", 0), ("timeout_min", 1))
-                if getattr(self, name) is not None and getattr(self, name) < low]
+        return _at_least(self, nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1, mem_gb=0, timeout_min=1)
 
 
 @dataclass
@@ -94,9 +97,7 @@ class SlurmConfig:
     steps: dict[str, StepResources] = field(default_factory=dict)  # per kind of step, over the defaults
 
     def validate(self) -> list[str]:
-        errors = [f"{name}: must be >= {low}, got {getattr(self, name)}"
-                  for name, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("mem_gb", 0))
-                  if getattr(self, name) is not None and getattr(self, name) < low]
+        errors = _at_least(self, nodes=1, gpus_per_node=0, cpus_per_task=1, mem_gb=0)
         for kind, res in self.steps.items():
             where = f"steps.{kind}"
             if kind not in STEP_KINDS:
@@ -141,11 +142,8 @@ class ExecutorConfig:
 
     def validate(self) -> list[str]:
         errors = [] if self.name in ("local", "slurm") else [f"name: must be local or slurm, got {self.name!r}"]
-        errors += [f"{name}: must be >= 1, got {getattr(self, name)}"
-                   for name in ("timeout_min", "tasks", "array_parallelism") if getattr(self, name) < 1]
-        errors += [f"{name}: must be >= 0, got {getattr(self, name)}"
-                   for name in ("signal_delay_s", "max_num_timeout") if getattr(self, name) < 0]
-        return errors
+        return errors + _at_least(self, timeout_min=1, tasks=1, array_parallelism=1, signal_delay_s=0,
+                                  max_num_timeout=0)
 
 
 @dataclass
@@ -154,8 +152,7 @@ class EmbedConfig:
     workers: int = 2                 # DataLoader workers per task
 
     def validate(self) -> list[str]:
-        return [f"{name}: must be >= {low}, got {getattr(self, name)}"
-                for name, low in (("batch_size", 1), ("workers", 0)) if getattr(self, name) < low]
+        return _at_least(self, batch_size=1, workers=0)
 
 
 @dataclass

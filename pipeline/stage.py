@@ -51,8 +51,7 @@ MAX_LABEL = 2 ** 63 - 1
 
 
 @dataclass(frozen=True)
-class StageDir:
-    """The paths of one stage folder."""
+class _Folder:
     path: Path
 
     def __init__(self, path: str | os.PathLike):
@@ -60,6 +59,10 @@ class StageDir:
 
     def __fspath__(self) -> str:
         return str(self.path)
+
+
+class StageDir(_Folder):
+    """The paths of one stage folder."""
 
     # training
     @property
@@ -149,16 +152,8 @@ class StageDir:
         return cls(labels[len(SIDECAR_LABELS):])
 
 
-@dataclass(frozen=True)
-class RunDir:
+class RunDir(_Folder):
     """The paths of one run folder."""
-    path: Path
-
-    def __init__(self, path: str | os.PathLike):
-        object.__setattr__(self, "path", Path(path))
-
-    def __fspath__(self) -> str:
-        return str(self.path)
 
     def stage(self, number: int) -> StageDir:
         return StageDir(self.path / f"stage{number}")
