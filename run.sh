@@ -54,7 +54,8 @@ setup_img2dataset() {
 cmd=${1:-}
 case "$cmd" in
   demo) shift; setup; exec "$VENV/bin/python" -m launch demo "$@" ;;
-  test) shift; setup; setup_img2dataset
+  test) shift; setup
+        setup_img2dataset || echo "run.sh: img2dataset did not install; tests/test_img2dataset.py will fail" >&2
         if [ "$(id -u)" = 0 ]; then  # the slurm executor's tests need a Slurm: start one on localhost
           bash scripts/slurm_local.sh || echo "run.sh: Slurm did not start; its test will fail" >&2
         fi

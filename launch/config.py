@@ -88,7 +88,7 @@ class SlurmConfig:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    nodes: int = 1                   # the training step's nodes
+    nodes: int | None = None         # the training step's nodes (default 1)
     gpus_per_node: int = 0           # the training step's GPUs per node (one task each); the other GPU
                                      # steps (embed tasks, cluster, eval) take one GPU
     cpus_per_task: int | None = None
@@ -108,6 +108,8 @@ class SlurmConfig:
                 errors.append(f"{where}.gpus_per_node: the {kind} step runs on the CPU")
             if res.nodes is not None and res.nodes > 1 and kind not in MULTI_NODE_STEPS:
                 errors.append(f"{where}.nodes: the {kind} step runs on one node (only train spans nodes)")
+            if res.tasks_per_node is not None and kind not in MULTI_NODE_STEPS:
+                errors.append(f"{where}.tasks_per_node: the {kind} step runs one task (only train runs one per GPU)")
         return errors
 
     def resources(self, kind: str) -> StepResources:
@@ -115,7 +117,7 @@ class SlurmConfig:
         gpus = 0
         if kind in GPU_STEPS and self.gpus_per_node:
             gpus = self.gpus_per_node if kind == "train" else 1
-        res = StepResources(nodes=self.nodes if kind == "train" else 1, gpus_per_node=gpus,
+        res = StepResources(nodes=(self.nodes or 1) if kind == "train" else 1, gpus_per_node=gpus,
                             cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb, partition=self.partition,
                             additional_parameters=dict(self.additional_parameters))
         override = self.steps.get(kind, StepResources())

@@ -231,8 +231,12 @@ class StepFailed(RuntimeError):
 
 
 def _last_line(exc: BaseException) -> str:
-    """The job's own error line (submitit's message carries the job's whole traceback)."""
+    """The job's own error line: submitit's message holds the job's traceback between two
+    rules of dashes, then the paths of its logs."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    rules = [i for i, line in enumerate(lines) if len(line) > 3 and set(line) == {"-"}]
+    if len(rules) >= 2 and rules[-1] - rules[-2] > 1:
+        return lines[rules[-1] - 1][:300]
     return lines[-1][:300] if lines else type(exc).__name__
 
 

@@ -162,11 +162,11 @@ def check_sidecar(path: Path, expect: SidecarMeta) -> None:
                 "(rerun the assign step of this stage)")
 
 
-def sidecar_skipped(path: Path) -> dict[str, str]:
+def sidecar_skipped(path: Path) -> dict[str, str] | None:
     """{key: problem kind} of the shard's samples that have no entry because the embed job
-    could not use them (read from the footer)."""
+    could not use them (read from the footer); None for a sidecar written before skip records."""
     md = pq.read_schema(path).metadata or {}
-    return json.loads(md.get(SKIPPED_META_KEY, b"{}"))
+    return json.loads(md[SKIPPED_META_KEY]) if SKIPPED_META_KEY in md else None
 
 
 def read_sidecar(path: Path, expect: SidecarMeta | None = None) -> dict[str, int]:

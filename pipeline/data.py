@@ -99,14 +99,17 @@ class SidecarLabeler(Labeler):
             path = self.stage.sidecar(url)
             self._url, self._labels, self._skipped = url, read_sidecar(path, self.expect), sidecar_skipped(path)
         packed = self._labels.get(sample["__key__"])
-        if packed is None and sample["__key__"] in self._skipped:
+        if packed is None and sample["__key__"] in (self._skipped or {}):
             if self.problems is not None:
                 self.problems.add(self._skipped[sample["__key__"]], url, sample["__key__"], "skipped by embed")
             return None
         if packed is None:
             if self.missing != "own":
+                why = ("; the sidecar predates skip records: rerun the stage's embed and assign steps"
+                       if self._skipped is None else "")
                 raise KeyError(f"{self.stage.sidecar(url)}: no pseudo-label for key {sample['__key__']} "
-                               f"of shard {url} (set missing_labels=own to give such samples a label of their own)")
+                               f"of shard {url} (set missing_labels=own to give such samples a label of their own)"
+                               + why)
             if self.stats is not None:
                 self.stats.missing_labels += 1
             return MISSING_LABEL, MISSING_LABEL

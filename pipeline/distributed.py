@@ -40,15 +40,16 @@ def _env_int(*names: str, default: int) -> int:
 
 def rendezvous() -> dict[str, str]:
     """MASTER_ADDR and MASTER_PORT when the launcher gave none: under Slurm (a bare `srun`,
-    or submitit's job) the first host of SLURM_JOB_NODELIST and a port derived from the job
-    id (two jobs sharing a node do not collide); else this host."""
-    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    or submitit's job) the first host of the step's nodes (SLURM_STEP_NODELIST, else
+    SLURM_JOB_NODELIST) and a port derived from the job and step ids (two trainings sharing a
+    node do not collide); else this host."""
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     if nodelist:
-        from submitit.slurm.slurm import SlurmJobEnvironment
+        from submitit.slurm.slurm import _parse_node_list
 
-        job = os.environ.get("SLURM_JOB_ID", "0")
-        port = 20000 + int(job) % 20000 if job.isdigit() else 29500
-        return {"MASTER_ADDR": SlurmJobEnvironment().hostnames[0], "MASTER_PORT": str(port)}
+        job, step = os.environ.get("SLURM_JOB_ID", "0"), os.environ.get("SLURM_STEP_ID", "0")
+        ident = int(job) * 131 + int(step) if job.isdigit() and step.isdigit() else 9500
+        return {"MASTER_ADDR": _parse_node_list(nodelist)[0], "MASTER_PORT": str(20000 + ident % 20000)}
     return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
 

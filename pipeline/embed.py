@@ -35,6 +35,16 @@ log = logging.getLogger("pipeline.embed")
 TOWERS = ("image", "text", "both")
 
 
+def skipped_keys(problems: ProblemLog, url: str) -> dict[str, str]:
+    """{key: kind} of the samples of `url` the reader dropped (bad_json keeps its sample), the
+    first problem of a key when it has several (a corrupt image and a duplicate of it)."""
+    skipped: dict[str, str] = {}
+    for p in problems.items:
+        if p["shard"] == url and p["key"] and p["kind"] != "bad_json":
+            skipped.setdefault(p["key"], p["kind"])
+    return skipped
+
+
 class ShardBatches(IterableDataset):
     """Batches of decoded, transformed samples, whole shards per DataLoader worker; the
     last batch of each shard is flagged so the caller can write the shard, and carries the
@@ -58,7 +68,7 @@ class ShardBatches(IterableDataset):
                     yield self._collate(url, batch, last=False)
                     batch = []
             final = self._collate(url, batch, last=True)
-            final["skipped"] = {p["key"]: p["kind"] for p in problems.items if p["shard"] == url and p["key"]}
+            final["skipped"] = skipped_keys(problems, url)
             yield final
 
     def _collate(self, url, batch, last):
@@ -132,8 +142,9 @@ def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str
         if batch["last"]:
             acc = pending.pop(batch["url"])
             emb = np.concatenate(acc["emb"]) if acc["emb"] else np.zeros((0, 0), np.float32)
+            embedded = set(acc["keys"])
             write_embeddings(paths[batch["url"]], emb, acc["keys"], acc["captions"], acc["attributes"], fp,
-                             skipped=batch["skipped"])
+                             skipped={k: v for k, v in batch["skipped"].items() if k not in embedded})
             bar.update()
             bar.set_postfix(samples=n_samples)
     bar.close()

@@ -190,5 +190,6 @@ def model_fingerprint(model_ref: str, pretrained: str | None, tower: str) -> str
     """What identifies the features a model spec gives for a tower: a folder's weights file
     hashed; otherwise the spec itself."""
     if os.path.isdir(model_ref):
-        return file_fingerprint(Path(model_ref) / WEIGHTS_NAME, extra=f"tower={tower}")
+        config = (Path(model_ref) / CONFIG_NAME).read_text()  # the architecture (QuickGELU or not) counts too
+        return file_fingerprint(Path(model_ref) / WEIGHTS_NAME, extra=f"tower={tower};{config}")
     return f"{model_ref}:{pretrained}:{tower}"

@@ -130,3 +130,16 @@ def test_a_whole_two_stage_run_goes_through_real_img2dataset_output_with_faults(
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "00001" in lines[0] and "no longer in" in lines[0], lines
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == stamps
+
+
+def test_the_skip_record_holds_dropped_samples_with_their_first_problem():
+    from pipeline.embed import skipped_keys
+    from shards.reader import ProblemLog
+
+    problems = ProblemLog(logger=None)
+    problems.add("corrupt_image", "a.tar", "k1")
+    problems.add("duplicate_key", "a.tar", "k1")   # a second k1 after the corrupt first one
+    problems.add("bad_json", "a.tar", "k2")        # kept, with json None: it has a row
+    problems.add("missing_caption", "b.tar", "k3")  # another shard
+    problems.add("truncated_tar", "a.tar")          # no key
+    assert skipped_keys(problems, "a.tar") == {"k1": "corrupt_image"}

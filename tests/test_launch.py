@@ -187,6 +187,20 @@ def test_every_key_of_the_run_config_is_typed_and_validated_by_name(tmp_path, ti
                                                                    "mmvp=", override])
 
 
+def test_a_failed_step_is_one_line_with_the_job_s_own_error(tmp_path):
+    import operator
+
+    import submitit
+
+    from launch.run import _last_line
+    executor = submitit.LocalExecutor(folder=tmp_path / "logs")
+    executor.update_parameters(timeout_min=5)
+    job = executor.submit(operator.getitem, {}, "no pseudo-label for key 000010007")  # a KeyError in the job
+    with pytest.raises(Exception) as failure:
+        job.result()
+    assert _last_line(failure.value) == "KeyError: 'no pseudo-label for key 000010007'"
+
+
 def _launch(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "launch", "run", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

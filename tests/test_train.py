@@ -96,7 +96,12 @@ def test_a_bare_srun_environment_on_two_nodes_forms_one_process_group(tmp_path, 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLURM_JOB_NODELIST", "gpu-a[07-08],gpu-b3")
         mp.setenv("SLURM_JOB_ID", "123456")
-        assert rendezvous() == {"MASTER_ADDR": "gpu-a07", "MASTER_PORT": "23456"}
+        first = rendezvous()
+        assert first["MASTER_ADDR"] == "gpu-a07" and 20000 <= int(first["MASTER_PORT"]) < 40000
+        mp.setenv("SLURM_STEP_ID", "1")  # a second training step of the same allocation
+        mp.setenv("SLURM_STEP_NODELIST", "gpu-b3")
+        second = rendezvous()
+        assert second["MASTER_ADDR"] == "gpu-b3" and second["MASTER_PORT"] != first["MASTER_PORT"]
     stage = tmp_path / "srun"
     busy = socket.socket()  # torch's default port taken: the job's own port must be used
     busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
