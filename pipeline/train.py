@@ -103,10 +103,10 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", to_dict(cfg))
-        log.info("%s: %d shards, %d samples/epoch, %d steps/epoch, %d steps, global batch %d, %s%s",
-                 out, len(urls), num_samples, steps_per_epoch, total_steps, cfg.batch_size * info.world_size,
-                 cfg.engine, f" ZeRO-{cfg.zero_stage}" if cfg.engine == "deepspeed" else "")
         global_batch = cfg.batch_size * info.world_size
+        log.info("%s: %d shards, %d samples/epoch, %d steps/epoch, %d steps, global batch %d, %s%s",
+                 out, len(urls), num_samples, steps_per_epoch, total_steps, global_batch,
+                 cfg.engine, f" ZeRO-{cfg.zero_stage}" if cfg.engine == "deepspeed" else "")
         if info.distributed and not cfg.local_loss and global_batch > LOCAL_LOSS_ABOVE:
             log.warning("global batch %d: the loss builds %d x %d logits and masks on every rank; "
                         "local_loss: true builds %d x %d (the same gradients with gather_with_grad)",
