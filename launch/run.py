@@ -215,7 +215,7 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict
         jobs = _submit(cfg, step, state)
         say(f"{step.name:<20} running job(s) {', '.join(j.job_id for j in jobs)}")
         try:
-            outputs = [j.result() for j in jobs]
+            outputs = [j.results()[0] for j in jobs]  # a multi-task job: every task's, rank 0's kept
         except Exception as exc:
             reason = _last_line(exc)
             state.set(step.name, state="failed", error=reason)

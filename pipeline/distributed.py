@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,11 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank, world, local_rank, device, backend)
+
+
+def node_name() -> str:
+    """The Slurm node this process runs on (SLURMD_NODENAME), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def barrier(info: DistInfo) -> None:

@@ -76,7 +76,10 @@ class Engine:
         """Apply the gradients, clear them, and clamp the logit scale to [0, log 100]."""
         self._update()
         with torch.no_grad():
-            self.unwrap().logit_scale.clamp_(0, math.log(100))
+            self._clamp(self.unwrap().logit_scale, 0, math.log(100))
+
+    def _clamp(self, param: torch.nn.Parameter, low: float, high: float) -> None:
+        param.clamp_(low, high)
 
     def _update(self) -> None:
         if self.grad_clip:
@@ -133,6 +136,16 @@ class DeepSpeedEngine(Engine):
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)
+
+    def _clamp(self, param: torch.nn.Parameter, low: float, high: float) -> None:
+        """Clamp the module's copy and ZeRO's fp32 master of `param`: the optimizer steps the
+        master and copies it over the module's copy, so a clamp of the module alone would let
+        the master drift past the bound (and the next steps climb back from there). Each rank
+        clamps the fragment of the master it holds."""
+        param.clamp_(low, high)
+        mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2 (deepspeed.utils.tensor_fragment)
+        if mapping is not None:
+            mapping.get_hp_fragment().clamp_(low, high)
 
     def _update(self) -> None:
         self.model.step()

@@ -36,7 +36,7 @@ from pipeline.batch import Batch
 from pipeline.checkpoints import Checkpoints, Position
 from pipeline.data import (SidecarLabeler, TrainStream, _seed, epoch_plan, JsonLabeler, make_loader,
                            no_labels, sidecar_label_table)
-from pipeline.distributed import DistInfo, barrier, cleanup, init_distributed
+from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed, node_name
 from pipeline.engine import Engine, create_engine
 from pipeline.loss import MaskedClipLoss
 from pipeline.stage import SIDECAR_LABELS, StageDir
@@ -100,6 +100,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
     num_samples = cfg.train_num_samples or count_samples(urls)
     worker_batches, steps_per_epoch = epoch_plan(num_samples, cfg.batch_size, info.world_size, cfg.workers)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    hosts = all_gather_object(node_name(), info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", to_dict(cfg))
@@ -107,6 +108,8 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
         log.info("%s: %d shards, %d samples/epoch, %d steps/epoch, %d steps, global batch %d, %s%s",
                  out, len(urls), num_samples, steps_per_epoch, total_steps, global_batch,
                  cfg.engine, f" ZeRO-{cfg.zero_stage}" if cfg.engine == "deepspeed" else "")
+        if info.distributed:
+            log.info("world size %d: %s", info.world_size, ", ".join(f"rank {r} on {h}" for r, h in enumerate(hosts)))
         if info.distributed and not cfg.local_loss and global_batch > LOCAL_LOSS_ABOVE:
             log.warning("global batch %d: the loss builds %d x %d logits and masks on every rank; "
                         "local_loss: true builds %d x %d (the same gradients with gather_with_grad)",

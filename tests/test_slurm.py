@@ -1,9 +1,11 @@
-"""The slurm executor against a real Slurm (single node on this machine: scripts/slurm_local.sh,
+"""The slurm executor against a real Slurm (two nodes on this machine: scripts/slurm_local.sh,
 which ./run.sh test starts when run as root, as CI does)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +69,67 @@ def test_a_rerun_waits_for_the_slurm_job_of_a_killed_launcher(slurm, tmp_path, t
             "mmvp=", "stages=1", "train.steps=30", "train.log_every=1", "executor.name=slurm",
             "executor.slurm.cpus_per_task=1", "executor.timeout_min=20"]
     check_a_rerun_waits_for_the_job_of_a_killed_launcher(args, run_dir, "slurm", steps=30)
+
+
+def _job_environments(run_dir, job_ids: list[str]) -> list[str]:
+    """submitit's JobEnvironment line of every task of these jobs (from their logs)."""
+    found = []
+    for job in job_ids:
+        folder = run_dir / "logs" / job
+        for log in sorted(folder.glob("*_log.out")):
+            found += re.findall(r"JobEnvironment\((job_id=.*)\)\s*$", log.read_text(), flags=re.M)
+    return found
+
+
+def test_a_two_node_training_in_a_two_stage_run_matches_the_one_node_run(slurm, tmp_path, tiny_shards):
+    """On the 2-node Slurm (two slurmd on this host): the same 2-stage MCL run twice at once,
+    its training on 2 nodes x 1 task, and on 1 node x 2 tasks. Every step's allocation follows
+    the plan (train over both nodes, embed and assign as arrays of one-node tasks, the rest one
+    task); the two-node ranks sit on different nodes; both runs give the same losses and clusters."""
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+    assert len(set(nodes)) >= 2, f"the test Slurm has one node ({nodes}): rerun scripts/slurm_local.sh"
+    common = ["--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"data={tiny_shards}", "mmvp=",
+              "executor.name=slurm", "executor.slurm.cpus_per_task=1", "executor.timeout_min=20",
+              "train.steps=6", "train.log_every=1", "train.save_every=6"]
+    layouts = {"two_nodes": ["executor.slurm.nodes=2"], "one_node": ["executor.slurm.steps.train.tasks_per_node=2"]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "launch", "run", *common, f"run_dir={tmp_path / name}",
+                                     *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, extra in layouts.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{name}: {err[-4000:]}"
+
+    run_dir = tmp_path / "two_nodes"
+    state = json.loads((run_dir / "launch_state.json").read_text())
+    for stage in (1, 2):
+        train = state[f"stage{stage}/train"]["job_ids"]
+        envs = _job_environments(run_dir, train)
+        assert sorted(re.search(r"node=(\d+\(\d+\))", e).group(1) for e in envs) == ["0(2)", "1(2)"], envs
+        assert sorted(re.search(r"global_rank=(\d+\(\d+\))", e).group(1) for e in envs) == ["0(2)", "1(2)"], envs
+        script = (run_dir / "logs" / train[0] / f"{train[0]}_submission.sh").read_text()
+        assert "#SBATCH --nodes=2\n" in script and "#SBATCH --ntasks-per-node=1\n" in script
+        logs = "".join(p.read_text() for p in (run_dir / "logs" / train[0]).glob("*_log.err"))
+        ranks = re.search(r"world size 2: rank 0 on (\S+), rank 1 on (\S+)", logs)
+        assert ranks and ranks.group(1) != ranks.group(2) and {ranks.group(1), ranks.group(2)} <= set(nodes), logs[-2000:]
+    for step in ("stage1/embed", "stage1/assign"):
+        jobs = state[step]["job_ids"]
+        assert len(jobs) == 2 and all("_" in j for j in jobs)  # an array of 2 tasks
+        envs = _job_environments(run_dir, jobs)
+        assert len(envs) == 2 and all("node=0(1)" in e and "global_rank=0(1)" in e for e in envs), envs
+    for step in ("stage1/cluster", "stage1/reduce", "merge"):
+        envs = _job_environments(run_dir, state[step]["job_ids"])
+        assert len(envs) == 1 and "node=0(1)" in envs[0] and "global_rank=0(1)" in envs[0], envs
+
+    one_state = json.loads((tmp_path / "one_node" / "launch_state.json").read_text())
+    envs = _job_environments(tmp_path / "one_node", one_state["stage1/train"]["job_ids"])
+    assert sorted(re.search(r"local_rank=(\d+\(\d+\))", e).group(1) for e in envs) == ["0(2)", "1(2)"], envs
+    for stage in (1, 2):
+        losses = {name: [json.loads(line)["loss"] for line in
+                         (tmp_path / name / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+                  for name in layouts}
+        assert len(losses["two_nodes"]) == 6
+        assert losses["two_nodes"] == pytest.approx(losses["one_node"], rel=1e-4, abs=1e-5), losses
+    import pyarrow.parquet as pq
+    for sidecar in sorted((run_dir / "stage1" / "sidecars").glob("*.parquet")):
+        other = tmp_path / "one_node" / "stage1" / "sidecars" / sidecar.name
+        assert pq.read_table(sidecar).to_pydict() == pq.read_table(other).to_pydict(), sidecar.name

@@ -211,3 +211,46 @@ def test_masked_stage_on_sidecars_under_ddp(tmp_path, tiny_shards):
     eff = [rec["effective_negatives"] for rec in records]
     assert all(e <= 63 for e in eff) and min(eff) < 32
     assert "pure and" in r.stderr and (stage2 / "model" / "open_clip_pytorch_model.bin").is_file()
+
+
+def test_the_logit_scale_clamp_holds_in_deepspeeds_fp32_master(tmp_path):
+    """Under ZeRO-1 and ZeRO-2 (2 processes, gloo) the optimizer steps an fp32 master copy and
+    copies it over the model: the clamp to log(100) must hold in that master too, or the scale
+    drifts past the bound unseen and, once the gradient turns, stays pinned at it for steps."""
+    script = tmp_path / "clamp.py"
+    script.write_text(textwrap.dedent("""
+        import math, sys
+        import torch
+        from deepspeed.utils import safe_get_full_fp32_param
+        from pipeline.distributed import cleanup, init_distributed
+        from pipeline.engine import create_engine
+        from pipeline.train_config import TrainConfig
+
+        class Tiny(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = torch.nn.Linear(4, 4)
+                self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(100) - 0.05))
+
+        info = init_distributed("gloo")
+        cfg = TrainConfig(data="unused", out="unused", engine="deepspeed", zero_stage=int(sys.argv[1]),
+                          lr=0.1, wd=0.0, batch_size=2)
+        engine = create_engine(Tiny(), cfg, info)
+        model, bound = engine.unwrap(), math.log(100)
+        for step in range(20):
+            push = -1.0 if step < 5 else 1.0  # up against the bound, then down
+            loss = push * model.logit_scale.sum() + model.proj(torch.ones(2, 4)).pow(2).sum()
+            engine.backward(loss)
+            engine.step()
+            master = safe_get_full_fp32_param(model.logit_scale).item()
+            assert master <= bound + 1e-6 and model.logit_scale.item() <= bound + 1e-6, (step, master)
+        assert model.logit_scale.item() < bound - 0.1, model.logit_scale.item()  # it came down
+        cleanup(info)
+        print("OK", info.rank)
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for stage in (1, 2):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(script), str(stage)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env=env)
+        assert r.returncode == 0 and r.stdout.count("OK") == 2, f"ZeRO-{stage}: {r.stderr[-3000:]}"
