@@ -4,7 +4,7 @@
 #   ./run.sh demo [args]   the demo on the synthetic world (python -m launch demo)
 #   ./run.sh test [args]   the test suite (python -m pytest); also sets up img2dataset in
 #                          .venv-img2dataset (a real img2dataset output is a test fixture);
-#                          as root it first starts a single-node Slurm on localhost
+#                          as root it first starts a 2-node Slurm on localhost
 #                          (scripts/slurm_local.sh) for the slurm executor's test
 set -euo pipefail
 cd "$(dirname "$0")"
