@@ -9,6 +9,8 @@ pipeline.stage's `StageDir`; the formats:
         caption_bytes uint8, caption_ends int64 [n]   the captions, UTF-8, one after the other
                                      (read_embeddings(..., ("captions",)) decodes them)
         attributes  str [n]          the json "attributes" of each sample ("" when absent)
+        spans       int64 [n, 2]     the (start, end) bytes of each sample's members in its tar
+                                     (shards.reader.read_span reads a sample back from them)
         model_fp    str []           fingerprint of the model (and tower) that embedded them
         skipped_keys, skipped_kinds  str [m]  the samples of the shard the reader skipped (a key
                                      and its problem kind, e.g. corrupt_image): they have no row
@@ -19,6 +21,8 @@ pipeline.stage's `StageDir`; the formats:
         cluster  int32    its cluster id at this stage, c_s
         label    int64    its pseudo-label for stage s+1: the packed (c_1, ..., c_s),
                           label_s = label_{s-1} * K_s + c_s (label_0 = 0)
+        offset, length  int64  where the sample's members lie in its tar: the random-access
+                          index of the global-batch loader (pipeline.global_stream)
       and, in the parquet schema metadata, `mcl.sidecar` = JSON
         {"stage", "k", "ks" (K of every stage 1..s), "model_fp", "centroids_fp", "parent_fp", "shard"}
       and `mcl.skipped` = JSON {key: problem kind}: the samples the embed job could not use
@@ -76,8 +80,10 @@ def array_fingerprint(a: np.ndarray) -> str:
 
 
 def write_embeddings(path: Path, embeddings: np.ndarray, keys: list[str], captions: list[str],
-                     attributes: list[str], model_fp: str, skipped: dict[str, str] | None = None) -> None:
+                     attributes: list[str], model_fp: str, skipped: dict[str, str] | None = None,
+                     spans: list[tuple[int, int]] | None = None) -> None:
     skipped = skipped or {}
+    spans = np.asarray(spans if spans is not None else np.zeros((len(keys), 2)), dtype=np.int64).reshape(-1, 2)
     encoded = [c.encode("utf-8") for c in captions]  # UTF-8 with offsets, not fixed-width UTF-32:
     ends = np.cumsum([len(c) for c in encoded], dtype=np.int64)  # one 2,000-character caption
     with atomic_output(path, "wb") as f:                             # would widen every row
@@ -85,7 +91,7 @@ def write_embeddings(path: Path, embeddings: np.ndarray, keys: list[str], captio
                  caption_bytes=np.frombuffer(b"".join(encoded), dtype=np.uint8), caption_ends=ends,
                  attributes=np.array(attributes, dtype=str),
                  model_fp=np.array(model_fp), skipped_keys=np.array(list(skipped), dtype=str),
-                 skipped_kinds=np.array(list(skipped.values()), dtype=str))
+                 skipped_kinds=np.array(list(skipped.values()), dtype=str), spans=spans)
 
 
 def read_skipped(path: Path) -> dict[str, str]:
@@ -107,9 +113,11 @@ def read_embeddings(path: Path, fields=("embeddings", "keys")) -> dict:
 
 
 def embeddings_model_fp(path: Path) -> str | None:
+    """The fingerprint of the model that embedded a shard; None for a file without one or
+    of an older format (no spans): the embed job redoes those."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return str(z["model_fp"])
+            return str(z["model_fp"]) if "spans" in z.files else None
     except (OSError, ValueError, KeyError):
         return None
 
@@ -133,10 +141,12 @@ class SidecarMeta:
 
 
 def write_sidecar(path: Path, keys, clusters: np.ndarray, labels: np.ndarray, meta: SidecarMeta,
-                  skipped: dict[str, str] | None = None) -> None:
+                  skipped: dict[str, str] | None = None, spans: np.ndarray | None = None) -> None:
+    spans = np.asarray(spans if spans is not None else np.zeros((len(keys), 2)), dtype=np.int64).reshape(-1, 2)
     table = pa.table({"key": pa.array(list(keys), pa.string()),
                       "cluster": pa.array(clusters.astype(np.int32)),
-                      "label": pa.array(labels.astype(np.int64))})
+                      "label": pa.array(labels.astype(np.int64)),
+                      "offset": pa.array(spans[:, 0]), "length": pa.array(spans[:, 1] - spans[:, 0])})
     table = table.replace_schema_metadata({SIDECAR_META_KEY: meta.to_json(path.stem),
                                            SKIPPED_META_KEY: json.dumps(skipped or {}, sort_keys=True).encode()})
     with atomic_path(path) as tmp:
@@ -151,9 +161,12 @@ def sidecar_meta(path: Path) -> dict:
 
 
 def check_sidecar(path: Path, expect: SidecarMeta) -> None:
-    """Refuses (StaleSidecarError) a sidecar whose recorded metadata does not match `expect`;
-    reads only the parquet footer."""
+    """Refuses (StaleSidecarError) a sidecar whose recorded metadata does not match `expect`,
+    or of an older format; reads only the parquet footer."""
     meta = sidecar_meta(path)
+    if "offset" not in pq.read_schema(path).names:
+        raise StaleSidecarError(f"{path}: a sidecar of an older format (no byte offsets); rerun the embed "
+                                "and assign steps of this stage")
     want = json.loads(expect.to_json(path.stem))
     for field in ("stage", "k", "ks", "model_fp", "centroids_fp", "parent_fp", "shard"):
         if meta.get(field) != want[field]:

@@ -86,7 +86,7 @@ def assign(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
                 continue  # current
             except Exception:  # noqa: BLE001 - stale, or a file cut short by a kill: rewrite it
                 pass
-        z = read_embeddings(f, ("embeddings", "keys", "model_fp"))
+        z = read_embeddings(f, ("embeddings", "keys", "model_fp", "spans"))
         if str(z["model_fp"]) != meta.model_fp:
             raise StaleSidecarError(f"{f}: embedded by another model than the one {stage.cluster_stats} "
                                     "clustered; rerun pipeline.cluster")
@@ -106,7 +106,7 @@ def assign(stage_dir: str | Path, stage_index: int, parent: str | Path | None = 
             if missing:
                 raise UsageError(f"{parent_path}: no entry for key {missing[0]} ({len(missing)} keys missing)")
             labels = np.array([parent_labels[k] for k in keys], dtype=np.int64) * meta.k + clusters
-        write_sidecar(path, keys, clusters, labels, meta, skipped=read_skipped(f))
+        write_sidecar(path, keys, clusters, labels, meta, skipped=read_skipped(f), spans=z["spans"])
         written += 1
     log.info("task %d of %d: %d sidecars written, %d current", task, tasks, written, len(files) - written)
     return out

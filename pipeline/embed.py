@@ -79,7 +79,8 @@ class ShardBatches(IterableDataset):
         attrs = [json.dumps(s["json"]["attributes"], sort_keys=True)
                  if isinstance(s["json"], dict) and "attributes" in s["json"] else "" for s in batch]
         return {"url": url, "last": last, "keys": [s["__key__"] for s in batch],
-                "captions": [s["text"] for s in batch], "attributes": attrs, "images": images, "tokens": tokens}
+                "captions": [s["text"] for s in batch], "attributes": attrs, "images": images, "tokens": tokens,
+                "spans": [s["__span__"] for s in batch]}
 
 
 @torch.no_grad()
@@ -132,19 +133,21 @@ def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str
     bar = tqdm(total=len(todo), desc="embed", unit="shard", disable=not progress)
     n_samples = 0
     for batch in loader:
-        acc = pending.setdefault(batch["url"], {"emb": [], "keys": [], "captions": [], "attributes": []})
+        acc = pending.setdefault(batch["url"], {"emb": [], "keys": [], "captions": [], "attributes": [], "spans": []})
         if batch["keys"]:
             acc["emb"].append(encode(model, batch, tower, device, autocast))
             acc["keys"] += batch["keys"]
             acc["captions"] += batch["captions"]
             acc["attributes"] += batch["attributes"]
+            acc["spans"] += batch["spans"]
             n_samples += len(batch["keys"])
         if batch["last"]:
             acc = pending.pop(batch["url"])
             emb = np.concatenate(acc["emb"]) if acc["emb"] else np.zeros((0, 0), np.float32)
             embedded = set(acc["keys"])
             write_embeddings(paths[batch["url"]], emb, acc["keys"], acc["captions"], acc["attributes"], fp,
-                             skipped={k: v for k, v in batch["skipped"].items() if k not in embedded})
+                             skipped={k: v for k, v in batch["skipped"].items() if k not in embedded},
+                             spans=acc["spans"])
             bar.update()
             bar.set_postfix(samples=n_samples)
     bar.close()

@@ -41,7 +41,7 @@ import logging
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import braceexpand
@@ -168,8 +168,10 @@ class _WatchedTarInfo(tarfile.TarInfo):
             raise
 
 
-def tar_members(url: str, problems: ProblemLog) -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) of one shard's regular files; shard problems are recorded."""
+def tar_members(url: str, problems: ProblemLog) -> Iterator[tuple[str, bytes, int, int]]:
+    """(member name, bytes, start, end) of one shard's regular files, [start, end) the bytes
+    of the member in the tar (its headers, long-name ones included, and its padded data);
+    shard problems are recorded."""
     try:
         stream = open_stream(url)
     except Exception as exc:  # noqa: BLE001 - any opener failure is the shard's problem
@@ -186,7 +188,7 @@ def tar_members(url: str, problems: ProblemLog) -> Iterator[tuple[str, bytes]]:
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"member {info.name} has {len(data)} of {info.size} bytes")
                 n += 1
-                yield info.name, data
+                yield info.name, data, info.offset, info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if not tf.mcl_clean_end:
                 raise tarfile.ReadError(f"archive ends without an end-of-archive block after {n} files")
     except Exception as exc:  # noqa: BLE001 - whatever the stream raises is this shard's problem
@@ -224,26 +226,47 @@ def _split_name(name: str) -> tuple[str | None, str]:
     return (f"{dirname}/{stem}" if dirname else stem), ext.lower()
 
 
-def group_members(members: Iterable[tuple[str, bytes]], url: str, problems: ProblemLog) -> Iterator[dict]:
-    """Group consecutive members by key (webdataset's convention) into raw samples.
+def group_members(members: Iterable[tuple[str, bytes, int, int]], url: str, problems: ProblemLog) -> Iterator[dict]:
+    """Group consecutive members by key (webdataset's convention) into raw samples; each
+    sample's `__span__` is the (start, end) of its members' bytes in the tar (for
+    `read_span`).
 
     A key seen before in the shard, or a member repeating a suffix of the current key,
     starts a new sample that is dropped as a duplicate_key.
     """
     seen: set[str] = set()
     current: dict | None = None
-    for name, data in members:
+    for name, data, start, end in members:
         key, ext = _split_name(name)
         if key is None or key.startswith("__"):
             continue
         if current is None or key != current["__key__"] or ext in current:
             if current is not None:
                 yield current
-            current = {"__key__": key, "__url__": url, "__duplicate__": key in seen}
+            current = {"__key__": key, "__url__": url, "__duplicate__": key in seen, "__span__": (start, end)}
             seen.add(key)
         current[ext] = data
+        current["__span__"] = (current["__span__"][0], end)
     if current is not None:
         yield current
+
+
+def read_span(file: BinaryIO, url: str, start: int, end: int) -> dict:
+    """The raw sample whose members lie at bytes [start, end) of an uncompressed tar open
+    as `file` (a sample's `__span__`): one read, as random access by index needs."""
+    file.seek(start)
+    data = file.read(end - start)
+    if len(data) != end - start:
+        raise tarfile.ReadError(f"{url}: bytes {start}-{end} are past the end of the shard")
+    members = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
+        for info in tf:
+            if info.isreg():
+                members.append((info.name, tf.extractfile(info).read(), start + info.offset, start + info.offset_data))
+    samples = list(group_members(members, url, ProblemLog()))
+    if len(samples) != 1:
+        raise tarfile.ReadError(f"{url}: bytes {start}-{end} hold {len(samples)} samples, not one (a stale index?)")
+    return samples[0]
 
 
 def _tar_samples(urls: Iterable[Any], problems: ProblemLog) -> Iterator[dict]:
@@ -280,7 +303,7 @@ def _check_samples(samples: Iterable[dict], problems: ProblemLog) -> Iterator[di
                 meta = json.loads(raw["json"])
             except ValueError as exc:
                 problems.add("bad_json", url, key, _short(exc))
-        yield {"__key__": key, "__url__": url, "image": raw[ext], "image_ext": ext,
+        yield {"__key__": key, "__url__": url, "__span__": raw.get("__span__"), "image": raw[ext], "image_ext": ext,
                "text": text, "json": meta}
 
 
@@ -338,9 +361,14 @@ def local_sibling(url: str, suffix: str) -> Path | None:
 
 
 def count_samples(urls: Sequence[str]) -> int:
-    """Samples in the shards, from the sizes.json beside them (as open_clip reads it), or
+    """Samples in the shards (`shard_sizes`)."""
+    return sum(shard_sizes(urls))
+
+
+def shard_sizes(urls: Sequence[str]) -> list[int]:
+    """Samples in each shard, from the sizes.json beside them (as open_clip reads it), or
     else from img2dataset's `<shard>_stats.json` (its `successes`: the samples it wrote)."""
-    total, cache = 0, {}
+    sizes, cache = [], {}
     for url in urls:
         shard = local_sibling(url, ".tar")
         if shard is None:
@@ -352,18 +380,18 @@ def count_samples(urls: Sequence[str]) -> int:
                 cache[sizes_file] = json.loads(sizes_file.read_text())
             if name not in cache[sizes_file]:
                 raise UsageError(f"{sizes_file}: has no entry for {name}; rerun shards.validate")
-            total += int(cache[sizes_file][name])
+            sizes.append(int(cache[sizes_file][name]))
             continue
         stats_file = local_sibling(url, "_stats.json")
         try:
-            total += int(json.loads(stats_file.read_text())["successes"])
+            sizes.append(int(json.loads(stats_file.read_text())["successes"]))
         except FileNotFoundError:
             raise UsageError(f"{url}: neither sizes.json nor {stats_file.name} beside the shard; run "
                              "`python -m shards.validate` or set train_num_samples") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{stats_file}: no img2dataset 'successes' count ({exc}); run "
                              "`python -m shards.validate` or set train_num_samples") from None
-    return total
+    return sizes
 
 
 def _short(exc: BaseException) -> str:
