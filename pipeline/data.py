@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import logging
 import math
 import random
@@ -135,13 +136,25 @@ def _seed(*parts) -> int:
     return stable_hash64(":".join(map(str, parts))) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def shards_for_slot(urls: Sequence[str], slot: int, slots: int, exclusive: bool = False) -> list[str]:
-    """Shards of one (rank, worker) slot: every slots-th shard. With fewer shards than
-    slots, slots share shards (each still gets one) unless `exclusive`, where every shard
-    is read once and some slots get none."""
-    if len(urls) >= slots or exclusive:
+def shards_for_slot(urls: Sequence[str], slot: int, slots: int, exclusive: bool = False,
+                    sizes: Sequence[int] | None = None) -> list[str]:
+    """Shards of one (rank, worker) slot. With the shards' sample counts (`sizes`), balanced
+    by them: each shard, largest first, goes to the slot with the fewest samples so far
+    (equal shards: every slots-th shard, as without sizes). With fewer shards than slots,
+    slots share shards (each still gets one) unless `exclusive`, where every shard is read
+    once and some slots get none."""
+    if len(urls) < slots and not exclusive:
+        return [urls[slot % len(urls)]]
+    if sizes is None:
         return list(urls[slot::slots])
-    return [urls[slot % len(urls)]]
+    load = [(0, s) for s in range(slots)]  # (samples so far, slot): a heap
+    mine = []
+    for i in sorted(range(len(urls)), key=lambda i: -sizes[i]):  # stable: equal shards keep their order
+        total, owner = heapq.heappop(load)
+        if owner == slot:
+            mine.append(urls[i])
+        heapq.heappush(load, (total + sizes[i], owner))
+    return mine
 
 
 class TrainStream(IterableDataset):
@@ -152,14 +165,15 @@ class TrainStream(IterableDataset):
     Bucketed mode: each worker reads its shards once per epoch and batches them with
     pipeline.buckets (same-label batches; every sample exactly once; a short batch is padded).
     Each batch's `info` is its worker's BatchInfo: the batches it has made, its problem
-    counts so far this epoch and its BucketStats.
+    counts so far this epoch and its BucketStats. Shards go to (rank, worker) slots balanced
+    by their sample counts when `sizes` gives them (shards_for_slot), else striped.
     """
 
     def __init__(self, urls: Sequence[str], transform, tokenizer, batch_size: int, worker_batches: int | None,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
-                 labeler: Labeler = no_labels, bucket_cap: int | None = None):
+                 labeler: Labeler = no_labels, bucket_cap: int | None = None, sizes: Sequence[int] | None = None):
         super().__init__()
-        self.urls, self.transform, self.tokenizer = list(urls), transform, tokenizer
+        self.urls, self.transform, self.tokenizer, self.sizes = list(urls), transform, tokenizer, sizes
         self.batch_size, self.worker_batches, self.bucket_cap = batch_size, worker_batches, bucket_cap
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.labeler = shuffle_buffer, labeler
@@ -173,7 +187,7 @@ class TrainStream(IterableDataset):
     def _raw(self, worker: int, workers: int, forever: bool) -> Iterator[dict]:
         """Checked, labelled, shuffled, undecoded samples of this slot."""
         slot, slots = self.rank * workers + worker, self.world_size * workers
-        shards = shards_for_slot(self.urls, slot, slots, exclusive=not forever)
+        shards = shards_for_slot(self.urls, slot, slots, exclusive=not forever, sizes=self.sizes)
         for rnd in range(1 << 62 if forever else 1):
             rng = random.Random(_seed(self.seed, self.epoch, slot, rnd))
             order = shards[:]
@@ -218,22 +232,9 @@ class TrainStream(IterableDataset):
         for made, plan in enumerate(self._plans(worker, workers, stats), start=1):
             if made <= done:
                 continue  # consumed before a resume: skipped without decoding
-            images, valid = [], []
-            for s in plan:
-                try:
-                    img = decode_image(s["image"])
-                except Exception as exc:  # noqa: BLE001 - any decoder failure: a masked entry
-                    self.problems.add("corrupt_image", s["__url__"], s["__key__"], str(exc)[:200])
-                    images.append(blank)
-                    valid.append(False)
-                    continue
-                # the CPU generator alone: torch.manual_seed also queues a CUDA seed with a stack trace
-                seed = _seed(self.seed, self.epoch, s["round"], s["__url__"], s["__key__"])
-                torch.default_generator.manual_seed(seed)
-                images.append(self.transform(img))
-                valid.append(True)
             info = BatchInfo(worker, made, self.problems.as_list(), dataclasses.replace(stats))
-            yield Batch.of(plan, images, valid, self.batch_size, blank, self.tokenizer, info)
+            yield decode_batch(plan, self.transform, self.tokenizer, self.batch_size, blank, self.seed, self.epoch,
+                               self.problems, info)
 
     def padding(self) -> Batch:
         """A batch of padding alone, for a rank whose data ran out before the others'."""
@@ -241,6 +242,27 @@ class TrainStream(IterableDataset):
 
     def _blank(self) -> torch.Tensor:
         return self.transform(Image.new("RGB", (8, 8)))
+
+
+def decode_batch(samples: Sequence[dict], transform, tokenizer, size: int, blank: torch.Tensor, seed: int,
+                 epoch: int, problems: ProblemLog, info: BatchInfo) -> Batch:
+    """Decode and transform the samples of one batch plan (an image that fails to decode is
+    a masked entry, counted); each image's augmentation seeded by the sample, so that
+    skipping batches on a resume shifts no one's randomness."""
+    images, valid = [], []
+    for s in samples:
+        try:
+            img = decode_image(s["image"])
+        except Exception as exc:  # noqa: BLE001 - any decoder failure: a masked entry
+            problems.add("corrupt_image", s["__url__"], s["__key__"], str(exc)[:200])
+            images.append(blank)
+            valid.append(False)
+            continue
+        # the CPU generator alone: torch.manual_seed also queues a CUDA seed with a stack trace
+        torch.default_generator.manual_seed(_seed(seed, epoch, s["round"], s["__url__"], s["__key__"]))
+        images.append(transform(img))
+        valid.append(True)
+    return Batch.of(samples, images, valid, size, blank, tokenizer, info)
 
 
 def epoch_plan(num_samples: int, batch_size: int, world_size: int, workers: int) -> tuple[int, int]:

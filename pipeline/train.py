@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from pipeline import models
@@ -38,13 +39,14 @@ from pipeline.data import (SidecarLabeler, TrainStream, _seed, epoch_plan, JsonL
                            no_labels, sidecar_label_table)
 from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed, node_name
 from pipeline.engine import Engine, create_engine
+from pipeline.global_stream import GlobalBatchStream, load_index
 from pipeline.loss import MaskedClipLoss
 from pipeline.stage import SIDECAR_LABELS, StageDir
 from pipeline.train_config import TrainConfig, load_train_config, to_dict
 from pipeline.train_log import LoaderProgress, MetricsLog
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import write_json
-from shards.reader import count_samples, expand_urls
+from shards.reader import expand_urls, shard_sizes
 
 log = logging.getLogger("pipeline.train")
 # Keys of the config that change what is trained; others (logging, workers...) may differ on resume.
@@ -97,16 +99,16 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
         lock_text_unlocked_layers=cfg.lock_text_unlocked_layers, quick_gelu=cfg.quick_gelu)
     model_cfg = models.model_config(cfg.model, cfg.pretrained, cfg.quick_gelu)
 
-    num_samples = cfg.train_num_samples or count_samples(urls)
-    worker_batches, steps_per_epoch = epoch_plan(num_samples, cfg.batch_size, info.world_size, cfg.workers)
+    stream, mode, num_samples, steps_per_epoch = make_stream(cfg, urls, info, pre_train if cfg.augment else pre_val,
+                                                             tokenizer)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     hosts = all_gather_object(node_name(), info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", to_dict(cfg))
         global_batch = cfg.batch_size * info.world_size
-        log.info("%s: %d shards, %d samples/epoch, %d steps/epoch, %d steps, global batch %d, %s%s",
-                 out, len(urls), num_samples, steps_per_epoch, total_steps, global_batch,
+        log.info("%s: %d shards, %d samples/epoch, %d steps/epoch, %d steps, global batch %d, batches %s, %s%s",
+                 out, len(urls), num_samples, steps_per_epoch, total_steps, global_batch, mode,
                  cfg.engine, f" ZeRO-{cfg.zero_stage}" if cfg.engine == "deepspeed" else "")
         if info.distributed:
             log.info("world size %d: %s", info.world_size, ", ".join(f"rank {r} on {h}" for r, h in enumerate(hosts)))
@@ -124,10 +126,6 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
     ckpts = Checkpoints(out / "checkpoints", engine, cfg, info)
     at = _resume(ckpts, cfg, info)
 
-    labeler, bucketed = make_labeler(cfg, urls, info)
-    stream = TrainStream(urls, pre_train if cfg.augment else pre_val, tokenizer, cfg.batch_size,
-                         worker_batches, cfg.seed, info.rank, info.world_size, cfg.shuffle_buffer, labeler,
-                         bucket_cap=(cfg.bucket_cap or 16 * cfg.batch_size) if bucketed else None)
     metrics = MetricsLog(out, at.step, total_steps, cfg.batch_size * info.world_size, cfg.log_every, info,
                          cfg.tensorboard)
     step, epoch, data_problems = at.step, at.epoch, {}
@@ -137,17 +135,18 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
             stream.set_epoch(epoch, start)
             loader = LoaderProgress(start)
             engine.model.train()
-            for batch in _batches(stream, cfg, epoch, info, pad=bucketed and info.distributed):
+            for batch in _batches(stream, cfg, epoch, info, pad=mode == "slot" and info.distributed):
                 loader.update(batch.info)
                 lr = schedule(step)
                 loss = _step(engine, loss_fn, batch.to(info.device), cfg)
                 step += 1
-                metrics.step(step, epoch, loss, lr, loss_fn.last_effective_negatives, engine.unwrap().logit_scale)
+                metrics.step(step, epoch, loss, lr, loss_fn.last_effective_negatives, engine.unwrap().logit_scale,
+                             _main_label(batch) if mode != "off" else None)
                 if step % cfg.save_every == 0 or step == total_steps:
                     ckpts.save(step, epoch, loader.positions)
                 if step == total_steps:
                     break  # inside the epoch: the checkpoint knows where
-            if bucketed:
+            if mode != "off":
                 loader.report_stats(out, epoch, step, info, complete=step < total_steps)
             for kind, n in loader.report_problems(epoch, info).items():
                 data_problems[kind] = max(n, data_problems.get(kind, 0))
@@ -165,13 +164,37 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
     return record
 
 
+def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, tokenizer):
+    """(the rank's batch stream, its batching mode: global | slot | off, samples per epoch,
+    steps per epoch) for the config's `labels` and `bucket`."""
+    mode = cfg.bucket or ("global" if cfg.labels.startswith(SIDECAR_LABELS) else "off")
+    if mode == "global":
+        stage = StageDir.from_label_source(cfg.labels)
+        stream = GlobalBatchStream(load_index(stage, urls), transform, tokenizer, cfg.batch_size, cfg.seed,
+                                   info.rank, info.world_size, cfg.fallback_min_batches)
+        if info.is_main:
+            fell = int(stream.fell.sum())
+            log.info("%s: %d pseudo-labels, %d samples; %d samples in groups below %d fall back to a parent label; "
+                     "%d samples the embed job skipped", stage.path, len(np.unique(stream.index.label)),
+                     len(stream.index), fell, int(cfg.fallback_min_batches * stream.global_batch),
+                     sum(stream.index.skipped.values()))
+        return stream, mode, len(stream.index), stream.steps_per_epoch()
+    labeler = make_labeler(cfg, urls, info)
+    sizes = None if cfg.train_num_samples else shard_sizes(urls)
+    num_samples = cfg.train_num_samples or sum(sizes)
+    worker_batches, steps_per_epoch = epoch_plan(num_samples, cfg.batch_size, info.world_size, cfg.workers)
+    stream = TrainStream(urls, transform, tokenizer, cfg.batch_size, worker_batches, cfg.seed, info.rank,
+                         info.world_size, cfg.shuffle_buffer, labeler,
+                         bucket_cap=(cfg.bucket_cap or 16 * cfg.batch_size) if mode == "slot" else None, sizes=sizes)
+    return stream, mode, num_samples, steps_per_epoch
+
+
 def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
-    """(labeler, bucketed) for the config's `labels`."""
-    bucketed = cfg.bucket if cfg.bucket is not None else cfg.labels.startswith(SIDECAR_LABELS)
+    """The labeler of the streamed loader for the config's `labels`."""
     if cfg.labels.startswith("json:"):
-        return JsonLabeler(cfg.labels[5:]), bucketed
+        return JsonLabeler(cfg.labels[5:])
     if not cfg.labels.startswith(SIDECAR_LABELS):
-        return no_labels, bucketed
+        return no_labels
     from pipeline.artifacts import StaleSidecarError, read_sidecar_columns
     from pipeline.stage import check_sidecars, current_record
 
@@ -191,7 +214,7 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
         fell = sum(n for lab, n in sizes.items() if table[lab][2])
         log.info("%s: %d pseudo-labels, %d samples; %d samples in groups below %d fall back to a parent label",
                  stage.path, len(sizes), sum(sizes.values()), fell, int(min_size))
-    return SidecarLabeler(stage, expect, table, cfg.missing_labels), bucketed
+    return SidecarLabeler(stage, expect, table, cfg.missing_labels)
 
 
 def _resume(ckpts: Checkpoints, cfg: TrainConfig, info: DistInfo) -> Position:
@@ -223,6 +246,12 @@ def _batches(stream: TrainStream, cfg: TrainConfig, epoch: int, info: DistInfo, 
         elif batch is None:
             return
         yield batch
+
+
+def _main_label(batch: Batch) -> int | None:
+    """The pseudo-label most of the batch's valid entries carry (a pure batch's only one)."""
+    labels = batch.labels[batch.valid]
+    return int(labels.mode().values) if len(labels) else None
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:

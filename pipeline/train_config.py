@@ -38,10 +38,12 @@ class TrainConfig:
     epochs: int = 1
     steps: int | None = None         # total steps; overrides epochs
     labels: str = "none"             # none | sidecars:<stage dir> | json:<field.path> (tests)
-    bucket: bool | None = None       # same-label batches (cluster-bucketed loader); default: on for sidecars
-    bucket_cap: int | None = None    # buffered samples per DataLoader worker (default 16 x batch_size)
-    fallback_min_batches: float = 1.0  # groups below this many batches per rank x worker use their parent label
-    missing_labels: str = "error"    # error | own: a sample without a sidecar entry gets a label of its own
+    bucket: str | None = None        # same-label batches: global (every step's batches on all ranks from one
+                                     # group, pipeline.global_stream) | slot (each rank x worker buckets its own
+                                     # stream, pipeline.buckets) | off; default: global for sidecar labels
+    bucket_cap: int | None = None    # slot: buffered samples per DataLoader worker (default 16 x batch_size)
+    fallback_min_batches: float = 1.0  # groups below this many global batches (slot: x workers) use their parent's
+    missing_labels: str = "error"    # slot: error | own: a sample without a sidecar entry gets a label of its own
     # loss
     caption_dedup: bool = False      # identical captions are not negatives of each other
     local_loss: bool = False
@@ -93,6 +95,10 @@ class TrainConfig:
         if not (self.labels == "none" or self.labels.startswith(("json:", "sidecars:"))):
             errors.append(f"labels: must be 'none', 'sidecars:<stage dir>' or 'json:<field.path>', "
                           f"got {self.labels!r}")
+        if self.bucket not in (None, "global", "slot", "off"):
+            errors.append(f"bucket: must be one of ['global', 'slot', 'off'], got {self.bucket!r}")
+        elif self.bucket == "global" and not self.labels.startswith("sidecars:"):
+            errors.append(f"bucket: global needs labels=sidecars:<stage dir>, got labels={self.labels!r}")
         if self.missing_labels not in ("error", "own"):
             errors.append(f"missing_labels: must be 'error' or 'own', got {self.missing_labels!r}")
         if self.bucket_cap is not None and self.bucket_cap < self.batch_size:

@@ -51,13 +51,16 @@ class MetricsLog:
                 self.tb = None
 
     def step(self, step: int, epoch: int, loss: torch.Tensor, lr: float, effective_negatives: float,
-             logit_scale: torch.Tensor) -> None:
-        """Record step `step` (just taken); `logit_scale` is the model's log-scale parameter."""
+             logit_scale: torch.Tensor, label: int | None = None) -> None:
+        """Record step `step` (just taken); `logit_scale` is the model's log-scale parameter,
+        `label` the pseudo-label most of this rank's batch carried (None: unlabelled)."""
         elapsed = time.time() - self.t_start
         sps = (step - self.start_step) * self.samples_per_step / max(elapsed, 1e-9)
         self.last = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "samples_per_s": sps,
                      "effective_negatives": effective_negatives, "logit_scale": logit_scale.exp().item(),
                      "time": time.time()}
+        if label is not None:
+            self.last["label"] = label
         self._write(self.last)
         if self.enabled and (step % self.log_every == 0 or step == self.total_steps):
             eta = (self.total_steps - step) * elapsed / max(step - self.start_step, 1)
@@ -72,7 +75,7 @@ class MetricsLog:
         self.file.flush()
         if self.tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k not in ("step", "label") and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
 
     def close(self) -> None:

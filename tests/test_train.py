@@ -183,22 +183,27 @@ def test_bad_config_is_one_line(tmp_path, tiny_shards):
     assert "Traceback" not in r.stderr
 
 
-def test_masked_stage_on_sidecars_under_ddp(tmp_path, tiny_shards):
-    """Stage 1 -> embed -> cluster -> assign -> stage 2 on the cluster-bucketed loader, 2 ranks:
-    ranks run out of same-label batches at different steps and are padded, and every epoch
-    uses every sample once."""
+@pytest.fixture(scope="module")
+def clustered_stage1(tmp_path_factory, tiny_shards):
+    """A trained, embedded, clustered (K = 4) and assigned stage 1 of the tiny world."""
     from pipeline.assign import assign
     from pipeline.cluster import cluster
     from pipeline.embed import embed
-    stage1 = tmp_path / "stage1"
+    stage1 = tmp_path_factory.mktemp("clustered") / "stage1"
     r = run_cli("pipeline.train", f"data={tiny_shards}", f"out={stage1}", "steps=8", "workers=1", *COMMON)
     assert r.returncode == 0, r.stderr[-3000:]
     embed(str(stage1 / "model"), str(tiny_shards), stage1, batch_size=128, workers=1, progress=False)
     cluster(stage1, k=4)
     assign(stage1, 1)
+    return stage1
+
+
+def test_masked_stage_on_sidecars_under_ddp(tmp_path, tiny_shards, clustered_stage1):
+    """Stage 2 on the per-slot bucketed loader (`bucket=slot`), 2 ranks: ranks run out of
+    same-label batches at different steps and are padded, and every epoch uses every sample once."""
     stage2 = tmp_path / "stage2"
     r = _torchrun(f"data={tiny_shards}", f"out={stage2}", "steps=30", "workers=2", "save_every=10",
-                  f"labels=sidecars:{stage1}", "fallback_min_batches=0.5", *COMMON)
+                  f"labels=sidecars:{clustered_stage1}", "bucket=slot", "fallback_min_batches=0.5", *COMMON)
     assert r.returncode == 0, r.stderr[-4000:]
     records = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 30 and all(rec["loss"] == rec["loss"] for rec in records)  # finite, no NaN
@@ -211,6 +216,50 @@ def test_masked_stage_on_sidecars_under_ddp(tmp_path, tiny_shards):
     eff = [rec["effective_negatives"] for rec in records]
     assert all(e <= 63 for e in eff) and min(eff) < 32
     assert "pure and" in r.stderr and (stage2 / "model" / "open_clip_pytorch_model.bin").is_file()
+
+
+def test_global_batches_under_ddp_resume_after_sigkill_to_the_same_steps(tmp_path, tiny_shards, clustered_stage1):
+    """Stage 2 on the global-batch loader (the default for sidecar labels), 2 ranks x 2
+    workers: on pure steps every anchor has all 63 negatives of the gathered batch; each
+    epoch uses every sample once; killed after step 5 (workers at 3 and 2 batches) and
+    resumed, the run makes the same steps: the same labels and the same losses."""
+    args = [f"data={tiny_shards}", "steps=24", "workers=2", "save_every=5", f"labels=sidecars:{clustered_stage1}",
+            *COMMON]
+    clean = tmp_path / "clean"
+    r = _torchrun(f"out={clean}", *args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "batches global" in r.stderr
+    records = [json.loads(line) for line in (clean / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (clean / "loader_stats.jsonl").read_text().splitlines()]
+    complete = [e for e in epochs if e["complete"]]
+    assert complete and all(e["samples"] == 600 for e in complete)  # every sample once per epoch
+    pure_steps = complete[0]["pure_batches"] // 2  # counted per rank batch
+    assert pure_steps > complete[0]["mixed_batches"] // 2
+    eff = [rec["effective_negatives"] for rec in records if rec["epoch"] == 0]
+    assert sum(e == 63 for e in eff) == pure_steps, eff  # a pure step: the whole gathered batch
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "pipeline.train", f"out={killed}", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_00000005.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    import psutil
+    ranks = psutil.Process(proc.pid).children(recursive=True)  # torchrun starts them in sessions of their own
+    for p in [psutil.Process(proc.pid), *ranks]:
+        p.kill()
+    psutil.wait_procs(ranks, timeout=30)
+    proc.wait()
+    assert not (killed / "done.json").exists(), "the run finished before it could be killed"
+    r = _torchrun(f"out={killed}", *args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resumed from" in r.stderr
+    resumed = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["label"] for rec in resumed] == [rec["label"] for rec in records]
+    assert len(resumed) == 24
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(records, resumed)) < 1e-4
 
 
 def test_the_logit_scale_clamp_holds_in_deepspeeds_fp32_master(tmp_path):

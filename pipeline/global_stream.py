@@ -1,0 +1,181 @@
+"""The global-batch loader: every step, all ranks' batches from one pseudo-label group.
+
+Each rank evaluates the same seeded plan (pipeline.global_batches) over every sample of
+the data set, takes its B columns of each global step, and reads those samples by random
+access: the stage's sidecars record where each sample's members lie in its tar (`offset`,
+`length`, taken from the embed job's pass over the shards), so one sample is one read of
+one byte range (shards.reader.read_span). Its DataLoader workers take every workers-th
+step; the DataLoader's round-robin hands them back in plan order.
+
+Why random access, and what it costs (the alternatives considered):
+- Per-slot bucketing of streamed shards (pipeline.buckets, `bucket: slot`) reads every
+  shard sequentially, but each rank's batch is one group and the gathered batch mixes W
+  groups: an anchor keeps ~B + (W-1)*B/L of its W*B - 1 negatives (bench/loader_scale.py).
+- A `regroup` job writing label-ordered shards after each assign would let training stream
+  sequentially on a global schedule, at the price of one read and one write of the whole
+  data set per stage (a second copy of CC12M on the file system or bucket), and the same
+  samples would share batches every epoch unless the regroup is redone.
+- Ranks agreeing each step on a group all of them have ready (coordinated streaming) needs
+  each worker to buffer about a batch of every group: memory grows with the number of
+  groups (1,000 at stage 4 of K = 10).
+- Random access (this module) needs the samples to be seekable: shards on a local disk or
+  a shared file system (Lustre, GPFS, NFS: one pread of ~one sample per sample; the page
+  cache keeps repeats cheap). On object storage (S3) the same reads are HTTP range GETs,
+  one per sample (~10-50 ms each: a worker needs many in flight); this loader opens local
+  paths only and says so for other URLs (stream those with `bucket: slot`, or mount them).
+  Memory: the plan's int64 per sample in each rank's main process (80 MB at 10 M samples)
+  plus the index (offset, length, shard, label: 28 bytes a sample), a worker holds one batch.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from common.cli import UsageError
+from pipeline.artifacts import StaleSidecarError, sidecar_skipped
+from pipeline.batch import BatchInfo
+from pipeline.buckets import BucketStats
+from pipeline.data import decode_batch, stable_hash64
+from pipeline.global_batches import PAD, EpochPlan, coarse_groups, plan_epoch, steps_per_epoch
+from pipeline.stage import StageDir, check_sidecars, current_record
+from shards.reader import ProblemLog, check_samples, is_local, read_span
+
+log = logging.getLogger("pipeline.data")
+
+
+@dataclasses.dataclass
+class SampleIndex:
+    """Every sample a stage's sidecars list: its shard (index into `urls`), byte span and
+    packed pseudo-label; `skipped` counts the samples the embed job could not use, by kind."""
+    urls: list[str]
+    shard: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    label: np.ndarray
+    ks: tuple
+    skipped: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def load_index(stage: StageDir, urls: Sequence[str]) -> SampleIndex:
+    """The random-access index of `urls` from the stage's sidecars (checked current first)."""
+    remote = [u for u in urls if not is_local(u)]
+    if remote:
+        raise UsageError(f"bucket=global reads samples by random access and needs local or mounted shards, "
+                         f"not {remote[0]}; mount the data or use bucket=slot (streams each shard)")
+    try:
+        expect = current_record(stage).meta
+        check_sidecars(stage, urls, expect)
+    except StaleSidecarError as exc:
+        raise UsageError(str(exc)) from exc
+    return read_index(stage, urls, tuple(expect.ks))
+
+
+def read_index(stage: StageDir, urls: Sequence[str], ks: tuple) -> SampleIndex:
+    """The index columns of the sidecars of `urls` (unchecked: `load_index` checks first)."""
+    shards, offsets, lengths, labels, skipped = [], [], [], [], collections.Counter()
+    for i, url in enumerate(urls):
+        path = stage.sidecar(url)
+        table = pq.read_table(path, columns=["label", "offset", "length"])
+        n = table.num_rows
+        length = table.column("length").to_numpy()
+        if n and (length <= 0).any():
+            raise UsageError(f"{path}: a sidecar without byte spans; rerun the embed and assign steps of {stage.path}")
+        shards.append(np.full(n, i, dtype=np.int32))
+        offsets.append(table.column("offset").to_numpy())
+        lengths.append(length)
+        labels.append(table.column("label").to_numpy())
+        skipped.update((sidecar_skipped(path) or {}).values())
+    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+    return SampleIndex(list(urls), cat(shards, np.int32), cat(offsets, np.int64), cat(lengths, np.int64),
+                       cat(labels, np.int64), tuple(ks), dict(skipped))
+
+
+class GlobalBatchStream(IterableDataset):
+    """`Batch`es of `batch_size` for one rank; every step of an epoch draws the W ranks'
+    batches from one group (or, counted, from groups' leftovers: a mixed step).
+
+    The same interface as pipeline.data.TrainStream: `set_epoch(epoch, start)` (start:
+    {worker: batches it had made}, for an exact resume: their sum is the steps consumed),
+    iteration in a DataLoader, each batch's `info` its worker's position, problems and
+    counters."""
+
+    def __init__(self, index: SampleIndex, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, min_batches: float = 1.0):
+        super().__init__()
+        self.index, self.transform, self.tokenizer = index, transform, tokenizer
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.global_batch = batch_size * world_size
+        self.group, self.parent, self.fell = coarse_groups(index.label, index.ks, min_batches * self.global_batch)
+        self.epoch, self.start, self.plan, self.mine = 0, {}, None, None
+        self.problems = ProblemLog()
+
+    def steps_per_epoch(self) -> int:
+        _, counts = np.unique(self.group, return_counts=True)
+        return steps_per_epoch(len(self.group), counts, self.global_batch)
+
+    def set_epoch(self, epoch: int, start: dict[int, int] | None = None) -> None:
+        """Plan `epoch` (in this process: the DataLoader's workers inherit this rank's share)."""
+        self.epoch, self.start = epoch, dict(start or {})
+        self.plan: EpochPlan = plan_epoch(self.group, self.parent, self.global_batch, self.seed, epoch, self.fell)
+        self.mine = self.plan.for_rank(self.rank, self.batch_size)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.mine is None:
+            self.set_epoch(self.epoch, self.start)
+        stats, files = BucketStats(max_buffered=self.batch_size), {}
+        blank = self.transform(Image.new("RGB", (8, 8)))
+        # The steps consumed before a resume are the sum of the workers' positions; the
+        # DataLoader starts its round-robin at worker 0 again, so the remaining steps are
+        # dealt from there (worker w: the w-th, then every workers-th): the same order.
+        consumed, made = sum(self.start.values()), self.start.get(worker, 0)
+        if self.rank == 0 and worker == 0 and not getattr(self.problems, "skipped_counted", False):
+            self.problems.counts.update(self.index.skipped)  # the samples the embed job skipped: not in the plan
+            self.problems.skipped_counted = True
+        try:
+            for step in range(consumed + worker, len(self.mine), workers):
+                made += 1
+                indices = [int(i) for i in self.mine[step] if i != PAD]
+                samples = [s for s in (self._read(i, files) for i in indices) if s is not None]
+                stats.samples += len(indices)
+                stats.fallback_samples += int(self.fell[indices].sum()) if indices else 0
+                if self.plan.pure[step]:
+                    stats.pure_batches += 1
+                else:
+                    stats.mixed_batches += 1
+                    stats.short_batches += int(len(indices) < self.batch_size)
+                info = BatchInfo(worker, made, self.problems.as_list(), dataclasses.replace(stats))
+                yield decode_batch(samples, self.transform, self.tokenizer, self.batch_size, blank, self.seed,
+                                   self.epoch, self.problems, info)
+        finally:
+            for f in files.values():
+                f.close()
+
+    def _read(self, i: int, files: dict) -> dict | None:
+        """Sample `i`, checked as every reader checks; None (counted) when it cannot be read
+        or no longer passes (the shard changed since the embed job indexed it)."""
+        shard = int(self.index.shard[i])
+        url, start = self.index.urls[shard], int(self.index.offset[i])
+        try:
+            if shard not in files:
+                files[shard] = open(url, "rb")
+            raw = read_span(files[shard], url, start, start + int(self.index.length[i]))
+        except Exception as exc:  # noqa: BLE001 - a moved, truncated or rewritten shard: counted, masked
+            self.problems.add("unreadable_shard", url, detail=f"bytes at {start}: {str(exc)[:200]}")
+            return None
+        checked = next(iter(check_samples(self.problems)([raw])), None)
+        if checked is not None:
+            checked.update(label=int(self.group[i]), parent=int(self.parent[i]),
+                           caption_id=stable_hash64(checked["text"]), round=0)
+        return checked

@@ -1,0 +1,109 @@
+"""The global-batch loader's data path (pipeline.global_stream): 4 ranks x 2 DataLoader
+workers as processes of one machine, each given its rank and the world size."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torchvision import transforms
+
+from pipeline.data import make_loader
+from pipeline.global_batches import PAD
+from pipeline.global_stream import GlobalBatchStream, SampleIndex
+from shards.reader import expand_urls, read_samples
+
+WORLD, BATCH, WORKERS = 4, 8, 2
+TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+
+
+def tokenize(texts):
+    return torch.tensor([[len(t), sum(map(ord, t)) % 997] for t in texts], dtype=torch.int64)
+
+
+@pytest.fixture(scope="module")
+def uneven(tiny_shards):
+    """A random-access index of the tiny world with labels of two levels (K = 2, then 6):
+    c1 = red background or not (150 / 450 samples), c2 = shape x count. Under c1 = 0 the
+    groups (~25) are below one global batch (32) and fall back; under c1 = 1 (~75) they
+    hold two global batches and a leftover each."""
+    urls = expand_urls(str(tiny_shards))
+    shard, offset, length, label, keys = [], [], [], [], []
+    for i, url in enumerate(urls):
+        for s in read_samples(url, decode=False):
+            a = s["json"]["attributes"]
+            c1 = 0 if a["background"] == "red" else 1
+            c2 = ["circle", "square", "triangle"].index(a["shape"]) * 2 + (int(a["count"]) - 1)
+            start, end = s["__span__"]
+            shard.append(i), offset.append(start), length.append(end - start), label.append(c1 * 6 + c2)
+            keys.append(s["__key__"])
+    index = SampleIndex(urls, np.array(shard, np.int32), np.array(offset), np.array(length), np.array(label),
+                        (2, 6), {})
+    return index, keys
+
+
+def _epoch(index, rank, start=None, epoch=0):
+    stream = GlobalBatchStream(index, TRANSFORM, tokenize, BATCH, seed=5, rank=rank, world_size=WORLD)
+    stream.set_epoch(epoch, start)
+    return stream, list(make_loader(stream, WORKERS, seed=1))
+
+
+def test_every_step_of_four_ranks_draws_from_one_group_and_every_sample_once(uneven):
+    index, keys = uneven
+    runs = [_epoch(index, r) for r in range(WORLD)]
+    plan = runs[0][0].plan
+    assert len({len(batches) for _, batches in runs}) == 1 == len({s.plan.steps.tobytes() for s, _ in runs})
+    assert len(runs[0][1]) == len(plan.pure) == runs[0][0].steps_per_epoch()
+    stream = runs[0][0]
+    seen, mixed = [], 0
+    for step, pure in enumerate(plan.pure):
+        batches = [batches[step] for _, batches in runs]
+        labels = torch.cat([b.labels[b.valid] for b in batches]).tolist()
+        step_keys = [k for b in batches for k, v in zip(b.keys, b.valid.tolist()) if v]
+        seen += step_keys
+        # each entry carries its group, the one the plan put it in
+        want = [int(stream.group[i]) for i in plan.steps[step] if i != PAD]
+        assert sorted(labels) == sorted(want)
+        if pure:
+            assert len(labels) == WORLD * BATCH and len(set(labels)) == 1, step
+        else:
+            mixed += 1
+    assert mixed == plan.stats.mixed_steps > 0 and plan.stats.pure_steps > mixed
+    assert sorted(seen) == sorted(keys)  # every sample once, across ranks; nothing dropped
+    # groups below one global batch (red-background ones, ~25 each) fell back to their parent: counted
+    sizes = np.bincount(index.label)
+    assert plan.stats.fallback_samples == int(sizes[sizes < WORLD * BATCH].sum()) > 0
+    # the bucketing counters of the epoch, as the trainer sums them over workers and ranks
+    last = {}
+    for _, batches in runs:
+        for b in batches:
+            last[(id(batches), b.info.worker)] = b.info.stats
+    assert sum(s.samples for s in last.values()) == len(keys)
+    assert sum(s.pure_batches for s in last.values()) == WORLD * plan.stats.pure_steps
+
+
+def test_a_resumed_epoch_continues_with_the_same_batches(uneven):
+    """Resumed after 5 steps (worker 0 had made 3, worker 1 two): the batches that follow
+    are those of the uninterrupted epoch, in the same order, images included."""
+    index, _ = uneven
+    _, full = _epoch(index, rank=2, epoch=1)
+    _, rest = _epoch(index, rank=2, start={0: 3, 1: 2}, epoch=1)
+    assert len(rest) == len(full) - 5
+    for a, b in zip(full[5:], rest):
+        assert a.keys == b.keys and torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
+    positions = {}
+    for b in rest:
+        positions[b.info.worker] = b.info.made
+    assert sum(positions.values()) == len(full)  # the positions a checkpoint would record add up
+
+
+def test_a_shard_rewritten_since_indexing_costs_its_samples_not_the_run(uneven, tmp_path):
+    """An index entry that no longer points at a sample (the shard was rewritten) is a
+    masked entry, counted as a problem of that shard."""
+    index, _ = uneven
+    broken = SampleIndex(**{**index.__dict__, "offset": index.offset + 7})
+    stream, batches = _epoch(broken, rank=0)
+    assert all(not b.valid.any() for b in batches)
+    problems = json.dumps(batches[-1].info.problems)
+    assert sum(batches[-1].info.problems) > 0, problems
