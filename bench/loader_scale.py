@@ -18,8 +18,11 @@ rank with `--workers` DataLoader workers. Side by side, in this run:
 
 Per policy: share of pure global steps; share of samples in pure steps among those whose
 group holds at least one global batch (goal >= 95%); effective negatives per anchor (mean);
-samples that fall back, samples dropped; peak samples buffered per worker, at two data set
-sizes ten times apart (goal: flat).
+samples that fall back, samples dropped; peak samples buffered per worker (global and
+reference: one batch, read by index; per-slot: the bucketing's own peak), at two data set
+sizes ten times apart (goal: flat); the per-sample metadata a rank holds (index MB: global,
+the plan's int64 and the 28-byte index entry of every sample; reference, its index list;
+per-slot, none: labels are joined per shard as it streams); the time to plan one epoch.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def negatives(gathered: np.ndarray) -> tuple[int, int]:
 
 
 def report(name: str, steps: list[np.ndarray], eligible: np.ndarray, labels_of, fallback: int, dropped: int,
-           peak: int, seconds: float) -> dict:
+           peak: int, seconds: float, metadata_mb: float) -> dict:
     pure = [s for s in steps if (s != PAD).all() and len(np.unique(labels_of(s))) == 1]
     in_pure = np.zeros(len(eligible), bool)
     for s in pure:
@@ -65,7 +68,8 @@ def report(name: str, steps: list[np.ndarray], eligible: np.ndarray, labels_of, 
     neg, anchors = sum(c[0] for c in counted), sum(c[1] for c in counted)
     return dict(policy=name, steps=len(steps), pure_steps=len(pure) / max(1, len(steps)),
                 eligible_pure=in_pure[eligible].mean() if eligible.any() else float("nan"),
-                negatives=neg / max(1, anchors), fallback=fallback, dropped=dropped, peak=peak, seconds=seconds)
+                negatives=neg / max(1, anchors), fallback=fallback, dropped=dropped, peak=peak, seconds=seconds,
+                metadata_mb=metadata_mb)
 
 
 def global_policy(packed, shard, world, batch, workers, seed=0) -> dict:
@@ -77,7 +81,7 @@ def global_policy(packed, shard, world, batch, workers, seed=0) -> dict:
     _, inverse, counts = np.unique(packed, return_inverse=True, return_counts=True)
     eligible = counts[inverse] >= g
     return report("global", list(plan.steps), eligible, lambda s: group[s],
-                  plan.stats.fallback_samples, 0, batch, seconds)
+                  plan.stats.fallback_samples, 0, batch, seconds, len(packed) * (8 + 28) / 2**20)
 
 
 def per_slot_policy(packed, shard, world, batch, workers, seed=0) -> dict:
@@ -113,7 +117,7 @@ def per_slot_policy(packed, shard, world, batch, workers, seed=0) -> dict:
         steps.append(np.concatenate([np.pad(p, (0, batch - len(p)), constant_values=PAD) for p in parts]))
     seconds = time.perf_counter() - t
     eligible = counts[inverse] >= g
-    return report("per-slot", steps, eligible, lambda s: coarse[s], fallback, 0, peak, seconds)
+    return report("per-slot", steps, eligible, lambda s: coarse[s], fallback, 0, peak, seconds, 0.0)
 
 
 def reference_policy(packed, shard, world, batch, workers, seed=0) -> dict:
@@ -128,7 +132,8 @@ def reference_policy(packed, shard, world, batch, workers, seed=0) -> dict:
         steps += list(members[:whole].reshape(-1, g))
     seconds = time.perf_counter() - t
     _, inverse, counts = np.unique(packed, return_inverse=True, return_counts=True)
-    return report("reference", steps, counts[inverse] >= g, lambda s: packed[s], 0, dropped, batch, seconds)
+    return report("reference", steps, counts[inverse] >= g, lambda s: packed[s], 0, dropped, batch, seconds,
+                  len(packed) * 8 / 2**20)
 
 
 def main(argv=None) -> int:
@@ -142,14 +147,15 @@ def main(argv=None) -> int:
     print(f"{args.groups} groups (Zipf-like), W={args.world} x B={args.batch} (global batch "
           f"{args.world * args.batch}), {args.workers} workers per rank")
     header = (f"{'samples':>9} {'policy':<10} {'steps':>6} {'pure steps':>10} {'pure|eligible':>13} "
-              f"{'negatives':>10} {'fallback':>9} {'dropped':>8} {'peak/worker':>11} {'plan s':>7}")
+              f"{'negatives':>10} {'fallback':>9} {'dropped':>8} {'peak/worker':>11} {'index MB':>9} {'plan s':>7}")
     print(header)
     for samples in (args.samples // 10, args.samples):
         packed, shard = make_world(samples, args.groups)
         for policy in (global_policy, per_slot_policy, reference_policy):
             r = policy(packed, shard, args.world, args.batch, args.workers)
             print(f"{samples:>9} {r['policy']:<10} {r['steps']:>6} {r['pure_steps']:>10.1%} {r['eligible_pure']:>13.1%} "
-                  f"{r['negatives']:>10.0f} {r['fallback']:>9} {r['dropped']:>8} {r['peak']:>11} {r['seconds']:>7.1f}",
+                  f"{r['negatives']:>10.0f} {r['fallback']:>9} {r['dropped']:>8} {r['peak']:>11} "
+                  f"{r['metadata_mb']:>9.1f} {r['seconds']:>7.1f}",
                   flush=True)
     return 0
 

@@ -1,16 +1,22 @@
-"""Loader throughput and memory: the cluster-bucketed loader against a plain webdataset pipeline.
+"""Loader throughput and memory: the label-batching loaders against a plain webdataset pipeline.
 
     .venv/bin/python bench/loader_throughput.py [--samples 20000] [--labels 144]
 
-Both read the same shards of the default synthetic world with the same decode (PIL, RGB)
+All read the same shards of the default synthetic world with the same decode (PIL, RGB)
 and transform (mcl-tiny-vit's eval transform) and tokenizer, batch size 64, in this
 process (no DataLoader workers, so only the pipelines differ):
   plain   wds.WebDataset -> shuffle(1000) -> decode("pilrgb") -> transform + tokenize -> batched(64)
-  bucket  pipeline.data.TrainStream in bucketed mode, pseudo-labels from sidecars (random
-          labels over --labels groups), bucket cap 16 x 64
-Prints samples/s of both and their ratio (target >= 0.95), then the peak RSS of the
-bucketed loader over one epoch, each measured in a fresh process, at two data set sizes
-ten times apart (target: within 10%: memory is bounded by the cap, not the data).
+          I/O: each shard read sequentially
+  slot    pipeline.data.TrainStream, per-slot bucketing (`bucket: slot`), pseudo-labels from
+          sidecars (random labels over --labels groups), bucket cap 16 x 64
+          I/O: each shard read sequentially
+  global  pipeline.global_stream.GlobalBatchStream (`bucket: global`) on one rank: the
+          epoch's plan of same-group steps, each sample read by its byte span
+          I/O: random reads, one pread of one sample's members per sample
+Prints samples/s of each and their ratios to plain (targets: slot >= 0.95, global >= 0.9),
+then the peak RSS of the slot and global loaders over one epoch, each measured in a fresh
+process, at two data set sizes ten times apart (target for slot: within 10%: memory is
+bounded by the cap; global holds an index of 28 bytes a sample on top of one batch).
 """
 from __future__ import annotations
 
@@ -41,9 +47,10 @@ def make_data(out: Path, samples: int, labels: int) -> None:
     meta = SidecarMeta(stage=1, k=labels, ks=(labels,), model_fp="bench", centroids_fp="bench", parent_fp="")
     rng = np.random.default_rng(0)
     for url in expand_urls(str(out)):
-        keys = [s["__key__"] for s in read_samples(url, decode=False)]
-        c = rng.integers(labels, size=len(keys))
-        write_sidecar(StageDir(out / "stage").sidecar(url), keys, c, c, meta)
+        samples = list(read_samples(url, decode=False))
+        c = rng.integers(labels, size=len(samples))
+        write_sidecar(StageDir(out / "stage").sidecar(url), [s["__key__"] for s in samples], c, c, meta,
+                      spans=np.array([s["__span__"] for s in samples]))
     (out / "meta.json").write_text(json.dumps(meta.__dict__))
 
 
@@ -81,7 +88,15 @@ def pipelines(data: Path, batch: int):
         stream.set_epoch(0)
         return iter(stream)
 
-    return plain, bucketed
+    def global_():
+        from pipeline.global_stream import GlobalBatchStream, read_index
+        m = json.loads((data / "meta.json").read_text())
+        stream = GlobalBatchStream(read_index(StageDir(data / "stage"), urls, tuple(m["ks"])), transform, tokenizer,
+                                   batch, min_batches=0)
+        stream.set_epoch(0)
+        return iter(stream)
+
+    return {"plain": plain, "slot": bucketed, "global": global_}
 
 
 def rate(make, seconds: float, batch: int) -> float:
@@ -95,12 +110,12 @@ def rate(make, seconds: float, batch: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def peak_rss_mb(data: Path, batch: int) -> float:
-    """One whole epoch of the bucketed loader in a fresh process; its peak RSS."""
+def peak_rss_mb(data: Path, batch: int, loader: str) -> float:
+    """One whole epoch of `loader` in a fresh process; its peak RSS."""
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); sys.argv = ['x']\n"
             "from pathlib import Path\nimport bench.loader_throughput as b, resource\n"
-            f"_, bucketed = b.pipelines(Path({str(data)!r}), {batch})\n"
-            "n = sum(1 for _ in bucketed())\n"
+            f"make = b.pipelines(Path({str(data)!r}), {batch})[{loader!r}]\n"
+            "n = sum(1 for _ in make())\n"
             "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     if r.returncode != 0:
@@ -121,19 +136,21 @@ def main() -> None:
         big, small = Path(tmp) / "big", Path(tmp) / "small"
         make_data(big, args.samples, args.labels)
         make_data(small, args.samples // 10, args.labels)
-        plain, bucketed = pipelines(big, args.batch_size)
-        rates = {"plain": [], "bucketed": []}
-        for _ in range(args.repeats):  # alternate, so both see the same machine noise
-            rates["plain"].append(rate(plain, args.seconds, args.batch_size))
-            rates["bucketed"].append(rate(bucketed, args.seconds, args.batch_size))
-            print(f"plain {rates['plain'][-1]:.0f} samples/s, bucketed {rates['bucketed'][-1]:.0f} samples/s",
-                  flush=True)
-        rp, rb = statistics.median(rates["plain"]), statistics.median(rates["bucketed"])
-        print(f"throughput (median of {args.repeats}): plain webdataset {rp:.0f} samples/s, "
-              f"bucketed {rb:.0f} samples/s, ratio {rb / rp:.3f} (target >= 0.95)")
-        m_small, m_big = peak_rss_mb(small, args.batch_size), peak_rss_mb(big, args.batch_size)
-        print(f"peak RSS over one epoch: {args.samples // 10} samples {m_small:.0f} MB, "
-              f"{args.samples} samples {m_big:.0f} MB, ratio {m_big / m_small:.3f} (target <= 1.10)")
+        loaders = pipelines(big, args.batch_size)
+        rates = {name: [] for name in loaders}
+        for _ in range(args.repeats):  # alternate, so all see the same machine noise
+            for name, make in loaders.items():
+                rates[name].append(rate(make, args.seconds, args.batch_size))
+            print(", ".join(f"{name} {r[-1]:.0f} samples/s" for name, r in rates.items()), flush=True)
+        median = {name: statistics.median(r) for name, r in rates.items()}
+        print(f"throughput (median of {args.repeats}): plain webdataset {median['plain']:.0f} samples/s "
+              f"(sequential reads), slot {median['slot']:.0f} (sequential), global {median['global']:.0f} "
+              f"(random reads, one per sample); ratios to plain: slot {median['slot'] / median['plain']:.3f} "
+              f"(target >= 0.95), global {median['global'] / median['plain']:.3f} (target >= 0.9)")
+        for name in ("slot", "global"):
+            m_small, m_big = peak_rss_mb(small, args.batch_size, name), peak_rss_mb(big, args.batch_size, name)
+            print(f"{name}: peak RSS over one epoch: {args.samples // 10} samples {m_small:.0f} MB, "
+                  f"{args.samples} samples {m_big:.0f} MB, ratio {m_big / m_small:.3f}")
 
 
 if __name__ == "__main__":

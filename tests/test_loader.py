@@ -205,3 +205,19 @@ def test_short_batches_and_padding_batches_are_masked_entries(tiny_shards, label
 def read_and_label(url, labeler):
     for s in read_samples(url, ProblemLog(logger=None), decode=False):
         yield labeler(s)
+
+
+def test_shards_go_to_slots_balanced_by_their_sample_counts():
+    """One big shard and ten small ones over 2 slots: striped, one slot would read 150
+    samples and the other 50 (and idle on padding for half an epoch); balanced, 100 each.
+    Shards of equal size are still dealt every slots-th."""
+    from pipeline.data import shards_for_slot
+    urls = [f"{i:05d}.tar" for i in range(11)]
+    sizes = [100] + [10] * 10
+    by_url = dict(zip(urls, sizes))
+    striped = [sum(by_url[u] for u in shards_for_slot(urls, s, 2)) for s in range(2)]
+    balanced = [sum(by_url[u] for u in shards_for_slot(urls, s, 2, sizes=sizes)) for s in range(2)]
+    assert striped == [150, 50] and balanced == [100, 100]
+    assert sorted(u for s in range(2) for u in shards_for_slot(urls, s, 2, sizes=sizes)) == urls  # each once
+    equal = [10] * 11
+    assert all(shards_for_slot(urls, s, 3, sizes=equal) == urls[s::3] for s in range(3))
