@@ -13,7 +13,8 @@ pipeline.stage's `StageDir`; the formats:
                                      (shards.reader.read_span reads a sample back from them)
         model_fp    str []           fingerprint of the model (and tower) that embedded them
         skipped_keys, skipped_kinds  str [m]  the samples of the shard the reader skipped (a key
-                                     and its problem kind, e.g. corrupt_image): they have no row
+                                     and its problem kind, e.g. corrupt_image): they have no row;
+                                     a problem of the shard itself under `__shard__:<kind>`
     stage<s>/clusters/centroids.npy     float32 [K, d]      (pipeline.cluster)
     stage<s>/clusters/stats.json        K, objective, time, sample size, sizes, NMI per attribute
     stage<s>/sidecars/<shard>.parquet   one per input shard (pipeline.assign)

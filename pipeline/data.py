@@ -262,6 +262,7 @@ def decode_batch(samples: Sequence[dict], transform, tokenizer, size: int, blank
         torch.default_generator.manual_seed(_seed(seed, epoch, s["round"], s["__url__"], s["__key__"]))
         images.append(transform(img))
         valid.append(True)
+    info = info._replace(problems=problems.as_list())  # with the problems met decoding this batch
     return Batch.of(samples, images, valid, size, blank, tokenizer, info)
 
 

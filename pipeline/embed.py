@@ -37,11 +37,14 @@ TOWERS = ("image", "text", "both")
 
 def skipped_keys(problems: ProblemLog, url: str) -> dict[str, str]:
     """{key: kind} of the samples of `url` the reader dropped (bad_json keeps its sample), the
-    first problem of a key when it has several (a corrupt image and a duplicate of it)."""
+    first problem of a key when it has several (a corrupt image and a duplicate of it); a
+    problem of the shard itself (a truncated tar) under `__shard__:<kind>` (a key no sample
+    can have: the reader ignores keys starting with "__"), so that a loader that never reads
+    the shard whole still counts it."""
     skipped: dict[str, str] = {}
     for p in problems.items:
-        if p["shard"] == url and p["key"] and p["kind"] != "bad_json":
-            skipped.setdefault(p["key"], p["kind"])
+        if p["shard"] == url and p["kind"] != "bad_json":
+            skipped.setdefault(p["key"] or f"__shard__:{p['kind']}", p["kind"])
     return skipped
 
 

@@ -23,8 +23,9 @@ Why random access, and what it costs (the alternatives considered):
   cache keeps repeats cheap). On object storage (S3) the same reads are HTTP range GETs,
   one per sample (~10-50 ms each: a worker needs many in flight); this loader opens local
   paths only and says so for other URLs (stream those with `bucket: slot`, or mount them).
-  Memory: the plan's int64 per sample in each rank's main process (80 MB at 10 M samples)
-  plus the index (offset, length, shard, label: 28 bytes a sample), a worker holds one batch.
+  Memory: the epoch's plan, an int64 per sample, in each rank (80 MB at 10 M samples; about
+  six times that while it is computed), the index (shard, offset, length, key hash, label:
+  36 bytes a sample), and in a worker one batch of samples and up to 64 open shard files.
 """
 from __future__ import annotations
 
@@ -45,19 +46,43 @@ from pipeline.buckets import BucketStats
 from pipeline.data import decode_batch, stable_hash64
 from pipeline.global_batches import PAD, EpochPlan, coarse_groups, plan_epoch, steps_per_epoch
 from pipeline.stage import StageDir, check_sidecars, current_record
-from shards.reader import ProblemLog, check_samples, is_local, read_span
+from shards.reader import ProblemLog, check_samples, is_local, local_path, read_span
 
 log = logging.getLogger("pipeline.data")
 
 
+class OpenShards:
+    """A worker's open shard files, the `size` most recently used (random access touches
+    every shard: 10,000 open files would pass the usual limit of 1,024)."""
+
+    def __init__(self, size: int = 64):
+        self.size, self.files = size, collections.OrderedDict()
+
+    def get(self, url: str):
+        f = self.files.pop(url, None)
+        if f is None:
+            f = open(local_path(url), "rb")
+            if len(self.files) >= self.size:
+                self.files.popitem(last=False)[1].close()
+        self.files[url] = f
+        return f
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
 @dataclasses.dataclass
 class SampleIndex:
-    """Every sample a stage's sidecars list: its shard (index into `urls`), byte span and
-    packed pseudo-label; `skipped` counts the samples the embed job could not use, by kind."""
+    """Every sample a stage's sidecars list: its shard (index into `urls`), byte span, a
+    hash of its key (checked against what the span holds) and packed pseudo-label;
+    `skipped` counts the samples the embed job could not use, by kind."""
     urls: list[str]
     shard: np.ndarray
     offset: np.ndarray
     length: np.ndarray
+    key_hash: np.ndarray
     label: np.ndarray
     ks: tuple
     skipped: dict[str, int]
@@ -72,6 +97,10 @@ def load_index(stage: StageDir, urls: Sequence[str]) -> SampleIndex:
     if remote:
         raise UsageError(f"bucket=global reads samples by random access and needs local or mounted shards, "
                          f"not {remote[0]}; mount the data or use bucket=slot (streams each shard)")
+    packed = [u for u in urls if not local_path(u).name.endswith(".tar")]
+    if packed:
+        raise UsageError(f"bucket=global reads samples by their byte offsets and needs uncompressed .tar "
+                         f"shards, not {packed[0]}; use bucket=slot for compressed shards")
     try:
         expect = current_record(stage).meta
         check_sidecars(stage, urls, expect)
@@ -82,10 +111,10 @@ def load_index(stage: StageDir, urls: Sequence[str]) -> SampleIndex:
 
 def read_index(stage: StageDir, urls: Sequence[str], ks: tuple) -> SampleIndex:
     """The index columns of the sidecars of `urls` (unchecked: `load_index` checks first)."""
-    shards, offsets, lengths, labels, skipped = [], [], [], [], collections.Counter()
+    shards, offsets, lengths, keys, labels, skipped = [], [], [], [], [], collections.Counter()
     for i, url in enumerate(urls):
         path = stage.sidecar(url)
-        table = pq.read_table(path, columns=["label", "offset", "length"])
+        table = pq.read_table(path, columns=["key", "label", "offset", "length"])
         n = table.num_rows
         length = table.column("length").to_numpy()
         if n and (length <= 0).any():
@@ -93,11 +122,12 @@ def read_index(stage: StageDir, urls: Sequence[str], ks: tuple) -> SampleIndex:
         shards.append(np.full(n, i, dtype=np.int32))
         offsets.append(table.column("offset").to_numpy())
         lengths.append(length)
+        keys.append(np.fromiter((stable_hash64(k) for k in table.column("key").to_pylist()), np.int64, n))
         labels.append(table.column("label").to_numpy())
         skipped.update((sidecar_skipped(path) or {}).values())
     cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
     return SampleIndex(list(urls), cat(shards, np.int32), cat(offsets, np.int64), cat(lengths, np.int64),
-                       cat(labels, np.int64), tuple(ks), dict(skipped))
+                       cat(keys, np.int64), cat(labels, np.int64), tuple(ks), dict(skipped))
 
 
 class GlobalBatchStream(IterableDataset):
@@ -134,15 +164,12 @@ class GlobalBatchStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.mine is None:
             self.set_epoch(self.epoch, self.start)
-        stats, files = BucketStats(max_buffered=self.batch_size), {}
+        stats, files = BucketStats(max_buffered=self.batch_size), OpenShards()
         blank = self.transform(Image.new("RGB", (8, 8)))
         # The steps consumed before a resume are the sum of the workers' positions; the
         # DataLoader starts its round-robin at worker 0 again, so the remaining steps are
         # dealt from there (worker w: the w-th, then every workers-th): the same order.
         consumed, made = sum(self.start.values()), self.start.get(worker, 0)
-        if self.rank == 0 and worker == 0 and not getattr(self.problems, "skipped_counted", False):
-            self.problems.counts.update(self.index.skipped)  # the samples the embed job skipped: not in the plan
-            self.problems.skipped_counted = True
         try:
             for step in range(consumed + worker, len(self.mine), workers):
                 made += 1
@@ -159,20 +186,19 @@ class GlobalBatchStream(IterableDataset):
                 yield decode_batch(samples, self.transform, self.tokenizer, self.batch_size, blank, self.seed,
                                    self.epoch, self.problems, info)
         finally:
-            for f in files.values():
-                f.close()
+            files.close()
 
-    def _read(self, i: int, files: dict) -> dict | None:
-        """Sample `i`, checked as every reader checks; None (counted) when it cannot be read
-        or no longer passes (the shard changed since the embed job indexed it)."""
-        shard = int(self.index.shard[i])
-        url, start = self.index.urls[shard], int(self.index.offset[i])
+    def _read(self, i: int, files: "OpenShards") -> dict | None:
+        """Sample `i`, checked as every reader checks; None (counted) when it cannot be read,
+        is not the sample indexed there or no longer passes (the shard changed since the
+        embed job indexed it)."""
+        url, start = self.index.urls[int(self.index.shard[i])], int(self.index.offset[i])
         try:
-            if shard not in files:
-                files[shard] = open(url, "rb")
-            raw = read_span(files[shard], url, start, start + int(self.index.length[i]))
+            raw = read_span(files.get(url), url, start, start + int(self.index.length[i]))
+            if stable_hash64(raw["__key__"]) != self.index.key_hash[i]:
+                raise ValueError(f"holds key {raw['__key__']}, not the one indexed (the shard was rewritten)")
         except Exception as exc:  # noqa: BLE001 - a moved, truncated or rewritten shard: counted, masked
-            self.problems.add("unreadable_shard", url, detail=f"bytes at {start}: {str(exc)[:200]}")
+            self.problems.add("unreadable_shard", url, f"@{start}", f"bytes at {start}: {str(exc)[:200]}")
             return None
         checked = next(iter(check_samples(self.problems)([raw])), None)
         if checked is not None:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pipeline import models
+from pipeline.artifacts import array_fingerprint
 from pipeline.batch import Batch
 from pipeline.checkpoints import Checkpoints, Position
 from pipeline.data import (SidecarLabeler, TrainStream, _seed, epoch_plan, JsonLabeler, make_loader,
@@ -147,8 +148,10 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                 if step == total_steps:
                     break  # inside the epoch: the checkpoint knows where
             if mode != "off":
-                loader.report_stats(out, epoch, step, info, complete=step < total_steps)
-            for kind, n in loader.report_problems(epoch, info).items():
+                whole = step < total_steps or (mode == "global" and sum(loader.positions.values()) == steps_per_epoch)
+                loader.report_stats(out, epoch, step, info, complete=whole)
+            known = stream.index.skipped if mode == "global" else None
+            for kind, n in loader.report_problems(epoch, info, known).items():
                 data_problems[kind] = max(n, data_problems.get(kind, 0))
             epoch += 1
     finally:
@@ -170,7 +173,12 @@ def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, to
     mode = cfg.bucket or ("global" if cfg.labels.startswith(SIDECAR_LABELS) else "off")
     if mode == "global":
         stage = StageDir.from_label_source(cfg.labels)
-        stream = GlobalBatchStream(load_index(stage, urls), transform, tokenizer, cfg.batch_size, cfg.seed,
+        index = load_index(stage, urls)
+        seen = all_gather_object((len(index), array_fingerprint(index.label), array_fingerprint(index.offset)), info)
+        if len(set(seen)) > 1:  # a lagging file system listing or a sidecar rewritten meanwhile: plans would differ
+            raise UsageError(f"{stage.path}: the ranks read different sidecars ({len(set(seen))} versions: "
+                             f"sample counts {sorted({s[0] for s in seen})}); is assign still running?")
+        stream = GlobalBatchStream(index, transform, tokenizer, cfg.batch_size, cfg.seed,
                                    info.rank, info.world_size, cfg.fallback_min_batches)
         if info.is_main:
             fell = int(stream.fell.sum())

@@ -121,12 +121,15 @@ class LoaderProgress:
                      total.pure_batches, total.mixed_batches, total.early_batches, total.short_batches,
                      total.fallback_samples, total.missing_labels, total.max_buffered)
 
-    def report_problems(self, epoch: int, info: DistInfo) -> dict[str, int]:
+    def report_problems(self, epoch: int, info: DistInfo, known: dict[str, int] | None = None) -> dict[str, int]:
         """{kind: count} of the data problems the workers of all ranks met this epoch (each
-        worker logs its first ones itself); the main rank logs the total once (collective)."""
+        worker logs its first ones itself), plus `known` ones (samples an earlier job skipped,
+        which the loader never reads); the main rank logs the total once (collective)."""
         total = [0] * len(PROBLEM_KINDS)
         for values in all_gather_object([sum(col) for col in zip(*self.problems.values())], info):
             total = [a + b for a, b in zip(total, values or [0] * len(PROBLEM_KINDS))]
+        for kind, n in (known or {}).items():
+            total[PROBLEM_KINDS.index(kind)] += n
         counts = {k: n for k, n in zip(PROBLEM_KINDS, total) if n}
         if counts and info.is_main:
             log.warning("epoch %d: the loader skipped data problems: %s", epoch,

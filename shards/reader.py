@@ -351,11 +351,16 @@ def shard_basename(url: str) -> str:
     return os.path.basename(urlparse(url).path) if not is_local(url) else os.path.basename(url)
 
 
+def local_path(url: str) -> Path:
+    """The file of a local shard URL (a path, or file:...)."""
+    return Path(urlparse(url).path if url.startswith("file:") else url)
+
+
 def local_sibling(url: str, suffix: str) -> Path | None:
     """`00000.tar` -> `00000<suffix>` beside it, for local shards; None otherwise."""
     if not is_local(url):
         return None
-    path = Path(urlparse(url).path if url.startswith("file:") else url)
+    path = local_path(url)
     stem = path.name.split(".", 1)[0]
     return path.with_name(stem + suffix)
 

@@ -2,17 +2,17 @@
 workers as processes of one machine, each given its rank and the world size."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
 from torchvision import transforms
 
-from pipeline.data import make_loader
+from common.cli import UsageError
+from pipeline.data import make_loader, stable_hash64
 from pipeline.global_batches import PAD
-from pipeline.global_stream import GlobalBatchStream, SampleIndex
-from shards.reader import expand_urls, read_samples
+from pipeline.global_stream import GlobalBatchStream, SampleIndex, load_index
+from shards.reader import PROBLEM_KINDS, expand_urls, read_samples
 
 WORLD, BATCH, WORKERS = 4, 8, 2
 TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
@@ -38,15 +38,15 @@ def uneven(tiny_shards):
             start, end = s["__span__"]
             shard.append(i), offset.append(start), length.append(end - start), label.append(c1 * 6 + c2)
             keys.append(s["__key__"])
-    index = SampleIndex(urls, np.array(shard, np.int32), np.array(offset), np.array(length), np.array(label),
-                        (2, 6), {})
+    index = SampleIndex(urls, np.array(shard, np.int32), np.array(offset), np.array(length),
+                        np.array([stable_hash64(k) for k in keys]), np.array(label), (2, 6), {})
     return index, keys
 
 
-def _epoch(index, rank, start=None, epoch=0):
+def _epoch(index, rank, start=None, epoch=0, workers=WORKERS):
     stream = GlobalBatchStream(index, TRANSFORM, tokenize, BATCH, seed=5, rank=rank, world_size=WORLD)
     stream.set_epoch(epoch, start)
-    return stream, list(make_loader(stream, WORKERS, seed=1))
+    return stream, list(make_loader(stream, workers, seed=1))
 
 
 def test_every_step_of_four_ranks_draws_from_one_group_and_every_sample_once(uneven):
@@ -98,12 +98,27 @@ def test_a_resumed_epoch_continues_with_the_same_batches(uneven):
     assert sum(positions.values()) == len(full)  # the positions a checkpoint would record add up
 
 
-def test_a_shard_rewritten_since_indexing_costs_its_samples_not_the_run(uneven, tmp_path):
-    """An index entry that no longer points at a sample (the shard was rewritten) is a
-    masked entry, counted as a problem of that shard."""
+@pytest.mark.parametrize("damage", ["offsets", "keys"])
+def test_a_shard_rewritten_since_indexing_costs_its_samples_not_the_run(uneven, damage):
+    """An index entry that no longer points at its sample (the shard was rewritten: the
+    bytes are no sample, or another one) is a masked entry, counted for each sample."""
     index, _ = uneven
-    broken = SampleIndex(**{**index.__dict__, "offset": index.offset + 7})
-    stream, batches = _epoch(broken, rank=0)
-    assert all(not b.valid.any() for b in batches)
-    problems = json.dumps(batches[-1].info.problems)
-    assert sum(batches[-1].info.problems) > 0, problems
+    fields = dict(index.__dict__)
+    if damage == "offsets":
+        fields["offset"] = index.offset + 7
+    else:  # every span still holds a sample, but shard 0's samples are in another order
+        fields["key_hash"] = np.where(index.shard == 0, np.roll(index.key_hash, 1), index.key_hash)
+    stream, batches = _epoch(SampleIndex(**fields), rank=0, workers=0)
+    share = stream.mine[stream.mine != PAD]
+    damaged = int((index.shard[share] == 0).sum()) if damage == "keys" else len(share)
+    assert sum(int(b.valid.sum()) for b in batches) == len(share) - damaged > 0 or damage == "offsets"
+    counts = dict(zip(PROBLEM_KINDS, batches[-1].info.problems))
+    assert counts["unreadable_shard"] == damaged > 0, counts
+
+
+def test_shards_that_cannot_be_read_by_offset_are_refused_up_front(tmp_path):
+    from pipeline.stage import StageDir
+    with pytest.raises(UsageError, match="uncompressed .tar"):
+        load_index(StageDir(tmp_path), [str(tmp_path / "00000.tar.gz")])
+    with pytest.raises(UsageError, match="local or mounted"):
+        load_index(StageDir(tmp_path), ["s3://bucket/00000.tar"])

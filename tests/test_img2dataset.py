@@ -111,9 +111,8 @@ def test_a_whole_two_stage_run_goes_through_real_img2dataset_output_with_faults(
     assert sidecar_skipped(stage1.sidecar("00001.tar")) == skipped
     embedded = sum(len(np.load(p)["keys"]) for p in stage1.embedding_files())
     assert embedded == good
-    # stage 2's first epoch (the bucketed loader): every good sample exactly once, nothing else
-    # (the epoch's steps come from img2dataset's counts, which include the faulty samples: the
-    # step budget runs into a second epoch)
+    # stage 2's epoch (the global-batch loader, its steps counted from the sidecars: exactly
+    # one epoch): every good sample exactly once, nothing else
     epochs = [json.loads(line) for line in stage1.path.parent.joinpath("stage2", "loader_stats.jsonl")
               .read_text().splitlines()]
     assert epochs[0]["complete"] and epochs[0]["samples"] == good and epochs[0]["missing_labels"] == 0
@@ -142,4 +141,4 @@ def test_the_skip_record_holds_dropped_samples_with_their_first_problem():
     problems.add("bad_json", "a.tar", "k2")        # kept, with json None: it has a row
     problems.add("missing_caption", "b.tar", "k3")  # another shard
     problems.add("truncated_tar", "a.tar")          # no key
-    assert skipped_keys(problems, "a.tar") == {"k1": "corrupt_image"}
+    assert skipped_keys(problems, "a.tar") == {"k1": "corrupt_image", "__shard__:truncated_tar": "truncated_tar"}
