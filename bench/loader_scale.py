@@ -21,7 +21,7 @@ group holds at least one global batch (goal >= 95%); effective negatives per anc
 samples that fall back, samples dropped; peak samples buffered per worker (global and
 reference: one batch, read by index; per-slot: the bucketing's own peak), at two data set
 sizes ten times apart (goal: flat); the per-sample metadata a rank holds (index MB: global,
-the plan's int64 and the 28-byte index entry of every sample; reference, its index list;
+the plan's int64 and the 36-byte index entry of every sample; reference, its index list;
 per-slot, none: labels are joined per shard as it streams); the time to plan one epoch.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def global_policy(packed, shard, world, batch, workers, seed=0) -> dict:
     _, inverse, counts = np.unique(packed, return_inverse=True, return_counts=True)
     eligible = counts[inverse] >= g
     return report("global", list(plan.steps), eligible, lambda s: group[s],
-                  plan.stats.fallback_samples, 0, batch, seconds, len(packed) * (8 + 28) / 2**20)
+                  plan.stats.fallback_samples, 0, batch, seconds, len(packed) * (8 + 36) / 2**20)
 
 
 def per_slot_policy(packed, shard, world, batch, workers, seed=0) -> dict:
