@@ -19,7 +19,7 @@ import torch
 
 from pipeline.distributed import DistInfo, all_gather_object, barrier
 from pipeline.engine import Engine
-from pipeline.train_config import TrainConfig, to_dict
+from pipeline.train_config import TrainConfig, batching, to_dict
 
 log = logging.getLogger("pipeline.train")  # its lines belong to the training log
 
@@ -48,7 +48,8 @@ class Checkpoints:
     def save(self, step: int, epoch: int, positions: dict[int, int]) -> None:
         """Checkpoint `step` (every rank calls this, with its own workers' positions)."""
         cfg, info = self.cfg, self.info
-        state = {"step": step, "epoch": epoch, "name": cfg.model, "config": to_dict(cfg), "workers": cfg.workers,
+        state = {"step": step, "epoch": epoch, "name": cfg.model, "config": to_dict(cfg), "batching": batching(cfg),
+                 "workers": cfg.workers,
                  "positions": [{str(k): int(v) for k, v in p.items()} for p in all_gather_object(positions, info)],
                  "rng": all_gather_object(torch.get_rng_state(), info)}
         self.engine.save(self.folder, f"step_{step:08d}", state)

@@ -43,7 +43,7 @@ from pipeline.engine import Engine, create_engine
 from pipeline.global_stream import GlobalBatchStream, load_index
 from pipeline.loss import MaskedClipLoss
 from pipeline.stage import SIDECAR_LABELS, StageDir
-from pipeline.train_config import TrainConfig, load_train_config, to_dict
+from pipeline.train_config import TrainConfig, batching, load_train_config, recorded_batching, to_dict
 from pipeline.train_log import LoaderProgress, MetricsLog
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import write_json
@@ -61,7 +61,8 @@ RESULT_KEYS = ("data", "model", "pretrained", "quick_gelu", "lock_image", "lock_
 
 def _config_matches(record: dict, cfg: TrainConfig) -> bool:
     old = record.get("config", {})
-    return all(old.get(k) == getattr(cfg, k) for k in RESULT_KEYS)
+    return all(old.get(k) == getattr(cfg, k) for k in RESULT_KEYS if k != "bucket") and \
+        recorded_batching(record) == batching(cfg)
 
 
 def is_done(cfg: TrainConfig) -> bool:
@@ -70,7 +71,12 @@ def is_done(cfg: TrainConfig) -> bool:
     done = StageDir(cfg.out).done
     if not done.is_file():
         return False
-    if not _config_matches(json.loads(done.read_text()), cfg):
+    record = json.loads(done.read_text())
+    if not _config_matches(record, cfg):
+        if recorded_batching(record) != batching(cfg):
+            raise UsageError(f"{done}: this stage was trained with bucket={recorded_batching(record)}, the config "
+                             f"asks for bucket={batching(cfg)}; set train.bucket={recorded_batching(record)} to keep "
+                             f"it, or remove {done.parent} to train it again")
         raise UsageError(f"{done}: this stage was trained with another config; use another `out`")
     return True
 
@@ -158,7 +164,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
         metrics.close()
 
     record = {"steps": step, "final_loss": metrics.last.get("loss"), "model_dir": str(out / "model"),
-              "architecture": cfg.model, "data_problems": data_problems, "config": to_dict(cfg)}
+              "architecture": cfg.model, "data_problems": data_problems, "config": to_dict(cfg), "batching": mode}
     if info.is_main:
         models.save_model(engine.unwrap(), cfg.model, model_cfg, out / "model")
         write_json(out / "done.json", record)
@@ -170,7 +176,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
 def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, tokenizer):
     """(the rank's batch stream, its batching mode: global | slot | off, samples per epoch,
     steps per epoch) for the config's `labels` and `bucket`."""
-    mode = cfg.bucket or ("global" if cfg.labels.startswith(SIDECAR_LABELS) else "off")
+    mode = batching(cfg)
     if mode == "global":
         stage = StageDir.from_label_source(cfg.labels)
         index = load_index(stage, urls)

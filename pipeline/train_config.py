@@ -106,6 +106,23 @@ class TrainConfig:
         return errors
 
 
+def batching(cfg: TrainConfig) -> str:
+    """How the config batches: global | slot | off (`bucket`, or its default for `labels`)."""
+    return cfg.bucket or ("global" if cfg.labels.startswith("sidecars:") else "off")
+
+
+def recorded_batching(record: dict) -> str:
+    """The batching a done record or checkpoint was trained with. Records from before the
+    global loader hold none: their `bucket` was a bool, and sidecar labels meant slot."""
+    if record.get("batching"):
+        return record["batching"]
+    config = record.get("config", {})
+    bucket = config.get("bucket")
+    if bucket is None:
+        bucket = str(config.get("labels", "none")).startswith("sidecars:")
+    return {True: "slot", False: "off"}.get(bucket, bucket)
+
+
 def train_config(raw: dict, where: str = "", prefix: str = "") -> TrainConfig:
     """A validated TrainConfig from a mapping of its keys (ConfigError naming the key)."""
     cfg = from_mapping(TrainConfig, raw, where, prefix)

@@ -303,3 +303,21 @@ def test_the_logit_scale_clamp_holds_in_deepspeeds_fp32_master(tmp_path):
                             str(script), str(stage)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                            env=env)
         assert r.returncode == 0 and r.stdout.count("OK") == 2, f"ZeRO-{stage}: {r.stderr[-3000:]}"
+
+
+def test_a_stage_trained_before_the_global_loader_is_not_taken_for_one_trained_with_it(tmp_path):
+    """A done record from before `bucket=global` (no `batching`, bucket unset, sidecar labels:
+    it was trained by the per-slot loader) is not done for a config that now means global
+    batches: one line says how to keep it (bucket=slot) or to retrain."""
+    from common.cli import UsageError
+    from pipeline.train import is_done
+    from pipeline.train_config import TrainConfig, to_dict
+    cfg = TrainConfig(data="d", out=str(tmp_path / "stage2"), labels="sidecars:/runs/x/stage1")
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "done.json").write_text(json.dumps({"steps": 3, "config": to_dict(cfg)}))
+    with pytest.raises(UsageError, match="trained with bucket=slot, the config asks for bucket=global"):
+        is_done(cfg)
+    assert is_done(TrainConfig(**{**to_dict(cfg), "bucket": "slot"}))
+    (tmp_path / "stage2" / "done.json").write_text(json.dumps({"steps": 3, "config": to_dict(cfg),
+                                                              "batching": "global"}))
+    assert is_done(cfg)
