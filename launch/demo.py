@@ -145,7 +145,10 @@ def run_methods(runs: dict, parallel: int, seed: int) -> None:
             thread.join(1)
     if errors:
         first = next(iter(errors.values()))
-        raise RuntimeError("; ".join(f"seed {seed} {m}: {exc}" for m, exc in errors.items())) from first
+        message = "; ".join(f"seed {seed} {m}: {exc}" for m, exc in errors.items())
+        if all(isinstance(e, UsageError) for e in errors.values()):
+            raise UsageError(message) from first  # bad input or a run folder to fix: one line, exit 2
+        raise RuntimeError(message) from first
 
 
 def run_demo(config: str | Path, out: str | Path, workers: int = 1, seeds: list[int] | None = None) -> dict:
