@@ -224,7 +224,11 @@ class TrainStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        process, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # After a resume the DataLoader asks its worker 0 first, while the next batch in order
+        # belongs to the stream `consumed % workers`: worker processes take the streams'
+        # roles rotated by that much, so the batches come in the uninterrupted order.
+        worker = (process + sum(self.start.values())) % workers
         stats = BucketStats()
         self.labeler.stats, self.labeler.problems = stats, self.problems
         done = self.start.get(worker, 0)

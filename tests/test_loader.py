@@ -221,3 +221,26 @@ def test_shards_go_to_slots_balanced_by_their_sample_counts():
     assert sorted(u for s in range(2) for u in shards_for_slot(urls, s, 2, sizes=sizes)) == urls  # each once
     equal = [10] * 11
     assert all(shards_for_slot(urls, s, 3, sizes=equal) == urls[s::3] for s in range(3))
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_an_epoch_resumed_at_uneven_worker_positions_continues_in_order(tiny_shards, labelled, bucketed):
+    """Resumed after 5 batches (worker 0 had made 3, worker 1 two), the batches that follow
+    are those of the uninterrupted epoch in the same order, though the DataLoader asks its
+    worker 0 first: the workers take their streams' roles rotated."""
+    from pipeline.data import no_labels
+    stage, meta, truth = labelled
+    labeler = SidecarLabeler(str(stage), meta, sidecar_label_table(collections.Counter(truth.values()), meta.ks,
+                                                                  min_size=0)) if bucketed else no_labels
+
+    def epoch(start=None):
+        stream = _tiny_stream(tiny_shards, labeler, 0, cap=256 if bucketed else None)
+        stream.worker_batches = 8
+        stream.set_epoch(1, start)
+        return list(make_loader(stream, 2, seed=0))
+
+    full, rest = epoch(), epoch({0: 3, 1: 2})
+    assert len(rest) == len(full) - 5 > 0
+    assert [b.keys for b in rest] == [b.keys for b in full[5:]]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(full[5:], rest))
+    assert [(b.info.worker, b.info.made) for b in rest] == [(b.info.worker, b.info.made) for b in full[5:]]
