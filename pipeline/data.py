@@ -223,16 +223,11 @@ class TrainStream(IterableDataset):
                                     self.bucket_cap, stats)
 
     def __iter__(self):
-        info = get_worker_info()
-        process, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # After a resume the DataLoader asks its worker 0 first, while the next batch in order
-        # belongs to the stream `consumed % workers`: worker processes take the streams'
-        # roles rotated by that much, so the batches come in the uninterrupted order.
-        worker = (process + sum(self.start.values())) % workers
+        worker, workers = stream_role(self.start)
         stats = BucketStats()
         self.labeler.stats, self.labeler.problems = stats, self.problems
         done = self.start.get(worker, 0)
-        blank = self._blank()
+        blank = blank_image(self.transform)
         for made, plan in enumerate(self._plans(worker, workers, stats), start=1):
             if made <= done:
                 continue  # consumed before a resume: skipped without decoding
@@ -242,10 +237,23 @@ class TrainStream(IterableDataset):
 
     def padding(self) -> Batch:
         """A batch of padding alone, for a rank whose data ran out before the others'."""
-        return Batch.padding(self.batch_size, self._blank(), self.tokenizer)
+        return Batch.padding(self.batch_size, blank_image(self.transform), self.tokenizer)
 
-    def _blank(self) -> torch.Tensor:
-        return self.transform(Image.new("RGB", (8, 8)))
+
+def stream_role(start: dict[int, int]) -> tuple[int, int]:
+    """(the stream this DataLoader worker process plays, workers). Stream w makes batches
+    w, w + workers, ... of the epoch's order; `start` holds each stream's batches made
+    before a resume. The DataLoader asks its worker 0 first, while the next batch in order
+    belongs to stream `consumed % workers`: the processes take the streams rotated by that
+    much, so a resumed epoch goes on in the uninterrupted order."""
+    info = get_worker_info()
+    process, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return (process + sum(start.values())) % workers, workers
+
+
+def blank_image(transform) -> torch.Tensor:
+    """The transformed image of a masked entry (padding, or an image that did not decode)."""
+    return transform(Image.new("RGB", (8, 8)))
 
 
 def decode_batch(samples: Sequence[dict], transform, tokenizer, size: int, blank: torch.Tensor, seed: int,

@@ -36,16 +36,15 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from common.cli import UsageError
-from pipeline.artifacts import StaleSidecarError, sidecar_skipped
+from pipeline.artifacts import sidecar_skipped
 from pipeline.batch import BatchInfo
 from pipeline.buckets import BucketStats
-from pipeline.data import decode_batch, stable_hash64
+from pipeline.data import blank_image, decode_batch, stable_hash64, stream_role
 from pipeline.global_batches import PAD, EpochPlan, coarse_groups, plan_epoch, steps_per_epoch
-from pipeline.stage import StageDir, check_sidecars, current_record
+from pipeline.stage import StageDir, labels_for_training
 from shards.reader import ProblemLog, check_samples, is_local, local_path, read_span
 
 log = logging.getLogger("pipeline.data")
@@ -101,12 +100,7 @@ def load_index(stage: StageDir, urls: Sequence[str]) -> SampleIndex:
     if packed:
         raise UsageError(f"bucket=global reads samples by their byte offsets and needs uncompressed .tar "
                          f"shards, not {packed[0]}; use bucket=slot for compressed shards")
-    try:
-        expect = current_record(stage).meta
-        check_sidecars(stage, urls, expect)
-    except StaleSidecarError as exc:
-        raise UsageError(str(exc)) from exc
-    return read_index(stage, urls, tuple(expect.ks))
+    return read_index(stage, urls, tuple(labels_for_training(stage, urls).ks))
 
 
 def read_index(stage: StageDir, urls: Sequence[str], ks: tuple) -> SampleIndex:
@@ -135,9 +129,8 @@ class GlobalBatchStream(IterableDataset):
     batches from one group (or, counted, from groups' leftovers: a mixed step).
 
     The same interface as pipeline.data.TrainStream: `set_epoch(epoch, start)` (start:
-    {worker: batches it had made}, for an exact resume: their sum is the steps consumed),
-    iteration in a DataLoader, each batch's `info` its worker's position, problems and
-    counters."""
+    {worker: batches it had made}, for an exact resume; pipeline.data.stream_role), iteration
+    in a DataLoader, each batch's `info` its worker's position, problems and counters."""
 
     def __init__(self, index: SampleIndex, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, min_batches: float = 1.0):
@@ -160,19 +153,15 @@ class GlobalBatchStream(IterableDataset):
         self.mine = self.plan.for_rank(self.rank, self.batch_size)
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = stream_role(self.start)
         if self.mine is None:
             self.set_epoch(self.epoch, self.start)
         stats, files = BucketStats(max_buffered=self.batch_size), OpenShards()
-        blank = self.transform(Image.new("RGB", (8, 8)))
-        # The steps consumed before a resume are the sum of the workers' positions; the
-        # DataLoader starts its round-robin at worker 0 again, so the remaining steps are
-        # dealt from there (worker w: the w-th, then every workers-th): the same order.
-        consumed, made = sum(self.start.values()), self.start.get(worker, 0)
+        blank, done = blank_image(self.transform), self.start.get(worker, 0)
         try:
-            for step in range(consumed + worker, len(self.mine), workers):
-                made += 1
+            for made, step in enumerate(range(worker, len(self.mine), workers), start=1):
+                if made <= done:
+                    continue  # consumed before a resume: not read
                 indices = [int(i) for i in self.mine[step] if i != PAD]
                 samples = [s for s in (self._read(i, files) for i in indices) if s is not None]
                 stats.samples += len(indices)

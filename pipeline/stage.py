@@ -245,6 +245,18 @@ def current_record(stage: StageDir) -> StageRecord:
     return record
 
 
+def labels_for_training(stage: StageDir, urls) -> SidecarMeta:
+    """The metadata of a stage's sidecars for a training that reads them as labels, after
+    checking the record is current and every shard's sidecar carries it: stale or foreign
+    sidecars are refused (UsageError, one line) before training starts."""
+    try:
+        meta = current_record(stage).meta
+        check_sidecars(stage, urls, meta)
+    except StaleSidecarError as exc:
+        raise UsageError(str(exc)) from exc
+    return meta
+
+
 def check_sidecars(stage: StageDir, urls, meta: SidecarMeta) -> None:
     """Every shard's sidecar exists and carries `meta` (footers only); UsageError or
     StaleSidecarError naming the first that does not."""

@@ -209,15 +209,11 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
         return JsonLabeler(cfg.labels[5:])
     if not cfg.labels.startswith(SIDECAR_LABELS):
         return no_labels
-    from pipeline.artifacts import StaleSidecarError, read_sidecar_columns
-    from pipeline.stage import check_sidecars, current_record
+    from pipeline.artifacts import read_sidecar_columns
+    from pipeline.stage import labels_for_training
 
     stage = StageDir.from_label_source(cfg.labels)
-    try:
-        expect = current_record(stage).meta
-        check_sidecars(stage, urls, expect)  # refuses stale or foreign sidecars before training starts
-    except StaleSidecarError as exc:
-        raise UsageError(str(exc)) from exc
+    expect = labels_for_training(stage, urls)
     sizes: dict[int, int] = {}
     for url in urls:
         for lab in read_sidecar_columns(stage.sidecar(url))[2].tolist():
