@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 
@@ -293,16 +294,25 @@ def test_the_logit_scale_clamp_holds_in_deepspeeds_fp32_master(tmp_path):
             engine.step()
             master = safe_get_full_fp32_param(model.logit_scale).item()
             assert master <= bound + 1e-6 and model.logit_scale.item() <= bound + 1e-6, (step, master)
+        print(f"rank {info.rank} steps done", flush=True)
         assert model.logit_scale.item() < bound - 0.1, model.logit_scale.item()  # it came down
         cleanup(info)
-        print("OK", info.rank)
+        print(f"OK {info.rank}", flush=True)
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for stage in (1, 2):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            str(script), str(stage)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env=env)
-        assert r.returncode == 0 and r.stdout.count("OK") == 2, f"ZeRO-{stage}: {r.stderr[-3000:]}"
+        for attempt in (1, 2):
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                "2", str(script), str(stage)], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300, env=env)
+            # Once in CI a rank died of SIGABRT ("terminate called without an active exception",
+            # inside gloo/DeepSpeed, not reproduced in 16 runs here): such a death, with no Python
+            # error, gets one rerun; an assertion or any other failure does not.
+            native_crash = "Signal 6 (SIGABRT)" in r.stderr and "Error:" not in r.stderr.split("ChildFailedError")[0]
+            if r.returncode == 0 or not native_crash:
+                break
+            warnings.warn(f"ZeRO-{stage}: a rank died of SIGABRT; rerunning once. stdout: {r.stdout[-500:]}")
+        assert r.returncode == 0 and r.stdout.count("OK") == 2, f"ZeRO-{stage}: {r.stdout[-1000:]}\n{r.stderr[-3000:]}"
 
 
 def test_a_stage_trained_before_the_global_loader_is_not_taken_for_one_trained_with_it(tmp_path):
