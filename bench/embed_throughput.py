@@ -74,7 +74,7 @@ def run_embed(model_dir: Path, data: Path, out: Path, batch: int) -> tuple[float
 
 def run_train(data: Path, out: Path, steps: int, batch: int, skip: int) -> float:
     args = [f"data={data}", f"out={out}", f"steps={steps}", f"batch_size={batch}", "workers=1",
-            "model=mcl-tiny-vit", "lr=5e-4", "warmup=10", f"save_every={steps}", "log_every=20", "tensorboard=false"]
+            "model=mcl-tiny-vit", "lr=5e-4", "warmup=10", f"save_every={steps}", "log_every=20"]
     r = subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True, cwd=REPO)
     if r.returncode != 0:
         raise SystemExit(f"pipeline.train failed:\n{r.stderr[-3000:]}")

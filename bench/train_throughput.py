@@ -65,7 +65,7 @@ def run_open_clip(data: Path, logs: Path, steps: int, batch: int, workers: int, 
 def run_ours(data: Path, out: Path, steps: int, batch: int, workers: int, skip: int, masked: bool) -> float:
     args = [f"data={data}", f"out={out}", f"steps={steps}", f"batch_size={batch}", f"workers={workers}",
             "model=mcl-tiny-vit", "lr=5e-4", "warmup=10", f"save_every={steps}", "log_every=20",
-            "tensorboard=false", "augment=true"]  # open_clip_train's transforms too
+            "augment=true"]  # open_clip_train's transforms too
     if masked:
         args += ["labels=json:attributes.background"]
     r = subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True, cwd=REPO)

@@ -45,6 +45,7 @@ from pipeline.loss import MaskedClipLoss
 from pipeline.stage import SIDECAR_LABELS, StageDir
 from pipeline.train_config import TrainConfig, batching, load_train_config, recorded_batching, to_dict
 from pipeline.train_log import LoaderProgress, MetricsLog
+from pipeline.trackers import Trackers, missing_packages, tracker_names
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import write_json
 from shards.reader import expand_urls, shard_sizes
@@ -89,6 +90,10 @@ def train(cfg: TrainConfig) -> dict:
         log.info("%s: stage already trained (%d steps), skipped", out, record["steps"])
         return record
     urls = expand_urls(cfg.data)
+    missing = missing_packages(cfg.report_to)
+    if missing:
+        raise UsageError(f"report_to: {', '.join(missing)} is not installed (pip install {' '.join(missing)}), "
+                         f"or leave it out of report_to")
     info = init_distributed(cfg.dist_backend)
     try:
         return _train(cfg, info, urls, out)
@@ -134,7 +139,9 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
     at = _resume(ckpts, cfg, info)
 
     metrics = MetricsLog(out, at.step, total_steps, cfg.batch_size * info.world_size, cfg.log_every, info,
-                         cfg.tensorboard)
+                         lambda: Trackers(tracker_names(cfg.report_to), out, at.step,
+                                          {**to_dict(cfg), "world_size": info.world_size, "batching": mode},
+                                          cfg.wandb_project, cfg.wandb_entity))
     step, epoch, data_problems = at.step, at.epoch, {}
     try:
         while step < total_steps:
@@ -153,12 +160,15 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                     ckpts.save(step, epoch, loader.positions)
                 if step == total_steps:
                     break  # inside the epoch: the checkpoint knows where
+            stats = None
             if mode != "off":
                 whole = step < total_steps or (mode == "global" and sum(loader.positions.values()) == steps_per_epoch)
-                loader.report_stats(out, epoch, step, info, complete=whole)
+                stats = loader.report_stats(out, epoch, step, info, complete=whole)
             known = stream.index.skipped if mode == "global" else None
-            for kind, n in loader.report_problems(epoch, info, known).items():
+            problems = loader.report_problems(epoch, info, known)
+            for kind, n in problems.items():
                 data_problems[kind] = max(n, data_problems.get(kind, 0))
+            metrics.epoch_end(step, stats, problems)
             epoch += 1
     finally:
         metrics.close()

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from common.config import ConfigError, apply_overrides, from_mapping, to_dict
 from common.io import read_yaml
+from pipeline.trackers import check as check_trackers
 
 __all__ = ["TrainConfig", "train_config", "load_train_config", "to_dict", "ConfigError"]
 
@@ -68,7 +69,9 @@ class TrainConfig:
     save_every: int = 100            # steps between checkpoints
     keep_checkpoints: int = 2
     log_every: int = 10
-    tensorboard: bool = True         # when the tensorboard package is installed
+    report_to: list[str] | str = field(default_factory=list)  # dashboards: tensorboard, wandb (pipeline.trackers)
+    wandb_project: str | None = None  # default: $WANDB_PROJECT, else "mcl"
+    wandb_entity: str | None = None
     extra: dict = field(default_factory=dict)  # free-form, recorded with the run
 
     def validate(self) -> list[str]:
@@ -101,6 +104,7 @@ class TrainConfig:
             errors.append(f"bucket: global needs labels=sidecars:<stage dir>, got labels={self.labels!r}")
         if self.missing_labels not in ("error", "own"):
             errors.append(f"missing_labels: must be 'error' or 'own', got {self.missing_labels!r}")
+        errors += check_trackers(self.report_to)
         if self.bucket_cap is not None and self.bucket_cap < self.batch_size:
             errors.append(f"bucket_cap: must be >= batch_size ({self.batch_size}), got {self.bucket_cap}")
         return errors

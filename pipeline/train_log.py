@@ -1,7 +1,7 @@
 """What a training run reports: each step's metrics and log line, each epoch's loader counters.
 
     metrics.jsonl        one line per step (rank 0), trimmed back to the resumed step on a
-                         resume; mirrored to TensorBoard when it is installed
+                         resume; mirrored to the config's `report_to` trackers (pipeline.trackers)
     loader_stats.jsonl   one line per epoch of the cluster-bucketed loader, summed over
                          every worker of every rank
 """
@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,9 +19,11 @@ from common.io import atomic_output
 from pipeline.batch import BatchInfo
 from pipeline.buckets import BucketStats
 from pipeline.distributed import DistInfo, all_gather_object
+from pipeline.trackers import Trackers
 from shards.reader import PROBLEM_KINDS
 
 log = logging.getLogger("pipeline.train")
+NOT_SCALARS = ("step", "label", "time")  # keys of a step's record that no dashboard plots
 
 
 class MetricsLog:
@@ -28,27 +31,23 @@ class MetricsLog:
     steps and at the last one, with throughput and ETA since the start of this process."""
 
     def __init__(self, out: Path, start_step: int, total_steps: int, samples_per_step: int, log_every: int,
-                 info: DistInfo, tensorboard: bool):
+                 info: DistInfo, trackers: Callable[[], Trackers] | None = None):
+        """`trackers` makes the dashboards' writers (called on the main rank only)."""
         self.start_step, self.total_steps, self.samples_per_step = start_step, total_steps, samples_per_step
         self.log_every, self.enabled = log_every, info.is_main
-        self.path, self.tb, self.last = out / "metrics.jsonl", None, {}
+        self.path, self.trackers, self.last = out / "metrics.jsonl", None, {}
         if self.enabled:
-            self._open(out, tensorboard)
+            self._open()
+            self.trackers = trackers() if trackers else None
         self.t_start = time.time()
 
-    def _open(self, out: Path, tensorboard: bool) -> None:
+    def _open(self) -> None:
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.start_step]
             with atomic_output(self.path, "w") as f:
                 f.write("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                self.tb = None
 
     def step(self, step: int, epoch: int, loss: torch.Tensor, lr: float, effective_negatives: float,
              logit_scale: torch.Tensor, label: int | None = None) -> None:
@@ -73,16 +72,25 @@ class MetricsLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "label") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+        if self.trackers is not None:
+            self.trackers.log({f"train/{k}": v for k, v in record.items()
+                               if k not in NOT_SCALARS and isinstance(v, (int, float))}, record["step"])
+
+    def epoch_end(self, step: int, loader: dict | None, problems: dict[str, int]) -> None:
+        """The dashboards get an epoch's loader counters and data problems at its last step."""
+        if self.trackers is None:
+            return
+        scalars = {f"loader/{k}": v for k, v in (loader or {}).items()
+                   if k not in ("epoch", "step", "complete") and isinstance(v, (int, float))}
+        scalars.update({f"loader/problems_{kind}": n for kind, n in problems.items()})
+        if scalars:
+            self.trackers.log(scalars, step)
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+            if self.trackers is not None:
+                self.trackers.close()
 
 
 class LoaderProgress:
@@ -101,9 +109,9 @@ class LoaderProgress:
             self.problems[info.worker] = info.problems
             self.stats[info.worker] = info.stats
 
-    def report_stats(self, out: Path, epoch: int, step: int, info: DistInfo, complete: bool) -> None:
+    def report_stats(self, out: Path, epoch: int, step: int, info: DistInfo, complete: bool) -> dict | None:
         """Sum the bucketing counters over workers and ranks; log them, append them to
-        loader_stats.jsonl (collective)."""
+        loader_stats.jsonl and return that record on the main rank (collective)."""
         total = BucketStats()
         for stats in self.stats.values():
             total = total.merge(stats)
@@ -120,6 +128,8 @@ class LoaderProgress:
                      "" if complete else " (stopped at the step budget)", total.samples,
                      total.pure_batches, total.mixed_batches, total.early_batches, total.short_batches,
                      total.fallback_samples, total.missing_labels, total.max_buffered)
+            return record
+        return None
 
     def report_problems(self, epoch: int, info: DistInfo, known: dict[str, int] | None = None) -> dict[str, int]:
         """{kind: count} of the data problems the workers of all ranks met this epoch (each

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -19,10 +20,10 @@ sys.path.insert(0, str(REPO))
 from shards import world as W  # noqa: E402
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m ARGS...` with this interpreter; capture text output."""
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m ARGS...` with this interpreter; capture text output (`env`: added to ours)."""
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **env} if env else None)
 
 
 def check_a_rerun_waits_for_the_job_of_a_killed_launcher(args: list[str], run_dir: Path, executor: str,

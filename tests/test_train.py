@@ -331,3 +331,58 @@ def test_a_stage_trained_before_the_global_loader_is_not_taken_for_one_trained_w
     (tmp_path / "stage2" / "done.json").write_text(json.dumps({"steps": 3, "config": to_dict(cfg),
                                                               "batching": "global"}))
     assert is_done(cfg)
+
+
+def test_dashboards_mirror_the_metrics_and_an_unreachable_wandb_does_not_stop_training(tmp_path, tiny_shards):
+    """report_to=tensorboard,wandb: TensorBoard's event files (read back with tensorboard's own
+    reader) and an offline W&B run (its record log) hold each step's metrics.jsonl values and
+    the epoch's loader counters; a W&B that cannot be reached leaves training going."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from wandb_records import config as wandb_config
+    from wandb_records import history
+    from wandb_records import run as wandb_run
+
+    stage = tmp_path / "myrun" / "stage1"
+    args = [f"data={tiny_shards}", "steps=6", "workers=1", "save_every=6", "log_every=2", "labels=json:attributes.count",
+            "bucket=slot", "report_to=tensorboard,wandb", *COMMON]
+    r = run_cli("pipeline.train", *args, f"out={stage}", env={"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == list(range(1, 7))
+    loader = json.loads((stage / "loader_stats.jsonl").read_text().splitlines()[-1])
+
+    events = EventAccumulator(str(stage / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for key in ("loss", "lr", "logit_scale", "samples_per_s", "effective_negatives"):
+        got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert got == [(rec["step"], pytest.approx(rec[key], rel=1e-5)) for rec in records], key
+    assert [(e.step, e.value) for e in events.Scalars("loader/pure_batches")] == [(6, loader["pure_batches"])]
+    assert {"loader/mixed_batches", "loader/fallback_samples"} <= tags and "train/time" not in tags
+
+    logs = list((stage / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, logs
+    rows = history(logs[0])
+    steps = [row for row in rows if "train/loss" in row]
+    assert [row["_step"] for row in steps] == list(range(1, 7))
+    for key in ("loss", "lr", "logit_scale", "effective_negatives"):
+        assert [row[f"train/{key}"] for row in steps] == [pytest.approx(rec[key], rel=1e-6) for rec in records], key
+    assert {k for row in rows for k in row if not k.startswith("_")} == tags  # the same keys as TensorBoard
+    cfg, meta = wandb_config(logs[0]), wandb_run(logs[0])
+    assert (meta.run_group, meta.display_name, meta.project) == ("myrun", "stage1", "mcl")  # grouped by the run
+    assert cfg["batch_size"] == 32 and cfg["batching"] == "slot" and cfg["world_size"] == 1
+
+    # W&B online but unreachable (a closed port): one warning, and the stage trains to the end
+    other = tmp_path / "myrun" / "stage2"
+    r = run_cli("pipeline.train", *args, f"out={other}", timeout=300,
+                env={"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40,
+                     "WANDB_INIT_TIMEOUT": "3"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "report_to: W&B left out, training goes on without it" in r.stderr
+    assert len((other / "metrics.jsonl").read_text().splitlines()) == 6 and (other / "done.json").is_file()
+    assert list((other / "tensorboard").glob("events.out.tfevents.*"))
+
+    r = run_cli("pipeline.train", *args[:-len(COMMON) - 1], "report_to=[tensorboard,comet]", *COMMON,
+                f"out={tmp_path / 'bad'}")
+    assert r.returncode == 2 and "report_to: unknown tracker 'comet'" in r.stderr.strip().splitlines()[-1]
