@@ -224,3 +224,78 @@ def test_one_loader_takes_every_spec_and_names_the_ones_that_do_not_load(tmp_pat
         with pytest.raises(UsageError, match=message) as err:
             models.load(spec)
         assert "\n" not in str(err.value)
+
+
+def _wds_set(folder):
+    """(PIL images, labels or captions) of a CLIP_benchmark webdataset set, in file order."""
+    import io
+    import tarfile
+    images, targets = [], []
+    for shard in sorted((folder / "test").glob("*.tar"), key=lambda p: int(p.stem)):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                data = tar.extractfile(m).read()
+                if m.name.endswith(".png"):
+                    images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+                elif m.name.endswith(".cls"):
+                    targets.append(int(data))
+                elif m.name.endswith(".txt"):
+                    targets.append(data.decode())
+    return images, targets
+
+
+def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(tmp_path, two_stages, tiny_spec):
+    """eval.zeroshot on the world's CLIP_benchmark sets (written by shards.zeroshot_writer with
+    CLIP_benchmark's own writer): top-1 and retrieval recall@1 equal a direct computation for a
+    stage model; the same images as an image folder give the same top-1; the merged model runs;
+    bad input gets one line and exit 2."""
+    from eval.encoders import load_encoder
+    from shards.generate import generate
+    from shards.zeroshot_writer import write_sets
+    generate(tmp_path / "held_out", tiny_spec, 120, 120, seed=11, progress=False)
+    sets = write_sets(str(tmp_path / "held_out"), tmp_path / "sets")
+    assert set(sets) == {"background", "shape", "count", "position", "captions"}
+    merged = merge(two_stages, tmp_path / "merged.pt")
+
+    # the same shape images as an image folder (class folders in class order) with the same names and templates
+    images, labels = _wds_set(sets["shape"])
+    folder = tmp_path / "shape_folder"
+    for i, (img, label) in enumerate(zip(images, labels)):
+        (folder / "test" / f"c{label}").mkdir(parents=True, exist_ok=True)
+        img.save(folder / "test" / f"c{label}" / f"{i:04d}.png")
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        shutil.copy(sets["shape"] / name, folder / name)
+
+    r = run_cli("eval.zeroshot", "--dataset", f"wds/shape={sets['shape']}", "--dataset", f"folder/shape={folder}",
+                "--dataset", f"wds/captions={sets['captions']}", "--model", f"s1={two_stages[0]}",
+                "--model", f"mcl={merged}", "--out", str(tmp_path / "out"), "--batch-size", "32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "zeroshot_summary.json").read_text())
+    assert list(summary) == ["s1", "mcl"] and list(summary["mcl"]) == ["wds/shape", "folder/shape", "wds/captions"]
+    assert (tmp_path / "out" / "zeroshot.png").stat().st_size > 1000
+    assert "wds/shape (acc1)" in r.stdout
+
+    enc = load_encoder(f"s1={two_stages[0]}")
+    classes = (sets["shape"] / "classnames.txt").read_text().split("\n")[:-1]
+    templates = (sets["shape"] / "zeroshot_classification_templates.txt").read_text().split("\n")[:-1]
+    text = torch.stack([F.normalize(enc.texts([t.format(c=c) for t in templates]).mean(0), dim=0) for c in classes])
+    feats = enc.images(images)
+    top1 = float(((feats @ text.T).argmax(1) == torch.tensor(labels)).float().mean())
+    assert summary["s1"]["wds/shape"]["acc1"] == pytest.approx(top1, abs=1e-6)
+    assert summary["s1"]["folder/shape"]["acc1"] == pytest.approx(top1, abs=1e-6)
+    cap_images, captions = _wds_set(sets["captions"])
+    scores = enc.texts(captions) @ enc.images(cap_images).T
+    recall1 = float((scores.argmax(1) == torch.arange(len(captions))).float().mean())
+    assert summary["s1"]["wds/captions"]["image_retrieval_recall@1"] == pytest.approx(recall1, abs=1e-6)
+    mcl = summary["mcl"]["wds/captions"]
+    assert 0 <= mcl["image_retrieval_recall@1"] <= mcl["image_retrieval_recall@5"] <= mcl["image_retrieval_recall@10"]
+
+    bad = [("--dataset", "nosuchset=/tmp", "--model", str(two_stages[0])),
+           ("--dataset", f"wds/shape={tmp_path / 'nowhere'}", "--model", str(two_stages[0])),
+           ("--dataset", f"wds/shape={sets['shape']}", "--model", str(tmp_path / "junk.pt"))]
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    wants = ["Unsupported dataset: nosuchset", "nowhere/test/nshards.txt: missing", "does not load"]
+    for args, want in zip(bad, wants):
+        r = run_cli("eval.zeroshot", *args, "--out", str(tmp_path / "o2"))
+        assert r.returncode == 2 and want in r.stderr.strip().splitlines()[-1], (want, r.stderr[-2000:])
+    assert not (tmp_path / "o2").exists()
