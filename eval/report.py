@@ -16,6 +16,8 @@ from pathlib import Path
 from common.io import atomic_output, write_json
 from eval.mmvp import SUMMARY_NAME
 from eval.probes import RECORD_NAME
+from eval.zeroshot import SUMMARY_NAME as ZEROSHOT_NAME
+from eval.zeroshot import main_metric
 from pipeline.stage import RunDir, StageDir
 
 SUPPRESSED, EASY = 35.0, 90.0
@@ -27,16 +29,18 @@ def _read(path: Path) -> dict:
 
 
 def seed_results(runs: dict[str, Path], seed: int, config: dict) -> dict:
-    """{"models": {name: {"mmvp": {...}, "probe": {...}}}, "seeds", "config", "comparison"} of one seed;
-    runs maps each method to its run folder (its eval/ holds mmvp_summary.json and probes.json)."""
+    """{"models": {name: {"mmvp", "probe", "zeroshot"}}, "seeds", "config", "comparison"} of one seed;
+    runs maps each method to its run folder (its eval/ holds mmvp_summary.json, probes.json and
+    zeroshot_summary.json)."""
     models = {}
     for method, run_dir in runs.items():
         evals = RunDir(run_dir).eval_dir
-        mmvp, probe = _read(evals / SUMMARY_NAME), _read(evals / RECORD_NAME)
-        models[method] = {"mmvp": mmvp.get(method, {}), "probe": probe.get(method, {})}
+        mmvp, probe, zeroshot = _read(evals / SUMMARY_NAME), _read(evals / RECORD_NAME), _read(evals / ZEROSHOT_NAME)
+        models[method] = {"mmvp": mmvp.get(method, {}), "probe": probe.get(method, {}),
+                          "zeroshot": zeroshot.get(method, {})}
         if method == "mcl":
             for name in (n for n in mmvp if n.startswith("stage")):
-                models[name] = {"mmvp": mmvp[name], "probe": probe.get(name, {})}
+                models[name] = {"mmvp": mmvp[name], "probe": probe.get(name, {}), "zeroshot": zeroshot.get(name, {})}
     return {"models": models, "seeds": [seed], "config": config, "comparison": compare(models)}
 
 
@@ -157,6 +161,23 @@ def _probe_table(per_seed: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _zeroshot_table(per_seed: list[dict]) -> str:
+    """Each model's main CLIP_benchmark metric per set (%, mean over seeds)."""
+    models = per_seed[0]["models"]
+    names = [n for n in models if models[n].get("zeroshot")]
+    if not names:
+        return "(no zero-shot sets)"
+    first = models[names[0]]["zeroshot"]
+    sets = list(first)
+    lines = ["| model | " + " | ".join(f"{d.removeprefix('wds/')} ({main_metric(first[d])[0]})" for d in sets) + " |",
+             "|---" * (len(sets) + 1) + "|"]
+    for n in names:
+        cells = [f"{100 * statistics.fmean(main_metric(r['models'][n]['zeroshot'][d])[1] for r in per_seed):.0f}"
+                 for d in sets]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _purity_table(stage_dirs: list[Path]) -> str:
     stats = [(d.name, _read(StageDir(d).assign_stats)) for d in stage_dirs]
     stats = [(n, s) for n, s in stats if s.get("purity")]
@@ -185,6 +206,10 @@ def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[
         "![MMVP per pattern](mmvp.png)", "",
         "## Attribute probes (held-out shards): linear probe / zero-shot accuracy (%)", "",
         _probe_table(per_seed), "",
+        "## Zero-shot on the world's held-out sets (CLIP_benchmark; %, mean over seeds)", "",
+        "Classification: one set per attribute, classes named as captions name them, top-1 accuracy; "
+        "retrieval (captions): image recall@5. Per-model files: each run's eval/zeroshot.csv and zeroshot.png.", "",
+        _zeroshot_table(per_seed), "",
         f"## Clusters of the MCL stages (seed {seed}): purity per attribute", "",
         "Purity: the share of samples whose attribute value is their cluster's most common one.", "",
         _purity_table(stage_dirs), "",

@@ -8,6 +8,7 @@ validated here, by the same function the train job uses, before anything is subm
     data: data/train/{00000..00009}.tar
     mmvp: data/mmvp                    # optional: evaluate the merged model and each stage
     probes: data/probe                 # optional: held-out shards of the synthetic world for attribute probes
+    benchmarks: [wds/cars=/data/cars, imagenet1k=/data/imagenet]  # optional: CLIP_benchmark sets (eval.zeroshot)
     method: mcl                        # mcl | ensemble (independently seeded plain CLIP stages, merged alike)
     name: null                         # the merged model's name in the evaluations (default: the method)
     stages: 3                          # trained stages (a stage 0 is added when train.pretrained is set)
@@ -163,6 +164,7 @@ class RunConfig:
     data: str
     mmvp: str | None = None
     probes: str | None = None
+    benchmarks: list[str] = field(default_factory=list)  # CLIP_benchmark data sets, NAME[=ROOT] (eval.zeroshot)
     method: str = "mcl"
     name: str | None = None
     stages: int = 3
@@ -296,6 +298,13 @@ def validate(cfg: RunConfig) -> list[str]:
         errors += _shards_gone(cfg, urls)
     if cfg.mmvp and not (Path(cfg.mmvp) / "Questions.csv").is_file():
         errors.append(f"mmvp: {cfg.mmvp}/Questions.csv missing")
+    for i, spec in enumerate(cfg.benchmarks):
+        from eval import zeroshot
+
+        try:
+            zeroshot.check(zeroshot.parse_dataset_arg(spec))
+        except UsageError as exc:
+            errors.append(f"benchmarks[{i}]: {exc}")
     if cfg.method not in ("mcl", "ensemble"):
         errors.append(f"method: must be mcl or ensemble, got {cfg.method!r}")
     if cfg.method == "ensemble" and (cfg.has_stage0 or cfg.stage_init != "scratch"):

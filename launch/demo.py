@@ -3,7 +3,9 @@
     python -m launch demo [--quick] [--config configs/demo.yaml] [--out runs/demo] [--seeds 0 1 2]
 
 1. Generates the world of the config's `data` section: training shards, held-out probe
-   shards and the MMVP-format benchmark (one pattern per attribute), and validates them.
+   shards, the MMVP-format benchmark (one pattern per attribute) and, from the probe shards,
+   CLIP_benchmark zero-shot sets (one classification set per attribute, one retrieval set),
+   and validates them.
 2. For each seed, runs three launch runs with the config's `run` section (local executor by
    default), in OUT/seed<S>/:
    - mcl: the MCL stages (clustering, sidecars, cluster-bucketed loader), merged;
@@ -11,7 +13,7 @@
      separates the MCL effect from mere ensembling); its stage 1 is trained exactly like
      MCL's stage 1 (plain CLIP, same seed), so it is copied from there, not trained twice;
    - baseline: plain CLIP, one stage, as many steps as all MCL stages together.
-   Each is evaluated on the benchmark and with the attribute probes. The config's `parallel`
+   Each is evaluated on the benchmark, with the attribute probes and on the zero-shot sets. The config's `parallel`
    (default 1) runs up to that many of the three side by side; the ensemble starts once
    MCL's stage 1 is trained.
 3. Writes OUT/seed<S>/results.json, OUT/summary.json (mean and std over seeds), OUT/mmvp.png
@@ -35,6 +37,7 @@ from common.cli import UsageError
 from shards.generate import generate
 from common.io import read_yaml, write_json
 from shards.mmvp_writer import write_benchmark
+from shards.zeroshot_writer import write_sets
 from shards.validate import validate
 
 log = logging.getLogger("launch.demo")
@@ -57,7 +60,8 @@ def make_world(config: str | Path, data: dict, out: Path, workers: int) -> dict[
         spec = W.load_spec(data["world"])
     except (KeyError, ValueError) as exc:
         raise UsageError(f"{config}: data.world: {exc}") from exc
-    paths = {"train": out / "data" / "train", "probe": out / "data" / "probe", "mmvp": out / "data" / "mmvp"}
+    paths = {"train": out / "data" / "train", "probe": out / "data" / "probe", "mmvp": out / "data" / "mmvp",
+             "zeroshot": out / "data" / "zeroshot"}
     seed = int(data.get("seed", 0))
     log.info("generating %d training samples in %s", data["num_samples"], paths["train"])
     sizes = generate(paths["train"], spec, int(data["num_samples"]), int(data.get("samples_per_shard", 1000)),
@@ -65,6 +69,8 @@ def make_world(config: str | Path, data: dict, out: Path, workers: int) -> dict[
     probe_samples = int(data.get("probe_samples", 2000))
     generate(paths["probe"], spec, probe_samples, probe_samples, seed + 1_000_003, 1, progress=False)
     write_benchmark(paths["mmvp"], spec, int(data.get("mmvp_pairs", 15)), int(data.get("mmvp_seed", 1)))
+    paths["benchmarks"] = [f"wds/{name}={folder}"
+                           for name, folder in write_sets(str(paths["probe"]), paths["zeroshot"]).items()]
     record = paths["train"] / "validation.json"
     if record.exists():
         report = json.loads(record.read_text())
@@ -83,7 +89,8 @@ def method_configs(run: dict, paths: dict[str, Path], seed_dir: Path, seed: int)
     from launch.config import run_config, stage_train_config
 
     base = copy.deepcopy(run)
-    base.update(data=str(paths["train"]), mmvp=str(paths["mmvp"]), probes=str(paths["probe"]))
+    base.update(data=str(paths["train"]), mmvp=str(paths["mmvp"]), probes=str(paths["probe"]),
+                benchmarks=paths["benchmarks"])
     base["train"] = {**base.get("train", {}), "seed": 1000 * seed}  # stage seeds never overlap across seeds
     mcl = run_config({**base, "run_dir": str(seed_dir / "mcl"), "method": "mcl"}, "demo run (mcl)")
     ensemble = run_config({**base, "run_dir": str(seed_dir / "ensemble"), "method": "ensemble",

@@ -1,7 +1,8 @@
 """Run the whole MCL DAG of one config through submitit, resumably.
 
 For each stage: train -> embed (array) -> cluster -> assign (array) -> reduce -> next
-stage; then merge -> eval (MMVP-VLM and the attribute probes, when configured); an ensemble
+stage; then merge -> eval (MMVP-VLM, the attribute probes and CLIP_benchmark sets, when
+configured); an ensemble
 run trains its stages alone. A step whose outputs exist and check is skipped, so running
 the same command again resumes a run (training from its latest checkpoint, also when
 submitit requeues it after a timeout or preemption) and a finished run does no work. The
@@ -86,9 +87,10 @@ def plan(cfg: RunConfig) -> list[Step]:
     merging = dict(stage_dirs=model_dirs, out=str(merged), names=[f"stage{s}" for s in names],
                    per_stage_norm=cfg.per_stage_norm)
     out.append(Step("merge", S.merge_stages, [merging], functools.partial(merge.is_done, model_dirs, merged)))
-    if cfg.mmvp or cfg.probes:
+    if cfg.mmvp or cfg.probes or cfg.benchmarks:
         specs = [f"{cfg.name or cfg.method}={merged}"] + [f"stage{s}={stages[s].model_dir}" for s in names]
-        evaluation = dict(models=specs, out=str(run.eval_dir), mmvp=cfg.mmvp, probes=cfg.probes)
+        evaluation = dict(models=specs, out=str(run.eval_dir), mmvp=cfg.mmvp, probes=cfg.probes,
+                          benchmarks=list(cfg.benchmarks))
         out.append(Step("eval", S.evaluate, [evaluation],
                         functools.partial(S.evaluated, merged=str(merged), **evaluation)))
     return out

@@ -83,31 +83,49 @@ def merge_stages(*, stage_dirs: list[str], out: str, names: list[str], per_stage
     return str(merge(stage_dirs, out, names, per_stage_norm))
 
 
-def evaluate(*, models: list[str], out: str, mmvp: str | None, probes: str | None) -> dict:
+def evaluate(*, models: list[str], out: str, mmvp: str | None, probes: str | None,
+             benchmarks: list[str] = ()) -> dict:
     """The evaluations of a run in one job (the encoders are loaded once): MMVP-VLM on the
-    benchmark folder `mmvp` and the attribute probes on the shards `probes`, when given."""
+    benchmark folder `mmvp`, the attribute probes on the shards `probes` and the CLIP_benchmark
+    data sets `benchmarks` (NAME[=ROOT], eval.zeroshot), when given."""
     _setup()
     from eval import probes as P
     from eval.encoders import load_encoder
     from eval import mmvp as M
+    from eval import zeroshot as Z
 
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    sets = [Z.parse_dataset_arg(b) for b in benchmarks]
+    for bench in sets:
+        Z.check(bench)  # before the models load
     encoders = [load_encoder(m, device) for m in models]
     result = {}
     if mmvp:
         result["mmvp"] = M.write_outputs(M.evaluate(mmvp, encoders), out)
     if probes:
         result["probes"] = P.write_outputs(P.probe(encoders, probes), out)
+    if sets:
+        result["zeroshot"] = Z.write_outputs(Z.evaluate(sets, encoders), out)
     return result
 
 
-def evaluated(*, models: list[str], out: str, mmvp: str | None, probes: str | None, merged: str) -> bool:
-    """`evaluate`'s records exist and are newer than the merged model."""
+def evaluated(*, models: list[str], out: str, mmvp: str | None, probes: str | None, merged: str,
+              benchmarks: list[str] = ()) -> bool:
+    """`evaluate`'s records exist, are newer than the merged model and cover its benchmarks."""
     from eval import mmvp as M
     from eval import probes as P
+    from eval import zeroshot as Z
 
-    records = [Path(out) / name for name, wanted in ((M.SUMMARY_NAME, mmvp), (P.RECORD_NAME, probes)) if wanted]
-    return bool(records) and all(r.exists() and Path(merged).exists()
-                                 and r.stat().st_mtime >= Path(merged).stat().st_mtime for r in records)
+    records = [Path(out) / name for name, wanted in
+               ((M.SUMMARY_NAME, mmvp), (P.RECORD_NAME, probes), (Z.SUMMARY_NAME, benchmarks)) if wanted]
+    fresh = bool(records) and all(r.exists() and Path(merged).exists()
+                                  and r.stat().st_mtime >= Path(merged).stat().st_mtime for r in records)
+    if fresh and benchmarks:
+        import json
+
+        done = json.loads((Path(out) / Z.SUMMARY_NAME).read_text())
+        names = {Z.parse_dataset_arg(b).name for b in benchmarks}
+        return all(names <= set(per) for per in done.values())
+    return fresh

@@ -22,6 +22,10 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
         assert all(0 <= v <= 100 for v in rec["mmvp"].values())
         assert set(rec["probe"]) == {"background", "shape", "count", "position"}, name
         assert all(set(v) == {"linear", "zero_shot", "chance"} for v in rec["probe"].values())
+        sets = {f"wds/{a}" for a in ("background", "shape", "count", "position", "captions")}
+        assert set(rec["zeroshot"]) == sets, name  # the world's CLIP_benchmark sets
+        assert 0 <= rec["zeroshot"]["wds/count"]["acc1"] <= 1 and "image_retrieval_recall@5" in rec["zeroshot"][
+            "wds/captions"], name
     assert results["config"]["run"]["stages"] == 2
     comparison = results["comparison"]
     assert set(comparison["suppressed"]) | set(comparison["easy"]) <= set(PATTERNS)
@@ -51,10 +55,12 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
     assert summary["seeds"] == [0] and isinstance(summary["required_met"], bool)
     assert summary["models"]["mcl"]["mmvp"]["average"]["mean"] == results["models"]["mcl"]["mmvp"]["average"]
     report = (tmp_path / "report.md").read_text()
-    for part in ("| baseline |", "| ensemble |", "| mcl |", "| stage1 |", "mmvp.png", "purity",
+    for part in ("| baseline |", "| ensemble |", "| mcl |", "| stage1 |", "mmvp.png", "purity", "Zero-shot",
+                 "| model | background (acc1) |",
                  "seed0/mcl/stage1/clusters/grid.png"):
         assert part in report, part
-    for png in ("mmvp.png", "seed0/mcl/stage1/clusters/grid.png", "seed0/mcl/eval/probes.png"):
+    for png in ("mmvp.png", "seed0/mcl/stage1/clusters/grid.png", "seed0/mcl/eval/probes.png",
+                "seed0/baseline/eval/zeroshot.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
     assert "| mcl |" in r.stdout and "required (" in r.stdout
 

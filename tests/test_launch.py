@@ -177,6 +177,9 @@ def test_a_bad_value_fails_before_submission_with_one_line(tmp_path, tiny_shards
     ("executor.slurm.steps.embed.nodes=2", "executor.slurm.steps.embed.nodes: the embed step runs on one node"),
     ("executor.slurm.steps.trian.mem_gb=8", "executor.slurm.steps.trian: unknown step"),
     ("executor.slurm.steps.train.gpus=8", "executor.slurm.steps.train.gpus: unknown key"),
+    ("benchmarks=[wds/cars=/nowhere]", "benchmarks[0]: /nowhere/test/nshards.txt: missing"),
+    ("benchmarks=[nosuchset]", "benchmarks[0]: --dataset nosuchset=root: Unsupported dataset: nosuchset"),
+    ("train.report_to=[tensorboard,comet]", "train.report_to: unknown tracker 'comet'"),
 ])
 def test_every_key_of_the_run_config_is_typed_and_validated_by_name(tmp_path, tiny_shards, override, message):
     from common.cli import UsageError
