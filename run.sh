@@ -5,7 +5,9 @@
 #   ./run.sh test [args]   the test suite (python -m pytest); also sets up img2dataset in
 #                          .venv-img2dataset (a real img2dataset output is a test fixture);
 #                          as root it first starts a 2-node Slurm on localhost
-#                          (scripts/slurm_local.sh) for the slurm executor's test
+#                          (scripts/slurm_local.sh) for the slurm executor's tests, and a
+#                          Docker engine with the project's images built from this checkout
+#                          (scripts/docker_local.sh; cached: a fresh machine pays ~5 min once)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -58,6 +60,7 @@ case "$cmd" in
         setup_img2dataset || echo "run.sh: img2dataset did not install; tests/test_img2dataset.py will fail" >&2
         if [ "$(id -u)" = 0 ]; then  # the slurm executor's tests need a Slurm: start one on localhost
           bash scripts/slurm_local.sh || echo "run.sh: Slurm did not start; its test will fail" >&2
+          bash scripts/docker_local.sh all >/dev/null || echo "run.sh: the Docker images did not build; their tests will fail" >&2
         fi
         exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: ./run.sh demo [args] | ./run.sh test [pytest args]" >&2; exit 2 ;;

@@ -285,7 +285,22 @@ def epoch_plan(num_samples: int, batch_size: int, world_size: int, workers: int)
     return worker_batches, worker_batches * max(1, workers)
 
 
+def settle_feeder_threads(timeout: float = 10.0) -> None:
+    """Wait for the queue feeder threads that an exhausted DataLoader leaves behind. Its shutdown
+    closes the worker queues without joining their feeder threads, and forking the next epoch's
+    workers while one of them is still being torn down can leave a worker deadlocked in CPython's
+    after-fork re-initialisation (seen once: a worker stuck in PyOS_AfterFork_Child at the second
+    epoch of a 2-rank run on a loaded machine, the ranks waiting on it for good)."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
 def make_loader(stream: TrainStream, workers: int, seed: int) -> DataLoader:
+    if workers:
+        settle_feeder_threads()
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
                       generator=torch.Generator().manual_seed(seed))
