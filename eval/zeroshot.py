@@ -18,7 +18,7 @@ type retrieval, classification otherwise. The metrics are CLIP_benchmark's own f
 
 A model is NAME=SPEC (or SPEC; see eval.encoders): a merged MCL artifact, a stage folder, a
 training checkpoint, or an open_clip ARCH:TAG. Writes OUT/zeroshot.csv (model, dataset, task,
-metric, value), OUT/zeroshot_summary.json ({model: {dataset: {metric: value}}}) and
+metric, value), OUT/zeroshot_summary.json ({model: {dataset: {"task", "root", metric: value}}}) and
 OUT/zeroshot.png (each dataset's main metric per model), each atomically.
 """
 from __future__ import annotations
@@ -83,22 +83,24 @@ def check(bench: Benchmark, download: bool = False) -> None:
     elif bench.name.startswith("folder/"):
         if not Path(bench.root, SPLIT).is_dir():
             raise UsageError(f"{Path(bench.root, SPLIT)}: missing (an image folder needs ROOT/{SPLIT}/<class>/)")
-    else:
-        build(bench, None, download)  # an unknown name or missing files fail here, before any model loads
-    if bench.task not in MAIN_METRIC:
+    elif bench.task not in MAIN_METRIC:
         raise UsageError(f"--dataset {bench.name}: task {bench.task} is not run here "
                          "(zero-shot classification and retrieval are)")
+    else:
+        build(bench, None, download)  # an unknown name or missing files fail here, before any model loads
 
 
 def build(bench: Benchmark, transform, download: bool):
     """The data set (with .classes and .templates for classification), as CLIP_benchmark builds it."""
     from clip_benchmark.datasets.builder import build_dataset
 
-    if bench.name.startswith("folder/"):
-        return _folder_dataset(bench, transform)
     try:
+        if bench.name.startswith("folder/"):
+            return _folder_dataset(bench, transform)
         return build_dataset(bench.name, root=bench.root, transform=transform, split=SPLIT, download=download,
                              task=bench.task)
+    except ImportError as exc:  # e.g. vtab/ needs task_adaptation, tfds/ tensorflow_datasets
+        raise UsageError(f"--dataset {bench.name}: needs the package {exc.name or exc} (pip install it)") from exc
     except (OSError, ValueError, RuntimeError, AssertionError, KeyError) as exc:
         raise UsageError(f"--dataset {bench.name}={bench.root}: {str(exc).strip() or type(exc).__name__}") from exc
 
@@ -156,7 +158,7 @@ def evaluate(benchmarks: list[Benchmark], encoders: list[Encoder], batch_size: i
                                                                                 device, amp=amp)
                     metrics = classification_metrics(logits, target, len(ds.classes))
             metrics = {k: round(float(v), 6) for k, v in metrics.items()}
-            results[enc.name][bench.name] = {"task": bench.task, **metrics}
+            results[enc.name][bench.name] = {"task": bench.task, "root": bench.root, **metrics}
             log.info("%s on %s: %s", enc.name, bench.name, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return results
 
@@ -178,9 +180,25 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor, classes: 
     return metrics
 
 
+NOT_METRICS = ("task", "root")
+
+
 def main_metric(record: dict) -> tuple[str, float]:
-    key = MAIN_METRIC.get(record["task"], next(k for k in record if k != "task"))
+    key = MAIN_METRIC.get(record["task"], next(k for k in record if k not in NOT_METRICS))
     return key, record[key]
+
+
+def covers(summary: dict, models: list[str], benchmarks: list[str]) -> bool:
+    """A summary holds every one of `models` (names) on every one of `benchmarks` (NAME=ROOT,
+    the same roots): nothing of it is to be redone."""
+    wanted = {(b.name, b.root) for b in map(parse_dataset_arg, benchmarks)}
+    return all(name in summary and wanted <= {(d, r.get("root")) for d, r in summary[name].items()}
+               for name in models)
+
+
+def duplicate_names(benchmarks: list[str]) -> list[str]:
+    names = [parse_dataset_arg(b).name for b in benchmarks]
+    return sorted({n for n in names if names.count(n) > 1})
 
 
 def write_outputs(results: dict, out: str | Path) -> dict:
@@ -192,7 +210,7 @@ def write_outputs(results: dict, out: str | Path) -> dict:
     for model, per in results.items():
         for dataset, record in per.items():
             for metric, value in record.items():
-                if metric != "task":
+                if metric not in NOT_METRICS:
                     w.writerow([model, dataset, record["task"], metric, value])
     with atomic_output(out / "zeroshot.csv", "w") as f:
         f.write(buf.getvalue())
@@ -242,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--download", action="store_true", help="let CLIP_benchmark download a missing data set")
     args = p.parse_args(argv)
     setup_logging()
+    if duplicate_names(args.dataset):
+        raise UsageError(f"--dataset: {', '.join(duplicate_names(args.dataset))} given twice")
     benchmarks = [parse_dataset_arg(d) for d in args.dataset]
     for bench in benchmarks:
         check(bench, args.download)  # bad data fails before models load

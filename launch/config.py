@@ -298,9 +298,11 @@ def validate(cfg: RunConfig) -> list[str]:
         errors += _shards_gone(cfg, urls)
     if cfg.mmvp and not (Path(cfg.mmvp) / "Questions.csv").is_file():
         errors.append(f"mmvp: {cfg.mmvp}/Questions.csv missing")
-    for i, spec in enumerate(cfg.benchmarks):
-        from eval import zeroshot
+    from eval import zeroshot
 
+    if zeroshot.duplicate_names(cfg.benchmarks):
+        errors.append(f"benchmarks: {', '.join(zeroshot.duplicate_names(cfg.benchmarks))} given twice")
+    for i, spec in enumerate(cfg.benchmarks):
         try:
             zeroshot.check(zeroshot.parse_dataset_arg(spec))
         except UsageError as exc:

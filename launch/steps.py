@@ -125,7 +125,8 @@ def evaluated(*, models: list[str], out: str, mmvp: str | None, probes: str | No
     if fresh and benchmarks:
         import json
 
+        from eval.encoders import parse_model_arg
+
         done = json.loads((Path(out) / Z.SUMMARY_NAME).read_text())
-        names = {Z.parse_dataset_arg(b).name for b in benchmarks}
-        return all(names <= set(per) for per in done.values())
+        return Z.covers(done, [parse_model_arg(m)[0] for m in models], list(benchmarks))
     return fresh

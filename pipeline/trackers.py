@@ -14,8 +14,10 @@ trackers its main rank writes to, besides metrics.jsonl:
 Scalars: train/<key> for each step's record (loss, lr, logit_scale, samples_per_s,
 effective_negatives, epoch), loader/<counter> at the end of each epoch (pure, mixed and
 early batches, fallback samples, data problems skipped). A tracker never stops training:
-a W&B that cannot be reached (or is not logged in) is reported in one warning and left out;
-a package that is missing is a configuration error before training starts.
+one that cannot start (a W&B that cannot be reached or is not logged in: after
+WANDB_INIT_TIMEOUT, 90 s by default, or a 30 s login prompt) is reported in one warning and
+left out, and W&B's uploads get at most 2 minutes at the end; a crashed stage's W&B run is
+marked failed. A package that is missing is a configuration error before training starts.
 """
 from __future__ import annotations
 
@@ -25,9 +27,14 @@ import os
 import re
 from pathlib import Path
 
+from common.imports import allow_import
+
 log = logging.getLogger("pipeline.train")
 KNOWN = ("tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+LABELS = {"tensorboard": "TensorBoard", "wandb": "W&B"}
+LOGIN_TIMEOUT_S = 30     # a terminal's login prompt left unanswered
+FINISH_TIMEOUT_S = 120   # uploads still pending when the stage ends
 
 
 def tracker_names(report_to: list[str] | str) -> list[str]:
@@ -43,10 +50,14 @@ def check(report_to: list[str] | str) -> list[str]:
 
 
 def missing_packages(report_to: list[str] | str) -> list[str]:
-    """The trackers of `report_to` whose package is not installed."""
+    """The trackers of `report_to` whose package is not installed (and the import of those that
+    are allowed again: pipeline/__init__ keeps wandb out of processes that do not use it)."""
     import importlib.util
 
-    return [name for name in tracker_names(report_to) if importlib.util.find_spec(PACKAGES[name]) is None]
+    names = tracker_names(report_to)
+    for name in names:
+        allow_import(PACKAGES[name])
+    return [name for name in names if importlib.util.find_spec(PACKAGES[name]) is None]
 
 
 class TensorBoardTracker:
@@ -54,13 +65,13 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: TensorBoard drops the events of an earlier session from the step this one redoes
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -75,13 +86,15 @@ class WandbTracker:
             project=project or os.environ.get("WANDB_PROJECT") or "mcl", entity=entity,
             group=out.parent.name, name=out.name, job_type="train", id=run_id,
             resume="allow", dir=str(out), config=config,
-            settings=wandb.Settings(silent=True, console="off"))
+            # never wait on W&B for good: a login prompt or an upload that cannot finish
+            settings=wandb.Settings(silent=True, console="off", login_timeout=LOGIN_TIMEOUT_S,
+                                    finish_timeout=FINISH_TIMEOUT_S))
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class Trackers:
@@ -90,14 +103,13 @@ class Trackers:
     def __init__(self, names: list[str], out: Path, start_step: int, config: dict,
                  wandb_project: str | None = None, wandb_entity: str | None = None):
         self.active: dict = {}
-        if "tensorboard" in names:
-            self.active["tensorboard"] = TensorBoardTracker(out, start_step)
-        if "wandb" in names:
-            (out / "wandb").mkdir(parents=True, exist_ok=True)
+        makers = {"tensorboard": lambda: TensorBoardTracker(out, start_step),
+                  "wandb": lambda: WandbTracker(out, config, wandb_project, wandb_entity)}
+        for name in names:
             try:
-                self.active["wandb"] = WandbTracker(out, config, wandb_project, wandb_entity)
-            except Exception as exc:  # noqa: BLE001 - unreachable, not logged in, ...: train without it
-                log.warning("report_to: W&B left out, training goes on without it: %s",
+                self.active[name] = makers[name]()
+            except Exception as exc:  # noqa: BLE001 - unreachable, not logged in, a folder it cannot write...
+                log.warning("report_to: %s left out, training goes on without it: %s", LABELS[name],
                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
@@ -108,10 +120,11 @@ class Trackers:
                 log.warning("report_to: %s left out after an error: %s", name, exc)
                 del self.active[name]
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """End every tracker (`failed`: training stopped on an error, W&B marks the run failed)."""
         for name, tracker in self.active.items():
             try:
-                tracker.close()
+                tracker.close(failed)
             except Exception as exc:  # noqa: BLE001
                 log.warning("report_to: closing %s: %s", name, exc)
         self.active = {}

@@ -142,7 +142,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                          lambda: Trackers(tracker_names(cfg.report_to), out, at.step,
                                           {**to_dict(cfg), "world_size": info.world_size, "batching": mode},
                                           cfg.wandb_project, cfg.wandb_entity))
-    step, epoch, data_problems = at.step, at.epoch, {}
+    step, epoch, data_problems, failed = at.step, at.epoch, {}, True
     try:
         while step < total_steps:
             start = at.workers if epoch == at.epoch else {}  # only a resumed epoch starts part-way
@@ -170,8 +170,9 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                 data_problems[kind] = max(n, data_problems.get(kind, 0))
             metrics.epoch_end(step, stats, problems)
             epoch += 1
+        failed = False
     finally:
-        metrics.close()
+        metrics.close(failed)
 
     record = {"steps": step, "final_loss": metrics.last.get("loss"), "model_dir": str(out / "model"),
               "architecture": cfg.model, "data_problems": data_problems, "config": to_dict(cfg), "batching": mode}

@@ -86,11 +86,11 @@ class MetricsLog:
         if scalars:
             self.trackers.log(scalars, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.enabled:
             self.file.close()
             if self.trackers is not None:
-                self.trackers.close()
+                self.trackers.close(failed)
 
 
 class LoaderProgress:

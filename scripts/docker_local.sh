@@ -4,7 +4,8 @@
 # 1. installs and starts the Docker engine when none answers (Debian's docker.io; dockerd in the
 #    background, its log in /var/log/dockerd.log);
 # 2. makes the base image once, cached by its tag (mcl-base:bookworm): debootstrap a minimal
-#    Debian 12 with Python 3.11 and venv from the Debian mirror apt already uses, `docker import`;
+#    Debian 12 with Python 3.11 and venv from the Debian mirror apt uses on a Debian host
+#    (else deb.debian.org, or $MCL_DEBIAN_MIRROR), `docker import`;
 # 3. builds mcl:cpu and mcl:gpu FROM it (docker/Dockerfile.*, build arg BASE), with BuildKit so
 #    that the host's CA bundle (when pip is configured with one: a TLS proxy of its own) reaches
 #    pip as a build secret, never a layer of the image. Layers are cached between runs.
@@ -43,9 +44,12 @@ fi
 if ! docker image inspect "$BASE_TAG" >/dev/null 2>&1; then
   command -v debootstrap >/dev/null 2>&1 || {
     apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
-  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  [ -n "$mirror" ] || mirror=$(awk '/^deb / && $2 ~ /^http/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-  mirror=${mirror:-http://deb.debian.org/debian}
+  mirror=""
+  if grep -qx 'ID=debian' /etc/os-release 2>/dev/null; then  # a Debian host: the mirror its apt uses
+    mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    [ -n "$mirror" ] || mirror=$(awk '/^deb / && $2 ~ /^http/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  fi
+  mirror=${MCL_DEBIAN_MIRROR:-${mirror:-http://deb.debian.org/debian}}
   rootfs=$(mktemp -d /var/tmp/mcl-rootfs.XXXXXX)
   trap 'rm -rf "$rootfs"' EXIT
   echo "docker_local.sh: debootstrap bookworm from $mirror" >&2
@@ -62,6 +66,10 @@ ca=$(pip config get global.cert 2>/dev/null || true)
 ca=${ca:-${PIP_CERT:-${REQUESTS_CA_BUNDLE:-${SSL_CERT_FILE:-}}}}
 secret=()
 [ -n "$ca" ] && [ -s "$ca" ] && secret=(--secret "id=ca,src=$ca")
+# the host's proxy, if any (Docker passes these build args to RUN without an ARG line)
+for var in HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
+  [ -n "${!var:-}" ] && secret+=(--build-arg "$var=${!var}")
+done
 
 for kind in cpu gpu; do
   [ "$which_images" = all ] || [ "$which_images" = "$kind" ] || continue

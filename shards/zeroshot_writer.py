@@ -79,6 +79,7 @@ def _write(out: Path, examples: _Examples, retrieval: bool) -> None:
             convert_retrieval_dataset(examples, SPLIT, str(tmp), image_format="png", verbose=False)
         else:
             convert_dataset(examples, SPLIT, str(tmp), image_format="png", verbose=False)
+    shutil.rmtree(out, ignore_errors=True)  # an incomplete set (no nshards.txt) of an earlier try
     tmp.rename(out)
 
 
@@ -88,6 +89,8 @@ def write_sets(data: str, out: str | Path, max_samples: int = 2000) -> dict[str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folders = {kind: out / kind for kind in spec.names} | {RETRIEVAL: out / RETRIEVAL}
+    if all((folder / SPLIT / "nshards.txt").is_file() for folder in folders.values()):
+        return folders
     images = [_png(s["image"]) for s in samples]
     for kind in spec.names:
         if (folders[kind] / SPLIT / "nshards.txt").is_file():

@@ -49,12 +49,16 @@ def test_gpu_image_swaps_faiss_at_the_pinned_version():
 
 
 @pytest.fixture(scope="module")
-def images():
-    """mcl:cpu and mcl:gpu built from this checkout (the script is a no-op on cached layers)."""
+def images(tmp_path_factory):
+    """mcl:cpu and mcl:gpu built from this checkout (the script is a no-op on cached layers;
+    one build at a time across the test workers)."""
+    from filelock import FileLock
+
     if os.geteuid() != 0:
         pytest.fail("the image tests need root to run the Docker engine (./run.sh test as root, as in CI)")
-    r = subprocess.run(["bash", str(REPO / "scripts" / "docker_local.sh"), "all"], capture_output=True, text=True,
-                       timeout=1800)
+    with FileLock(str(tmp_path_factory.getbasetemp().parent / "docker_images.lock")):
+        r = subprocess.run(["bash", str(REPO / "scripts" / "docker_local.sh"), "all"], capture_output=True,
+                           text=True, timeout=1800)
     assert r.returncode == 0 and r.stdout.split() == ["mcl:cpu", "mcl:gpu"], r.stderr[-3000:]
     return {"cpu": "mcl:cpu", "gpu": "mcl:gpu"}
 
@@ -99,7 +103,8 @@ def test_eval_mmvp_from_the_cpu_image_gives_the_host_s_numbers(images, tmp_path,
     assert r.returncode == 0, r.stderr[-3000:]
     host = subprocess.run([sys.executable, "-m", "eval.mmvp", "--data", str(bench), "--model",
                            f"s1={tmp_path / 'm' / 'stage1'}", "--out", str(tmp_path / "host")], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # the CPU, as in the container
     assert host.returncode == 0, host.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "mmvp_summary.json").read_text())
     assert summary == json.loads((tmp_path / "host" / "mmvp_summary.json").read_text())

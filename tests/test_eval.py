@@ -268,7 +268,8 @@ def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(t
 
     r = run_cli("eval.zeroshot", "--dataset", f"wds/shape={sets['shape']}", "--dataset", f"folder/shape={folder}",
                 "--dataset", f"wds/captions={sets['captions']}", "--model", f"s1={two_stages[0]}",
-                "--model", f"mcl={merged}", "--out", str(tmp_path / "out"), "--batch-size", "32")
+                "--model", f"mcl={merged}", "--out", str(tmp_path / "out"), "--batch-size", "32",
+                env={"CUDA_VISIBLE_DEVICES": ""})  # fp32 on the CPU, as the direct computation below
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "zeroshot_summary.json").read_text())
     assert list(summary) == ["s1", "mcl"] and list(summary["mcl"]) == ["wds/shape", "folder/shape", "wds/captions"]
@@ -299,3 +300,14 @@ def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(t
         r = run_cli("eval.zeroshot", *args, "--out", str(tmp_path / "o2"))
         assert r.returncode == 2 and want in r.stderr.strip().splitlines()[-1], (want, r.stderr[-2000:])
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_run_s_zero_shot_results_count_as_done_only_for_the_same_models_sets_and_roots():
+    from eval.zeroshot import covers, duplicate_names
+    summary = {"mcl": {"wds/a": {"task": "zeroshot_classification", "root": "/r1", "acc1": 0.5}},
+               "stage1": {"wds/a": {"task": "zeroshot_classification", "root": "/r1", "acc1": 0.4}}}
+    assert covers(summary, ["mcl", "stage1"], ["wds/a=/r1"])
+    assert not covers(summary, ["mcl", "stage1"], ["wds/a=/r2"])  # the set moved: evaluate again
+    assert not covers(summary, ["mcl", "stage1", "stage2"], ["wds/a=/r1"])  # a model more
+    assert not covers(summary, ["mcl"], ["wds/a=/r1", "wds/b=/r1"])  # a set more
+    assert duplicate_names(["wds/a=/r1", "wds/a=/r2", "wds/b"]) == ["wds/a"]

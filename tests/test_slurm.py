@@ -75,8 +75,11 @@ def test_the_dag_runs_detached_and_two_node_training_matches_one_node(slurm, tmp
     reference = subprocess.Popen([sys.executable, "-m", "launch", "run", *common, f"run_dir={one_dir}", "mmvp=",
                                   "executor.slurm.steps.train.tasks_per_node=2"],
                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    r = run_cli("launch", "run", *args)  # attaches: waits for each step's queued job in turn
-    out, err = reference.communicate(timeout=900)
+    try:
+        r = run_cli("launch", "run", *args, timeout=900)  # attaches: waits for each step's queued job in turn
+        out, err = reference.communicate(timeout=900)
+    finally:
+        reference.kill()
     assert reference.returncode == 0, f"one node: {err[-4000:]}"
     assert r.returncode == 0, r.stderr[-4000:]
     # attached at once: it waits for the steps still queued or running (how many depends on speed)

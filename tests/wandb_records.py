@@ -14,6 +14,9 @@ BLOCK, HEADER = 32768, 7
 
 
 def records(path: Path):
+    from common.imports import allow_import
+
+    allow_import("wandb")  # pipeline/__init__ keeps it out of processes that do not log to W&B
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
