@@ -13,7 +13,6 @@ OUT/probes.png (accuracy per attribute and model, with chance marked) and prints
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -25,30 +24,17 @@ from eval.encoders import Encoder, load_encoder
 from shards import world as W
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import write_json
-from shards.reader import ProblemLog, expand_urls, read_samples
+from shards.world_samples import labelled_samples, read_world
 
 log = logging.getLogger("eval.probes")
 RECORD_NAME = "probes.json"  # what launch checks to call the evaluation done
 
 
-def load_world(data: str) -> W.WorldSpec:
-    urls = expand_urls(data)
-    record = Path(urls[0]).parent / "world.json"
-    if not record.is_file():
-        raise UsageError(f"{record}: missing; probes need shards of the synthetic world (shards.generate)")
-    return W.spec_from_dict(json.loads(record.read_text())["world"], source=str(record))
-
-
 def probe(encoders: list[Encoder], data: str, max_samples: int = 2000, seed: int = 0) -> dict:
     from sklearn.linear_model import LogisticRegression
 
-    spec = load_world(data)
-    samples = []
-    for s in read_samples(data, ProblemLog()):
-        if isinstance(s["json"], dict) and "attributes" in s["json"]:
-            samples.append(s)
-        if len(samples) >= max_samples:
-            break
+    spec = read_world(data, "probes")
+    samples = labelled_samples(data, max_samples)
     if len(samples) < 20:
         raise UsageError(f"{data}: only {len(samples)} samples with attribute labels")
     rng = np.random.default_rng(seed)

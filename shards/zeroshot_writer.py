@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Sequence
 
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from shards import world as W
-from shards.reader import ProblemLog, expand_urls, read_samples
+from shards.world_samples import labelled_samples, read_world
 
 log = logging.getLogger("shards.zeroshot_writer")
 RETRIEVAL = "captions"
@@ -47,17 +46,8 @@ class _Examples(list):
 
 
 def _load(data: str, max_samples: int) -> tuple[W.WorldSpec, list[dict]]:
-    urls = expand_urls(data)
-    record = Path(urls[0]).parent / "world.json"
-    if not record.is_file():
-        raise UsageError(f"{record}: missing; zero-shot sets are made from shards of the synthetic world")
-    spec = W.spec_from_dict(json.loads(record.read_text())["world"], source=str(record))
-    samples = []
-    for s in read_samples(data, ProblemLog()):
-        if isinstance(s["json"], dict) and "attributes" in s["json"]:
-            samples.append(s)
-        if len(samples) >= max_samples:
-            break
+    spec = read_world(data, "zero-shot sets")
+    samples = labelled_samples(data, max_samples)
     if not samples:
         raise UsageError(f"{data}: no samples with attribute labels")
     return spec, samples
