@@ -17,11 +17,13 @@ shards (reshuffled): ranks always make the same number of steps, as DDP needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import heapq
 import logging
 import math
 import random
+import time
 from typing import Iterator, Sequence
 
 import torch
@@ -285,22 +287,39 @@ def epoch_plan(num_samples: int, batch_size: int, world_size: int, workers: int)
     return worker_batches, worker_batches * max(1, workers)
 
 
-def settle_feeder_threads(timeout: float = 10.0) -> None:
-    """Wait for the queue feeder threads that an exhausted DataLoader leaves behind. Its shutdown
-    closes the worker queues without joining their feeder threads, and forking the next epoch's
-    workers while one of them is still being torn down can leave a worker deadlocked in CPython's
-    after-fork re-initialisation (seen once: a worker stuck in PyOS_AfterFork_Child at the second
-    epoch of a 2-rank run on a loaded machine, the ranks waiting on it for good)."""
-    import threading
-
-    for thread in threading.enumerate():
-        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
-            thread.join(timeout)
-
-
-def make_loader(stream: TrainStream, workers: int, seed: int) -> DataLoader:
-    if workers:
-        settle_feeder_threads()
+def make_loader(stream: TrainStream, workers: int, seed: int, worker_init_fn=None) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init_fn)
+
+
+WORKER_START_TIMEOUT_S = 60
+
+
+def _mark_started(counter, worker_id: int) -> None:
+    with counter.get_lock():
+        counter.value += 1
+
+
+def start_batches(stream: TrainStream, workers: int, seed: int, timeout: float = WORKER_START_TIMEOUT_S):
+    """`iter(make_loader(...))`, once every worker process has started. A worker forked while
+    another thread of the rank held CPython's runtime lock never starts: Python 3.11 takes that
+    lock in the child before it re-creates it (seen here: a worker stuck in PyOS_AfterFork_Child
+    at an epoch's start, the ranks waiting on it for good). Such a start is shut down and made
+    again, with a warning; the epoch's batches are the same, as nothing was consumed yet."""
+    import multiprocessing
+
+    if not workers:
+        return iter(make_loader(stream, workers, seed))
+    for _ in range(3):
+        started = multiprocessing.get_context("fork").Value("i", 0)
+        batches = iter(make_loader(stream, workers, seed, functools.partial(_mark_started, started)))
+        deadline = time.monotonic() + timeout
+        while started.value < workers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if started.value >= workers:
+            return batches
+        log.warning("%d of %d DataLoader workers did not start within %.0f s (stuck after fork); "
+                    "starting them again", workers - started.value, workers, timeout)
+        batches._shutdown_workers()  # terminates the stuck ones
+    raise RuntimeError(f"DataLoader workers did not start within {timeout:.0f} s, three times")

@@ -36,7 +36,7 @@ from pipeline import models
 from pipeline.artifacts import array_fingerprint
 from pipeline.batch import Batch
 from pipeline.checkpoints import Checkpoints, Position
-from pipeline.data import (SidecarLabeler, TrainStream, _seed, epoch_plan, JsonLabeler, make_loader,
+from pipeline.data import (SidecarLabeler, TrainStream, _seed, epoch_plan, JsonLabeler, start_batches,
                            no_labels, sidecar_label_table)
 from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed, node_name
 from pipeline.engine import Engine, create_engine
@@ -256,7 +256,7 @@ def _resume(ckpts: Checkpoints, cfg: TrainConfig, info: DistInfo) -> Position:
 def _batches(stream: TrainStream, cfg: TrainConfig, epoch: int, info: DistInfo, pad: bool) -> Iterator[Batch]:
     """This rank's batches of `epoch`. With `pad` (ranks that run out at different steps),
     padding batches follow until every rank has run out."""
-    batches = iter(make_loader(stream, cfg.workers, _seed(cfg.seed, epoch)))
+    batches = start_batches(stream, cfg.workers, _seed(cfg.seed, epoch))
     while True:
         batch = next(batches, None)
         if pad:

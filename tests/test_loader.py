@@ -244,3 +244,38 @@ def test_an_epoch_resumed_at_uneven_worker_positions_continues_in_order(tiny_sha
     assert [b.keys for b in rest] == [b.keys for b in full[5:]]
     assert all(torch.equal(a.images, b.images) for a, b in zip(full[5:], rest))
     assert [(b.info.worker, b.info.made) for b in rest] == [(b.info.worker, b.info.made) for b in full[5:]]
+
+
+def test_a_worker_that_never_starts_is_started_again_with_the_same_batches(tiny_shards, tmp_path, monkeypatch, caplog):
+    """What a worker stuck after fork (CPython 3.11's runtime lock) looks like to the rank: it never
+    runs. start_batches notices within its timeout, shuts the loader down and starts it again;
+    the epoch's batches are those of an undisturbed start."""
+    import os
+    import time
+
+    from pipeline import data
+    from pipeline.data import no_labels, start_batches
+
+    def keys(batches):
+        return sorted(k for b in batches for k in b.keys if k)
+
+    stream = _tiny_stream(tiny_shards, no_labels, rank=0, world=1)
+    stream.set_epoch(0)
+    want = keys(start_batches(stream, 2, seed=3))
+    flag = tmp_path / "hang_once"
+    flag.touch()
+    real = data._mark_started
+
+    def stuck_once(counter, worker_id):
+        if worker_id == 1 and flag.exists():
+            os.remove(flag)
+            time.sleep(3600)  # never starts
+        real(counter, worker_id)
+
+    monkeypatch.setattr(data, "_mark_started", stuck_once)
+    stream.set_epoch(0)
+    t0 = time.monotonic()
+    got = keys(start_batches(stream, 2, seed=3, timeout=5))
+    assert got == want and len(got) == 600
+    assert not flag.exists() and time.monotonic() - t0 < 60
+    assert "1 of 2 DataLoader workers did not start within 5 s" in caplog.text
