@@ -136,12 +136,12 @@ def dataloader(bench: Benchmark, transform, batch_size: int, workers: int, downl
 
 def evaluate(benchmarks: list[Benchmark], encoders: list[Encoder], batch_size: int = 64, workers: int = 0,
              download: bool = False) -> dict:
-    """{model: {dataset: {"task": ..., metric: value, ...}}} with CLIP_benchmark's metrics."""
+    """{model: {dataset: {"task": ..., metric: value, ...}}} with CLIP_benchmark's metrics. The
+    benchmarks are checked with `check` first, before the models load (main and launch's eval step do)."""
     from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 
     results: dict = {enc.name: {} for enc in encoders}
     for bench in benchmarks:
-        check(bench, download)
         for enc in encoders:
             device = enc.device if isinstance(enc.device, str) else enc.device.type
             amp = device == "cuda"

@@ -2,10 +2,10 @@
 
 For each stage: train -> embed (array) -> cluster -> assign (array) -> reduce -> next
 stage; then merge -> eval (MMVP-VLM, the attribute probes and CLIP_benchmark sets, when
-configured); an ensemble
-run trains its stages alone. A step whose outputs exist and check is skipped, so running
-the same command again resumes a run (training from its latest checkpoint, also when
-submitit requeues it after a timeout or preemption) and a finished run does no work. The
+configured); an ensemble run trains its stages alone. A step whose outputs exist and check
+is skipped, so running the same command again resumes a run (training from its latest
+checkpoint, also when submitit requeues it after a timeout or preemption) and a finished
+run does no work. The
 executor is submitit's: `local` runs each job as a process on this machine (no scheduler),
 `slurm` submits sbatch jobs and arrays; with `detach` every step is submitted at once with
 afterok dependencies and Slurm runs the DAG alone.

@@ -31,7 +31,6 @@ from common.imports import allow_import
 
 log = logging.getLogger("pipeline.train")
 KNOWN = ("tensorboard", "wandb")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 LABELS = {"tensorboard": "TensorBoard", "wandb": "W&B"}
 LOGIN_TIMEOUT_S = 30     # a terminal's login prompt left unanswered
 FINISH_TIMEOUT_S = 120   # uploads still pending when the stage ends
@@ -50,14 +49,14 @@ def check(report_to: list[str] | str) -> list[str]:
 
 
 def missing_packages(report_to: list[str] | str) -> list[str]:
-    """The trackers of `report_to` whose package is not installed (and the import of those that
-    are allowed again: pipeline/__init__ keeps wandb out of processes that do not use it)."""
+    """The trackers of `report_to` whose package (of the same name) is not installed; their
+    import is allowed again (pipeline/__init__ keeps wandb out of processes that do not use it)."""
     import importlib.util
 
     names = tracker_names(report_to)
     for name in names:
-        allow_import(PACKAGES[name])
-    return [name for name in names if importlib.util.find_spec(PACKAGES[name]) is None]
+        allow_import(name)
+    return [name for name in names if importlib.util.find_spec(name) is None]
 
 
 class TensorBoardTracker:

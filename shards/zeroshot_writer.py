@@ -45,14 +45,6 @@ class _Examples(list):
     templates: list[str] | None = None
 
 
-def _load(data: str, max_samples: int) -> tuple[W.WorldSpec, list[dict]]:
-    spec = read_world(data, "zero-shot sets")
-    samples = labelled_samples(data, max_samples)
-    if not samples:
-        raise UsageError(f"{data}: no samples with attribute labels")
-    return spec, samples
-
-
 def _png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -75,21 +67,25 @@ def _write(out: Path, examples: _Examples, retrieval: bool) -> None:
 
 def write_sets(data: str, out: str | Path, max_samples: int = 2000) -> dict[str, Path]:
     """{set name: folder} of every set (written now or already there)."""
-    spec, samples = _load(data, max_samples)
+    spec = read_world(data, "zero-shot sets")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     folders = {kind: out / kind for kind in spec.names} | {RETRIEVAL: out / RETRIEVAL}
-    if all((folder / SPLIT / "nshards.txt").is_file() for folder in folders.values()):
-        return folders
+    todo = {name for name, folder in folders.items() if not (folder / SPLIT / "nshards.txt").is_file()}
+    if not todo:
+        return folders  # a rerun reads no samples
+    samples = labelled_samples(data, max_samples)
+    if not samples:
+        raise UsageError(f"{data}: no samples with attribute labels")
+    out.mkdir(parents=True, exist_ok=True)
     images = [_png(s["image"]) for s in samples]
     for kind in spec.names:
-        if (folders[kind] / SPLIT / "nshards.txt").is_file():
+        if kind not in todo:
             continue
         values = [str(v) for v in spec.attribute(kind).values]
         examples = _Examples((img, values.index(str(s["json"]["attributes"][kind]))) for img, s in zip(images, samples))
         examples.classes, examples.templates = class_names(spec, kind), templates(spec)
         _write(folders[kind], examples, retrieval=False)
-    if not (folders[RETRIEVAL] / SPLIT / "nshards.txt").is_file():
+    if RETRIEVAL in todo:
         examples = _Examples((img, [W.caption(spec, s["json"]["attributes"])]) for img, s in zip(images, samples))
         _write(folders[RETRIEVAL], examples, retrieval=True)
     log.info("zero-shot sets of %d samples in %s: %s", len(samples), out, ", ".join(folders))
