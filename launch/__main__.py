@@ -20,8 +20,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the demo on the synthetic world",
                           description=__import__("launch.demo").demo.__doc__)
     demo.add_argument("--quick", action="store_true", help="the small variant the tests use")
+    demo.add_argument("--world", choices=("default", "persistent"),
+                      help="the world and its demo config (configs/demo.yaml, configs/demo_persistent.yaml)")
     demo.add_argument("--config", help="demo config (default: configs/demo.yaml, or demo_quick.yaml)")
-    demo.add_argument("--out", default="runs/demo", help="run folder")
+    demo.add_argument("--out", help="run folder (default: runs/demo; runs/demo-persistent for that world)")
     demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     demo.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the config's seeds)")
     run = sub.add_parser("run", help="run or resume the MCL DAG of a config",
@@ -56,9 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, state, jobs, logpath in status(args.run_dir):
             print(f"{name:<20} {state:<8} {jobs:<16} {logpath}")
     elif args.command == "demo":
-        from launch.demo import CONFIGS, run_demo
+        from launch.demo import choose, run_demo
 
-        run_demo(args.config or CONFIGS[args.quick], args.out, args.workers, args.seeds)
+        run_demo(*choose(args.world, args.quick, args.config, args.out), args.workers, args.seeds)
     return 0
 
 

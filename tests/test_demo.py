@@ -78,3 +78,59 @@ def test_demo_config_errors_are_one_line(tmp_path):
     r = run_cli("launch", "demo", "--config", str(config), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and f"{config}: parallel: must be an integer >= 1, got 0" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def _seed(seed, stage1, baseline, mcl, ensemble):
+    from eval.report import compare
+
+    patterns = ["Background", "Spatial", "Orientation"]
+    models = {name: {"mmvp": dict(zip(patterns, scores))} for name, scores in
+              (("stage1", stage1), ("baseline", baseline), ("mcl", mcl), ("ensemble", ensemble))}
+    return {"models": models, "seeds": [seed], "config": {}, "comparison": compare(models)}
+
+
+def test_mcl_is_compared_with_the_baseline_where_plain_clip_stays_suppressed():
+    from eval.report import summarize, verdict
+
+    runs = [_seed(0, (100, 10, 4), (100, 4, 30), (100, 90, 20), (100, 8, 4)),
+            _seed(1, (100, 14, 2), (100, 6, 50), (98, 80, 30), (100, 10, 2))]
+    first = runs[0]["comparison"]
+    assert first["suppressed"] == ["Spatial", "Orientation"] and first["persistent"] == ["Spatial", "Orientation"]
+    assert first["gain_vs_baseline_persistent"] == (86 - 10) / 2 and first["mcl_easy_min"] == 100
+    assert runs[1]["comparison"]["persistent"] == ["Spatial"]  # the baseline learned Orientation (50)
+    summary = summarize(runs)
+    assert summary["persistent"] == {"0": ["Spatial", "Orientation"], "1": ["Spatial"]}
+    assert summary["gains"]["gain_vs_baseline_persistent"]["mean"] == (38 + 74) / 2 and summary["beats_baseline"]
+    assert any("MCL beats plain CLIP at equal steps" in line and line.endswith("yes") for line in verdict(summary))
+
+    lost_easy = [runs[0], _seed(1, (100, 14, 2), (100, 6, 50), (80, 80, 30), (100, 10, 2))]
+    assert not summarize(lost_easy)["beats_baseline"]  # MCL lost the easy attribute (80 < 90)
+    learned = [_seed(s, (100, 10, 4), (100, 90, 80), (100, 92, 84), (100, 8, 4)) for s in (0, 1)]
+    assert summarize(learned)["persistent"] == {"0": [], "1": []} and not summarize(learned)["beats_baseline"]
+    spread = [_seed(0, (100, 10, 4), (100, 4, 2), (100, 60, 2), (100, 8, 4)),
+              _seed(1, (100, 10, 4), (100, 4, 2), (100, 4, 2), (100, 8, 4))]
+    assert not summarize(spread)["beats_baseline"]  # gains 28 and 0: mean 14, std 19.8, mean - std < 5
+
+
+def test_the_persistent_world_is_one_flag_away_and_its_mcl_stages_start_from_scratch(quick_demo, tmp_path):
+    from launch.config import stage_train_config
+    from launch.demo import choose, load_config, method_configs
+    from shards.world import load_spec
+
+    config, out = choose("persistent", False, None, None)
+    assert (config, out) == ("configs/demo_persistent.yaml", "runs/demo-persistent")
+    assert choose(None, False, None, None) == ("configs/demo.yaml", "runs/demo")
+    cfg = load_config(config)
+    assert len(load_spec(cfg["data"]["world"]).attribute("background").values) == 64
+    data = quick_demo[0] / "data"  # any valid shards: only the configs are built here
+    cfg["run"]["train"]["batch_size"] = 8  # the quick world's 600 samples fill 64 clusters of 8
+    paths = {"train": data / "train", "probe": data / "probe", "mmvp": data / "mmvp", "benchmarks": []}
+    runs = method_configs(cfg["run"], paths, tmp_path / "seed3", 3)
+    mcl = [stage_train_config(runs["mcl"], s) for s in (1, 2, 3)]
+    assert [c.pretrained for c in mcl] == [None] * 3 and [c.seed for c in mcl] == [3000, 3001, 3002]
+    assert [c.labels for c in mcl] == ["none", f"sidecars:{tmp_path}/seed3/mcl/stage1",
+                                       f"sidecars:{tmp_path}/seed3/mcl/stage2"]
+    baseline = stage_train_config(runs["baseline"], 1)
+    assert baseline.steps == sum(c.steps for c in mcl) == 900 and {baseline.lr, *(c.lr for c in mcl)} == {5e-4}
+    r = run_cli("launch", "demo", "--world", "persistent", "--quick", "--out", str(tmp_path / "q"))
+    assert r.returncode == 2 and "give one of them" in r.stderr and not (tmp_path / "q").exists()
