@@ -225,8 +225,8 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _training_table(stage_dirs: list[Path]) -> str:
-    """Per MCL stage: the loss at its first and last logged step (mean of the first and last tenth
-    of the steps), and the loader's batches (pure, mixed, emitted early at the cap, fallback samples)."""
+    """Per MCL stage: the mean loss over the first and over the last tenth of its steps, and the
+    loader's batches (pure, mixed, emitted early at the cap, fallback samples)."""
     lines = ["| stage | loss first -> last | mean effective negatives | pure | mixed | early | fallback samples |",
              "|---|---|---|---|---|---|---|"]
     for d in stage_dirs:
