@@ -230,15 +230,14 @@ def _training_table(stage_dirs: list[Path]) -> str:
     lines = ["| stage | loss first -> last | mean effective negatives | pure | mixed | early | fallback samples |",
              "|---|---|---|---|---|---|---|"]
     for d in stage_dirs:
-        steps = {r["step"]: r for r in _jsonl(StageDir(d).metrics)}  # a resumed stage logs redone steps again
-        if not steps:
+        rows = _jsonl(StageDir(d).metrics)  # one line per step: a resume trims it back (pipeline.train_log)
+        if not rows:
             continue
-        rows = [steps[k] for k in sorted(steps)]
         tenth = max(1, len(rows) // 10)
         first = statistics.fmean(r["loss"] for r in rows[:tenth])
         last = statistics.fmean(r["loss"] for r in rows[-tenth:])
         negatives = statistics.fmean(r.get("effective_negatives", 0) for r in rows)
-        epochs = {r["epoch"]: r for r in _jsonl(StageDir(d).loader_stats)}
+        epochs = {r["epoch"]: r for r in _jsonl(StageDir(d).loader_stats)}  # an epoch's last record counts
         counts = {k: sum(r.get(k, 0) for r in epochs.values())
                   for k in ("pure_batches", "mixed_batches", "early_batches", "fallback_samples")}
         cells = [str(counts[k]) for k in counts] if epochs else ["-"] * 4

@@ -5,10 +5,9 @@ stage; then merge -> eval (MMVP-VLM, the attribute probes and CLIP_benchmark set
 configured); an ensemble run trains its stages alone. A step whose outputs exist and check
 is skipped, so running the same command again resumes a run (training from its latest
 checkpoint, also when submitit requeues it after a timeout or preemption) and a finished
-run does no work. The
-executor is submitit's: `local` runs each job as a process on this machine (no scheduler),
-`slurm` submits sbatch jobs and arrays; with `detach` every step is submitted at once with
-afterok dependencies and Slurm runs the DAG alone.
+run does no work. The executor is submitit's: `local` runs each job as a process on this
+machine (no scheduler), `slurm` submits sbatch jobs and arrays; with `detach` every step is
+submitted at once with afterok dependencies and Slurm runs the DAG alone.
 Step states, job ids and log paths are kept in RUN_DIR/launch_state.json. A rerun after the
 launcher itself was killed waits for the jobs it left running instead of submitting their
 steps twice, and only one launcher at a time may hold a run folder (launch/jobs.py).

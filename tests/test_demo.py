@@ -59,6 +59,9 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
                  "| model | background (acc1) |",
                  "seed0/mcl/stage1/clusters/grid.png"):
         assert part in report, part
+    stage2_row = next(line for line in report.splitlines() if line.startswith("| stage2 | ") and "->" in line)
+    pure = json.loads((tmp_path / "seed0" / "mcl" / "stage2" / "loader_stats.jsonl").read_text().splitlines()[-1])
+    assert stage2_row.split(" | ")[3] == str(pure["pure_batches"]), stage2_row  # the loader table's pure count
     for png in ("mmvp.png", "seed0/mcl/stage1/clusters/grid.png", "seed0/mcl/eval/probes.png",
                 "seed0/baseline/eval/zeroshot.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
