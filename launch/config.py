@@ -20,7 +20,8 @@ validated here, by the same function the train job uses, before anything is subm
     per_stage_norm: true               # merge: normalise each stage's features before concatenating
     embed: {batch_size: 256, workers: 2}  # the embed step's batch and DataLoader workers per task
     train: {...}                       # pipeline.train keys shared by every stage (model, batch_size, steps, ...)
-    finetune: {...}                    # train keys overriding `train` in stages initialised from another stage
+    later: {...}                       # train keys overriding `train` in stages 2 and after (e.g. more steps)
+    finetune: {...}                    # train keys overriding those in stages initialised from another stage
     executor:
       name: local                      # local | slurm
       timeout_min: 120
@@ -175,6 +176,7 @@ class RunConfig:
     stage_init: str = "scratch"
     per_stage_norm: bool = True
     train: dict = field(default_factory=dict)
+    later: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
@@ -206,7 +208,7 @@ def stage_train_config(cfg: RunConfig, stage: int) -> TrainConfig:
     from pipeline.stage import RunDir
 
     run = RunDir(cfg.run_dir)
-    train = dict(cfg.train)
+    train = {**cfg.train, **(cfg.later if stage >= 2 else {})}
     previous = cfg.parent(stage)
     train.update(data=cfg.data, out=str(run.stage(stage).path),
                  labels=run.stage(previous).label_source if previous is not None else "none")
@@ -237,7 +239,7 @@ def run_config(raw: dict, source: str, check: bool = True) -> RunConfig:
     if "clusters" in raw and not isinstance(raw["clusters"], (list, tuple)):
         raw["clusters"] = [raw["clusters"]]
     errors: list[str] = []
-    for section in ("train", "finetune"):
+    for section in ("train", "later", "finetune"):
         raw[section] = _train_section(raw.get(section), section, errors)
     try:
         cfg = from_mapping(RunConfig, raw, source, validate=check)
@@ -249,7 +251,7 @@ def run_config(raw: dict, source: str, check: bool = True) -> RunConfig:
 
 
 def _train_section(raw, section: str, errors: list[str]) -> dict:
-    """`train` / `finetune`: TrainConfig keys with values coerced to their types."""
+    """`train` / `later` / `finetune`: TrainConfig keys with values coerced to their types."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -328,7 +330,9 @@ def validate(cfg: RunConfig) -> list[str]:
     if not models.known_architecture(model):
         errors.append(f"train.model: unknown architecture {model!r}")
     placeholder = {"data": cfg.data or "-", "out": "-"}
-    for section, keys in (("train", cfg.train), ("finetune", {**cfg.train, **cfg.finetune})):
+    sections = (("train", cfg.train), ("later", {**cfg.train, **cfg.later}),
+                ("finetune", {**cfg.train, **cfg.later, **cfg.finetune}))
+    for section, keys in sections:
         try:  # the same build and checks as every stage's (and the train job's own)
             train_config({**keys, **placeholder}, prefix=section)
         except ConfigError as exc:

@@ -111,7 +111,7 @@ def method_configs(run: dict, paths: dict[str, Path], seed_dir: Path, seed: int)
                            "stage_init": "scratch", "finetune": {}}, "demo run (ensemble)")
     total = sum(stage_train_config(mcl, s).steps for s in range(1, mcl.stages + 1))
     baseline = run_config({**base, "run_dir": str(seed_dir / "baseline"), "method": "ensemble", "name": "baseline",
-                           "stages": 1, "stage_init": "scratch", "finetune": {},
+                           "stages": 1, "stage_init": "scratch", "later": {}, "finetune": {},
                            "train": {**base["train"], "steps": total}}, "demo run (baseline)")
     return {"mcl": mcl, "ensemble": ensemble, "baseline": baseline}
 

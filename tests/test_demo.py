@@ -129,10 +129,12 @@ def test_the_persistent_world_is_one_flag_away_and_its_mcl_stages_start_from_scr
     cfg["run"]["train"]["batch_size"] = 8  # the quick world's 600 samples fill 64 clusters of 8
     paths = {"train": data / "train", "probe": data / "probe", "mmvp": data / "mmvp", "benchmarks": []}
     runs = method_configs(cfg["run"], paths, tmp_path / "seed3", 3)
-    mcl = [stage_train_config(runs["mcl"], s) for s in (1, 2, 3)]
-    assert [c.pretrained for c in mcl] == [None] * 3 and [c.seed for c in mcl] == [3000, 3001, 3002]
-    assert [c.labels for c in mcl] == ["none", f"sidecars:{tmp_path}/seed3/mcl/stage1",
-                                       f"sidecars:{tmp_path}/seed3/mcl/stage2"]
+    mcl = [stage_train_config(runs["mcl"], s) for s in (1, 2)]
+    assert runs["mcl"].stages == 2 and [c.steps for c in mcl] == [300, 600]  # the `later` section
+    assert [c.pretrained for c in mcl] == [None] * 2 and [c.seed for c in mcl] == [3000, 3001]
+    assert [c.labels for c in mcl] == ["none", f"sidecars:{tmp_path}/seed3/mcl/stage1"]
+    ensemble = [stage_train_config(runs["ensemble"], s) for s in (1, 2)]
+    assert [(c.steps, c.seed, c.labels) for c in ensemble] == [(300, 3000, "none"), (600, 3001, "none")]
     baseline = stage_train_config(runs["baseline"], 1)
     assert baseline.steps == sum(c.steps for c in mcl) == 900 and {baseline.lr, *(c.lr for c in mcl)} == {5e-4}
     r = run_cli("launch", "demo", "--world", "persistent", "--quick", "--out", str(tmp_path / "q"))

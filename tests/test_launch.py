@@ -118,6 +118,22 @@ def test_the_paper_recipe_plans_each_step_with_its_own_resources(tmp_path, tiny_
     assert models.model_config(stage2.model, stage2.pretrained, stage2.quick_gelu)["quick_gelu"] is True
 
 
+def test_later_keys_reach_every_stage_after_the_first_and_finetune_keys_win_over_them(tmp_path, tiny_shards):
+    from launch.config import load_run_config, stage_train_config
+
+    common = [f"run_dir={tmp_path / 'r'}", f"data={tiny_shards}", "mmvp=", "stages=3", "train.steps=7",
+              "train.lr=1e-3", "later.steps=11", "later.lr=2e-3"]
+    scratch = load_run_config(str(REPO / "configs" / "tiny_mcl.yaml"), common + ["stage_init=scratch"])
+    stages = [stage_train_config(scratch, s) for s in (1, 2, 3)]
+    assert [(c.steps, c.lr) for c in stages] == [(7, 1e-3), (11, 2e-3), (11, 2e-3)]
+    assert [c.pretrained for c in stages] == [None] * 3 and [c.seed for c in stages] == [0, 1, 2]
+    tuned = load_run_config(str(REPO / "configs" / "tiny_mcl.yaml"),
+                            common + ["stage_init=previous", "finetune.lr=3e-4"])
+    stages = [stage_train_config(tuned, s) for s in (1, 2, 3)]
+    assert [(c.steps, c.lr) for c in stages] == [(7, 1e-3), (11, 3e-4), (11, 3e-4)]
+    assert stages[2].pretrained == str(tmp_path / "r" / "stage2" / "model")
+
+
 def test_the_whole_config_is_validated_first(tmp_path):
     r = run_cli("launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={tmp_path}",
                 "data=/nonexistent/{0..3}.tar", "clusters=1", "train.model=no-such-net", "mmvp=/nowhere",
@@ -167,6 +183,8 @@ def test_a_bad_value_fails_before_submission_with_one_line(tmp_path, tiny_shards
 @pytest.mark.parametrize("override, message", [
     ("train.batch_size=-3", "train.batch_size: must be >= 1, got -3"),
     ("finetune.warmup=-1", "finetune.warmup: must be >= 0, got -1"),
+    ("later.steps=0", "later.steps: must be >= 1, got 0"),
+    ("later.stepz=600", "later.stepz: unknown key"),
     ("executor.tasks=0", "executor.tasks: must be >= 1, got 0"),
     ("executor.slurm.gpus=4", "executor.slurm.gpus: unknown key"),
     ("embed.batch_size=0", "embed.batch_size: must be >= 1, got 0"),
