@@ -20,7 +20,8 @@ validated here, by the same function the train job uses, before anything is subm
     per_stage_norm: true               # merge: normalise each stage's features before concatenating
     embed: {batch_size: 256, workers: 2}  # the embed step's batch and DataLoader workers per task
     train: {...}                       # pipeline.train keys shared by every stage (model, batch_size, steps, ...)
-    later: {...}                       # train keys overriding `train` in stages 2 and after (e.g. more steps)
+    later: {...}                       # train keys overriding `train` in stages 2 and after (e.g. more steps;
+                                       # not in a stage 1 that fine-tunes a pretrained stage 0)
     finetune: {...}                    # train keys overriding those in stages initialised from another stage
     executor:
       name: local                      # local | slurm
@@ -203,21 +204,34 @@ class RunConfig:
         return validate(self)
 
 
+def stage_sections(cfg: RunConfig, stage: int) -> tuple[str, ...]:
+    """The sections whose train keys a trained stage (>= 1) takes, the last winning: `later`
+    from stage 2 on (a stage 1 after a pretrained stage 0 does not take it), `finetune` where
+    the stage starts from another stage's model."""
+    tuned = (cfg.stage_init == "previous" and cfg.parent(stage) is not None) or cfg.has_stage0
+    return ("train",) + (("later",) if stage >= 2 else ()) + (("finetune",) if tuned else ())
+
+
+def section_keys(cfg: RunConfig, sections: Sequence[str]) -> dict:
+    keys: dict = {}
+    for section in sections:
+        keys.update(getattr(cfg, section))
+    return keys
+
+
 def stage_train_config(cfg: RunConfig, stage: int) -> TrainConfig:
     """The validated TrainConfig of a trained stage (>= 1) of the run."""
     from pipeline.stage import RunDir
 
     run = RunDir(cfg.run_dir)
-    train = {**cfg.train, **(cfg.later if stage >= 2 else {})}
+    train = section_keys(cfg, stage_sections(cfg, stage))
     previous = cfg.parent(stage)
     train.update(data=cfg.data, out=str(run.stage(stage).path),
                  labels=run.stage(previous).label_source if previous is not None else "none")
     if cfg.stage_init == "previous" and previous is not None:
-        train.update(cfg.finetune, pretrained=str(run.stage(previous).model_dir))
-    elif cfg.has_stage0:
-        train.update(cfg.finetune)  # every stage fine-tunes the pretrained stage 0
-    else:
-        train["seed"] = int(train.get("seed", 0)) + stage - 1  # scratch: a new seed per stage
+        train["pretrained"] = str(run.stage(previous).model_dir)
+    elif not cfg.has_stage0:  # scratch: a new seed per stage (with a stage 0, every stage fine-tunes it)
+        train["seed"] = int(train.get("seed", 0)) + stage - 1
     return train_config(train, f"stage {stage}")
 
 
@@ -326,27 +340,36 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"tower: must be image, text or both, got {cfg.tower!r}")
     if cfg.stage_init not in ("scratch", "previous"):
         errors.append(f"stage_init: must be scratch or previous, got {cfg.stage_init!r}")
-    model = cfg.train.get("model", TrainConfig.model)
-    if not models.known_architecture(model):
-        errors.append(f"train.model: unknown architecture {model!r}")
+    for section in ("train", "later", "finetune"):
+        model = getattr(cfg, section).get("model", TrainConfig.model if section == "train" else None)
+        if model is not None and not models.known_architecture(model):
+            errors.append(f"{section}.model: unknown architecture {model!r}")
+    if cfg.method == "ensemble" and cfg.later.get("pretrained"):
+        errors.append("later.pretrained: an ensemble trains every stage from scratch")
+    trained = [s for s in cfg.stage_numbers if s >= 1]
     placeholder = {"data": cfg.data or "-", "out": "-"}
-    sections = (("train", cfg.train), ("later", {**cfg.train, **cfg.later}),
-                ("finetune", {**cfg.train, **cfg.later, **cfg.finetune}))
-    for section, keys in sections:
+    # every section over those it overrides, then what each stage really takes
+    combos = [("train",), ("train", "later"), ("train", "later", "finetune")]
+    combos += [c for c in dict.fromkeys(stage_sections(cfg, s) for s in trained) if c not in combos]
+    for sections in combos:
         try:  # the same build and checks as every stage's (and the train job's own)
-            train_config({**keys, **placeholder}, prefix=section)
+            train_config({**section_keys(cfg, sections), **placeholder}, prefix=sections[-1])
         except ConfigError as exc:
             errors.append(str(exc))
             break
-    if urls and not errors and cfg.stages > 1 and cfg.method == "mcl":
+    clustered = [s for s in trained if cfg.parent(s) is not None]
+    if urls and not errors and clustered:
         from shards.reader import count_samples
 
+        sections = stage_sections(cfg, clustered[0])  # the stage trained on the first clustering
+        keys = section_keys(cfg, sections)
+        name = next((s for s in reversed(sections) if "batch_size" in getattr(cfg, s)), "train")
         try:
-            n = cfg.train.get("train_num_samples") or count_samples(urls)
-            batch = int(cfg.train.get("batch_size", TrainConfig.batch_size))
+            n = keys.get("train_num_samples") or count_samples(urls)
+            batch = int(keys.get("batch_size", TrainConfig.batch_size))
             first_k = cfg.k(0)
             if n / first_k < batch:
-                errors.append(f"train.batch_size: {batch} is larger than an average cluster can fill "
+                errors.append(f"{name}.batch_size: {batch} is larger than an average cluster can fill "
                               f"({n} samples / K={first_k})")
         except UsageError as exc:
             errors.append(str(exc))

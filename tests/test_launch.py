@@ -132,6 +132,16 @@ def test_later_keys_reach_every_stage_after_the_first_and_finetune_keys_win_over
     stages = [stage_train_config(tuned, s) for s in (1, 2, 3)]
     assert [(c.steps, c.lr) for c in stages] == [(7, 1e-3), (11, 3e-4), (11, 3e-4)]
     assert stages[2].pretrained == str(tmp_path / "r" / "stage2" / "model")
+    # with a pretrained stage 0, stage 1 fine-tunes it and takes `finetune` but not `later`
+    paper = load_run_config(str(REPO / "configs" / "paper_vitl14.yaml"),
+                            [f"run_dir={tmp_path / 'p'}", f"data={tiny_shards}", "mmvp=", "train.steps=7",
+                             "train.train_num_samples=10000000", "later.steps=11", "finetune.wd=0.1"])
+    stages = [stage_train_config(paper, s) for s in (1, 2)]
+    assert [(c.steps, c.wd, c.pretrained) for c in stages] == [(7, 0.1, "openai"), (11, 0.1, "openai")]
+    # the stage trained on the first clustering takes later's batch size: checked against K's clusters
+    from common.cli import UsageError
+    with pytest.raises(UsageError, match=r"later\.batch_size: 512 is larger than an average cluster can fill"):
+        load_run_config(str(REPO / "configs" / "tiny_mcl.yaml"), common + ["later.batch_size=512"])
 
 
 def test_the_whole_config_is_validated_first(tmp_path):
