@@ -327,6 +327,8 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"method: must be mcl or ensemble, got {cfg.method!r}")
     if cfg.method == "ensemble" and (cfg.has_stage0 or cfg.stage_init != "scratch"):
         errors.append("method: an ensemble trains every stage from scratch (no train.pretrained, stage_init scratch)")
+    if cfg.method == "ensemble" and cfg.later.get("pretrained"):
+        errors.append("later.pretrained: an ensemble trains every stage from scratch")
     if cfg.probes:
         try:
             expand_urls(cfg.probes)
@@ -344,8 +346,6 @@ def validate(cfg: RunConfig) -> list[str]:
         model = getattr(cfg, section).get("model", TrainConfig.model if section == "train" else None)
         if model is not None and not models.known_architecture(model):
             errors.append(f"{section}.model: unknown architecture {model!r}")
-    if cfg.method == "ensemble" and cfg.later.get("pretrained"):
-        errors.append("later.pretrained: an ensemble trains every stage from scratch")
     trained = [s for s in cfg.stage_numbers if s >= 1]
     placeholder = {"data": cfg.data or "-", "out": "-"}
     # every section over those it overrides, then what each stage really takes

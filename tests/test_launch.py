@@ -142,6 +142,8 @@ def test_later_keys_reach_every_stage_after_the_first_and_finetune_keys_win_over
     from common.cli import UsageError
     with pytest.raises(UsageError, match=r"later\.batch_size: 512 is larger than an average cluster can fill"):
         load_run_config(str(REPO / "configs" / "tiny_mcl.yaml"), common + ["later.batch_size=512"])
+    with pytest.raises(UsageError, match=r"later\.pretrained: an ensemble trains every stage from scratch"):
+        load_run_config(str(REPO / "configs" / "tiny_mcl.yaml"), common + ["method=ensemble", "later.pretrained=openai"])
 
 
 def test_the_whole_config_is_validated_first(tmp_path):
