@@ -42,10 +42,12 @@ def check_a_rerun_waits_for_the_job_of_a_killed_launcher(args: list[str], run_di
     while not (run_dir / "stage1" / "metrics.jsonl").is_file():
         assert launcher.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.05)
-    jobs = [p for p in psutil.process_iter(["name", "cmdline"])  # not srun, nor DataLoader workers
-            if p.info["name"].startswith("python") and "submitit.core._submit" in " ".join(p.info["cmdline"] or [])
-            and str(run_dir) in " ".join(p.info["cmdline"] or [])]
-    assert len(jobs) == 1, jobs
+    matches = [p for p in psutil.process_iter(["name", "cmdline", "ppid"])  # not srun
+               if p.info["name"].startswith("python") and "submitit.core._submit" in " ".join(p.info["cmdline"] or [])
+               and str(run_dir) in " ".join(p.info["cmdline"] or [])]
+    # a DataLoader worker keeps its parent's name and command line until it renames itself
+    jobs = [p for p in matches if p.info["ppid"] not in {m.pid for m in matches}]
+    assert len(jobs) == 1, matches
     paused = [jobs[0], *jobs[0].children(recursive=True)]
     for p in paused:
         p.suspend()
