@@ -23,6 +23,7 @@ class BatchInfo(NamedTuple):
     made: int                 # batches this worker has made this epoch
     problems: list[int]       # the worker's ProblemLog counts so far (shards.reader.PROBLEM_KINDS order)
     stats: BucketStats        # the worker's bucketing counters so far
+    # (both since the resume point in a resumed epoch: pipeline.train_log.LoaderProgress adds the rest)
 
 
 @dataclass(frozen=True)

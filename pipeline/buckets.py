@@ -46,6 +46,12 @@ class BucketStats:
     def from_list(cls, values: Sequence[int]) -> "BucketStats":
         return cls(*[int(v) for v in values])
 
+    def restart(self) -> None:
+        """Count from zero on (the high-water mark `max_buffered` stays)."""
+        for name in ("pure_batches", "mixed_batches", "early_batches", "short_batches", "samples",
+                     "fallback_samples", "missing_labels"):
+            setattr(self, name, 0)
+
     def merge(self, other: "BucketStats") -> "BucketStats":
         out = BucketStats(*[a + b for a, b in zip(self.as_list(), other.as_list())])
         out.max_buffered = max(self.max_buffered, other.max_buffered)

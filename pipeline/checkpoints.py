@@ -7,6 +7,7 @@ holds what an exact resume needs:
     name, config     the architecture and the whole TrainConfig
     workers          DataLoader workers per rank when it was written
     positions        per rank, {worker: batches consumed this epoch}
+    loader           per rank, {worker: its loader counters this epoch} (train_log.LoaderProgress)
     rng              per rank, torch's CPU RNG state
 """
 from __future__ import annotations
@@ -26,10 +27,12 @@ log = logging.getLogger("pipeline.train")  # its lines belong to the training lo
 
 @dataclass
 class Position:
-    """Where a run starts: its step, its epoch, and this rank's workers' batches consumed in it."""
+    """Where a run starts: its step, its epoch, and this rank's workers' batches consumed in it
+    and counters so far (LoaderProgress.counters)."""
     step: int = 0
     epoch: int = 0
     workers: dict[int, int] = field(default_factory=dict)
+    counters: dict[int, dict] = field(default_factory=dict)
 
 
 class Checkpoints:
@@ -45,12 +48,13 @@ class Checkpoints:
         records = self._records()
         return records[-1] if records else None
 
-    def save(self, step: int, epoch: int, positions: dict[int, int]) -> None:
-        """Checkpoint `step` (every rank calls this, with its own workers' positions)."""
+    def save(self, step: int, epoch: int, positions: dict[int, int], counters: dict[int, dict]) -> None:
+        """Checkpoint `step` (every rank calls this, with its own workers' positions and counters)."""
         cfg, info = self.cfg, self.info
         state = {"step": step, "epoch": epoch, "name": cfg.model, "config": to_dict(cfg), "batching": batching(cfg),
                  "workers": cfg.workers,
                  "positions": [{str(k): int(v) for k, v in p.items()} for p in all_gather_object(positions, info)],
+                 "loader": [{str(k): c for k, c in p.items()} for p in all_gather_object(counters, info)],
                  "rng": all_gather_object(torch.get_rng_state(), info)}
         self.engine.save(self.folder, f"step_{step:08d}", state)
         barrier(info)
@@ -71,6 +75,7 @@ class Checkpoints:
         positions = state["positions"]
         if len(positions) == self.info.world_size and state["workers"] == self.cfg.workers:
             at.workers = {int(w): int(n) for w, n in positions[rank].items()}
+            at.counters = {int(w): c for w, c in state.get("loader", [{}] * len(positions))[rank].items()}
         else:
             log.warning("world size or workers changed: epoch %d restarts from its first batch", at.epoch)
         return at

@@ -167,8 +167,9 @@ class TrainStream(IterableDataset):
     Bucketed mode: each worker reads its shards once per epoch and batches them with
     pipeline.buckets (same-label batches; every sample exactly once; a short batch is padded).
     Each batch's `info` is its worker's BatchInfo: the batches it has made, its problem
-    counts so far this epoch and its BucketStats. Shards go to (rank, worker) slots balanced
-    by their sample counts when `sizes` gives them (shards_for_slot), else striped.
+    counts and BucketStats so far this epoch (in a resumed epoch: since the resume point).
+    Shards go to (rank, worker) slots balanced by their sample counts when `sizes` gives
+    them (shards_for_slot), else striped.
     """
 
     def __init__(self, urls: Sequence[str], transform, tokenizer, batch_size: int, worker_batches: int | None,
@@ -231,8 +232,11 @@ class TrainStream(IterableDataset):
         done = self.start.get(worker, 0)
         blank = blank_image(self.transform)
         for made, plan in enumerate(self._plans(worker, workers, stats), start=1):
-            if made <= done:
-                continue  # consumed before a resume: skipped without decoding
+            if made <= done:  # consumed before a resume: skipped without decoding
+                if made == done:  # the counts so far are in the checkpoint (train_log.LoaderProgress)
+                    stats.restart()
+                    self.problems.restart()
+                continue
             info = BatchInfo(worker, made, self.problems.as_list(), dataclasses.replace(stats))
             yield decode_batch(plan, self.transform, self.tokenizer, self.batch_size, blank, self.seed, self.epoch,
                                self.problems, info)

@@ -130,7 +130,8 @@ class GlobalBatchStream(IterableDataset):
 
     The same interface as pipeline.data.TrainStream: `set_epoch(epoch, start)` (start:
     {worker: batches it had made}, for an exact resume; pipeline.data.stream_role), iteration
-    in a DataLoader, each batch's `info` its worker's position, problems and counters."""
+    in a DataLoader, each batch's `info` its worker's position, problems and counters (in a
+    resumed epoch: since the resume point)."""
 
     def __init__(self, index: SampleIndex, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, min_batches: float = 1.0):

@@ -44,7 +44,7 @@ from pipeline.global_stream import GlobalBatchStream, load_index
 from pipeline.loss import MaskedClipLoss
 from pipeline.stage import SIDECAR_LABELS, StageDir
 from pipeline.train_config import TrainConfig, batching, load_train_config, recorded_batching, to_dict
-from pipeline.train_log import LoaderProgress, MetricsLog
+from pipeline.train_log import LoaderProgress, MetricsLog, keep_records
 from pipeline.trackers import Trackers, missing_packages, tracker_names
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import write_json
@@ -137,6 +137,8 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                              rank=info.rank, world_size=info.world_size)
     ckpts = Checkpoints(out / "checkpoints", engine, cfg, info)
     at = _resume(ckpts, cfg, info)
+    if info.is_main:  # the epochs from the resumed one on write their loader lines again
+        keep_records(out / "loader_stats.jsonl", lambda record: record["epoch"] < at.epoch)
 
     metrics = MetricsLog(out, at.step, total_steps, cfg.batch_size * info.world_size, cfg.log_every, info,
                          lambda: Trackers(tracker_names(cfg.report_to), out, at.step,
@@ -147,7 +149,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
         while step < total_steps:
             start = at.workers if epoch == at.epoch else {}  # only a resumed epoch starts part-way
             stream.set_epoch(epoch, start)
-            loader = LoaderProgress(start)
+            loader = LoaderProgress(start, at.counters if epoch == at.epoch else None)
             engine.model.train()
             for batch in _batches(stream, cfg, epoch, info, pad=mode == "slot" and info.distributed):
                 loader.update(batch.info)
@@ -157,7 +159,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                 metrics.step(step, epoch, loss, lr, loss_fn.last_effective_negatives, engine.unwrap().logit_scale,
                              _main_label(batch) if mode != "off" else None)
                 if step % cfg.save_every == 0 or step == total_steps:
-                    ckpts.save(step, epoch, loader.positions)
+                    ckpts.save(step, epoch, loader.positions, loader.counters())
                 if step == total_steps:
                     break  # inside the epoch: the checkpoint knows where
             stats = None

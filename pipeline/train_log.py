@@ -3,7 +3,8 @@
     metrics.jsonl        one line per step (rank 0), trimmed back to the resumed step on a
                          resume; mirrored to the config's `report_to` trackers (pipeline.trackers)
     loader_stats.jsonl   one line per epoch of the cluster-bucketed loader, summed over
-                         every worker of every rank
+                         every worker of every rank; a resumed epoch's line counts the
+                         batches before the resume too (their counters are checkpointed)
 """
 from __future__ import annotations
 
@@ -42,11 +43,7 @@ class MetricsLog:
         self.t_start = time.time()
 
     def _open(self) -> None:
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.start_step]
-            with atomic_output(self.path, "w") as f:
-                f.write("".join(line + "\n" for line in kept))
+        keep_records(self.path, lambda record: record["step"] <= self.start_step)
         self.file = open(self.path, "a")
 
     def step(self, step: int, epoch: int, loss: torch.Tensor, lr: float, effective_negatives: float,
@@ -93,21 +90,41 @@ class MetricsLog:
                 self.trackers.close(failed)
 
 
+def keep_records(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite the JSON-lines file `path` (if any) with only the records `keep` accepts."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
+        with atomic_output(path, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+
+
 class LoaderProgress:
     """What this rank's DataLoader workers have reported in one epoch, from their batches'
     BatchInfo: each worker's batches consumed (`positions`, for checkpoints), problem counts
-    and bucketing counters so far."""
+    and bucketing counters so far.
 
-    def __init__(self, start: dict[int, int]):
+    A resumed epoch starts from a checkpoint's `start` positions and `counters`: its workers
+    count only what they meet after the resume point (pipeline.data, pipeline.global_stream),
+    and this adds the checkpoint's counts, so the epoch's totals are those of a run that was
+    never interrupted."""
+
+    def __init__(self, start: dict[int, int], counters: dict[int, dict] | None = None):
         self.positions = dict(start)
-        self.problems: dict[int, list[int]] = {}
-        self.stats: dict[int, BucketStats] = {}
+        self.base = {int(w): (BucketStats.from_list(c["stats"]), [int(n) for n in c["problems"]])
+                     for w, c in (counters or {}).items()}
+        self.stats: dict[int, BucketStats] = {w: stats for w, (stats, _) in self.base.items()}
+        self.problems: dict[int, list[int]] = {w: problems for w, (_, problems) in self.base.items()}
 
     def update(self, info: BatchInfo | None) -> None:
         if info is not None:
+            stats, problems = self.base.get(info.worker, (BucketStats(), [0] * len(PROBLEM_KINDS)))
             self.positions[info.worker] = info.made
-            self.problems[info.worker] = info.problems
-            self.stats[info.worker] = info.stats
+            self.problems[info.worker] = [a + b for a, b in zip(problems, info.problems)]
+            self.stats[info.worker] = stats.merge(info.stats)
+
+    def counters(self) -> dict[int, dict]:
+        """Each worker's counters so far this epoch, as a checkpoint keeps them."""
+        return {w: {"stats": self.stats[w].as_list(), "problems": list(self.problems[w])} for w in self.stats}
 
     def report_stats(self, out: Path, epoch: int, step: int, info: DistInfo, complete: bool) -> dict | None:
         """Sum the bucketing counters over workers and ranks; log them, append them to

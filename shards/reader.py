@@ -138,6 +138,12 @@ class ProblemLog:
         if n == self.max_logged:
             self.logger.warning("further %s problems are counted but not logged", kind)
 
+    def restart(self) -> None:
+        """Count from zero on; a problem met before is still not counted again."""
+        self.counts.clear()
+        self.per_shard.clear()
+        self.items.clear()
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

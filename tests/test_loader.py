@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import collections
+import os
+import tarfile
 
 import numpy as np
 import open_clip
 import pytest
 import torch
 
+from conftest import write_raw_tar
 from pipeline import models
 from pipeline.artifacts import SidecarMeta, write_sidecar
 from pipeline.stage import StageDir
 from pipeline.buckets import BucketStats, _take_fullest, coarsen_labels, plan_batches
 from pipeline.data import SidecarLabeler, TrainStream, make_loader, sidecar_label_table
-from shards.reader import ProblemLog, expand_urls, read_samples
+from shards.reader import PROBLEM_KINDS, ProblemLog, expand_urls, read_samples
 
 BG = {"red": 0, "green": 1, "blue": 2, "yellow": 3}
 
@@ -244,6 +247,55 @@ def test_an_epoch_resumed_at_uneven_worker_positions_continues_in_order(tiny_sha
     assert [b.keys for b in rest] == [b.keys for b in full[5:]]
     assert all(torch.equal(a.images, b.images) for a, b in zip(full[5:], rest))
     assert [(b.info.worker, b.info.made) for b in rest] == [(b.info.worker, b.info.made) for b in full[5:]]
+    # the epoch's counters, from the checkpoint's and the resumed workers', are the uninterrupted ones
+    whole, resumed = _resumed_progress(full, rest, 5)
+    assert resumed.counters() == whole.counters() and resumed.positions == whole.positions
+    if bucketed:
+        assert sum(s.samples for s in whole.stats.values()) == sum(k != "" for b in full for k in b.keys)
+        assert sum(s.pure_batches for s in whole.stats.values()) > 0
+
+
+def _resumed_progress(full, rest, consumed):
+    """LoaderProgress of an uninterrupted epoch's batches `full`, and that of the same epoch
+    checkpointed after `consumed` batches and resumed with the batches `rest`."""
+    from pipeline.train_log import LoaderProgress
+
+    def progress(batches, start=None, counters=None):
+        p = LoaderProgress(start or {}, counters)
+        for b in batches:
+            p.update(b.info)
+        return p
+    before = progress(full[:consumed])
+    return progress(full), progress(rest, before.positions, before.counters())
+
+
+def test_data_problems_before_a_resume_count_once_in_the_epoch(tiny_shards, tmp_path):
+    """Shard 1 (worker 1's) has every image garbled, shards 0 and 2 (worker 0's: it reads one
+    of them) the captions of their first three samples missing: resumed
+    after 5 batches, the epoch counts each problem once, the ones met before the resume
+    (decoded images that the resumed worker skips, captions it reads again) included."""
+    from pipeline.data import no_labels
+    data = tmp_path / "shards"
+    data.mkdir()
+    for i, shard in enumerate(["00000", "00001", "00002"]):
+        with tarfile.open(tiny_shards / f"{shard}.tar") as tf:
+            members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+        first = sorted({n.split(".")[0] for n, _ in members})[:3]
+        members = [(n, os.urandom(200) if i == 1 and n.endswith(".jpg") else b) for n, b in members
+                   if not (i != 1 and n.endswith(".txt") and n.split(".")[0] in first)]
+        write_raw_tar(data / f"{shard}.tar", members)
+
+    def epoch(start=None):
+        stream = _tiny_stream(data, no_labels, 0, world=1, cap=None)
+        stream.worker_batches = 8
+        stream.set_epoch(0, start)
+        return list(make_loader(stream, 2, seed=0))
+
+    full, rest = epoch(), epoch({0: 3, 1: 2})
+    whole, resumed = _resumed_progress(full, rest, 5)
+    counts = dict(zip(PROBLEM_KINDS, map(sum, zip(*resumed.problems.values()))))
+    assert resumed.counters() == whole.counters()
+    assert counts["missing_caption"] == 3 and counts["corrupt_image"] == 8 * 16, counts
 
 
 def test_a_worker_that_never_starts_is_started_again_with_the_same_batches(tiny_shards, tmp_path, monkeypatch, caplog):

@@ -223,7 +223,7 @@ def test_global_batches_under_ddp_resume_after_sigkill_to_the_same_steps(tmp_pat
     """Stage 2 on the global-batch loader (the default for sidecar labels), 2 ranks x 2
     workers: on pure steps every anchor has all 63 negatives of the gathered batch; each
     epoch uses every sample once; killed after step 5 (workers at 3 and 2 batches) and
-    resumed, the run makes the same steps: the same labels and the same losses."""
+    resumed, the run makes the same steps: the same labels, losses and loader counts."""
     args = [f"data={tiny_shards}", "steps=24", "workers=2", "save_every=5", f"labels=sidecars:{clustered_stage1}",
             *COMMON]
     clean = tmp_path / "clean"
@@ -261,6 +261,8 @@ def test_global_batches_under_ddp_resume_after_sigkill_to_the_same_steps(tmp_pat
     assert [rec["label"] for rec in resumed] == [rec["label"] for rec in records]
     assert len(resumed) == 24
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(records, resumed)) < 1e-4
+    # the resumed epoch's loader line counts its steps before the kill too (checkpointed), once
+    assert [json.loads(line) for line in (killed / "loader_stats.jsonl").read_text().splitlines()] == epochs
 
 
 def test_the_logit_scale_clamp_holds_in_deepspeeds_fp32_master(tmp_path):
