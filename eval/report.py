@@ -72,7 +72,8 @@ def compare(models: dict) -> dict:
 
 
 def summarize(per_seed: list[dict]) -> dict:
-    """Mean and (sample) standard deviation over seeds of every score and gain."""
+    """Mean and (sample) standard deviation over seeds of every score and gain (over the seeds that
+    have it: a seed may lack a model, e.g. its baseline)."""
     def stats(values):
         values = [v for v in values if v is not None]
         if not values:
@@ -83,9 +84,9 @@ def summarize(per_seed: list[dict]) -> dict:
     first = per_seed[0]
     models = {}
     for name, rec in first["models"].items():
-        models[name] = {"mmvp": {p: stats([r["models"][name]["mmvp"].get(p) for r in per_seed])
+        models[name] = {"mmvp": {p: stats([r["models"].get(name, {}).get("mmvp", {}).get(p) for r in per_seed])
                                  for p in rec["mmvp"]}}
-    gains = {k: stats([r["comparison"][k] for r in per_seed]) for k in first["comparison"] if k.startswith("gain_")}
+    gains = {k: stats([r["comparison"].get(k) for r in per_seed]) for k in first["comparison"] if k.startswith("gain_")}
     gain = gains.get("gain_vs_ensemble_suppressed")
     easy = gains.get("gain_vs_ensemble_easy")
     required = bool(gain and easy and all(r["comparison"]["shows_suppression"] for r in per_seed)
@@ -94,7 +95,7 @@ def summarize(per_seed: list[dict]) -> dict:
     return {"seeds": [s for r in per_seed for s in r["seeds"]], "models": models, "gains": gains,
             "suppressed": {str(r["seeds"][0]): r["comparison"]["suppressed"] for r in per_seed},
             "easy": {str(r["seeds"][0]): r["comparison"]["easy"] for r in per_seed},
-            "persistent": {str(r["seeds"][0]): r["comparison"].get("persistent", []) for r in per_seed},
+            "persistent": {str(r["seeds"][0]): r["comparison"].get("persistent") for r in per_seed},  # None: no baseline
             "required_met": required, "beats_baseline": beats_baseline(per_seed, gains), "config": first["config"]}
 
 
@@ -140,7 +141,8 @@ def verdict(summary: dict) -> list[str]:
                  f"on the easy one, mean gain - std > 5 over seeds): {'met' if summary['required_met'] else 'NOT met'}")
     persistent = summary.get("persistent", {})
     lines.append(f"still suppressed by plain CLIP after all the steps (baseline <= {SUPPRESSED:.0f}): "
-                 + "; ".join(f"seed {s}: {', '.join(p) or 'none'}" for s, p in persistent.items()))
+                 + "; ".join(f"seed {s}: {'no baseline run' if p is None else ', '.join(p) or 'none'}"
+                             for s, p in persistent.items()))
     if g.get("gain_vs_baseline_persistent"):
         lines.append(f"MCL - baseline on those: {_fmt(g['gain_vs_baseline_persistent'])} points")
     lines.append(f"MCL beats plain CLIP at equal steps (a hard attribute the baseline keeps suppressed, MCL >= 10 "

@@ -93,7 +93,7 @@ def _seed(seed, stage1, baseline, mcl, ensemble):
 
 
 def test_mcl_is_compared_with_the_baseline_where_plain_clip_stays_suppressed():
-    from eval.report import summarize, verdict
+    from eval.report import compare, summarize, verdict
 
     runs = [_seed(0, (100, 10, 4), (100, 4, 30), (100, 90, 20), (100, 8, 4)),
             _seed(1, (100, 14, 2), (100, 6, 50), (98, 80, 30), (100, 10, 2))]
@@ -113,6 +113,12 @@ def test_mcl_is_compared_with_the_baseline_where_plain_clip_stays_suppressed():
     spread = [_seed(0, (100, 10, 4), (100, 4, 2), (100, 60, 2), (100, 8, 4)),
               _seed(1, (100, 10, 4), (100, 4, 2), (100, 4, 2), (100, 8, 4))]
     assert not summarize(spread)["beats_baseline"]  # gains 28 and 0: mean 14, std 19.8, mean - std < 5
+    unmeasured = [runs[0], _seed(1, (100, 14, 2), (100, 6, 50), (98, 80, 30), (100, 10, 2))]
+    del unmeasured[1]["models"]["baseline"]  # a seed run without its baseline
+    unmeasured[1]["comparison"] = compare(unmeasured[1]["models"])
+    summary = summarize(unmeasured)
+    assert summary["persistent"] == {"0": ["Spatial", "Orientation"], "1": None} and not summary["beats_baseline"]
+    assert any(line.endswith("seed 0: Spatial, Orientation; seed 1: no baseline run") for line in verdict(summary))
 
 
 def test_the_persistent_world_is_one_flag_away_and_its_mcl_stages_start_from_scratch(quick_demo, tmp_path):
