@@ -1,6 +1,7 @@
 """Shared test helpers: the repo root, a CLI runner, the tiny world, raw tar writing."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -43,14 +44,15 @@ def check_a_rerun_waits_for_the_job_of_a_killed_launcher(args: list[str], run_di
         assert launcher.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.05)
     matches = [p for p in psutil.process_iter(["name", "cmdline", "ppid"])  # not srun
-               if p.info["name"].startswith("python") and "submitit.core._submit" in " ".join(p.info["cmdline"] or [])
+               if (p.info["name"] or "").startswith("python") and "submitit.core._submit" in " ".join(p.info["cmdline"] or [])
                and str(run_dir) in " ".join(p.info["cmdline"] or [])]
     # a DataLoader worker keeps its parent's name and command line until it renames itself
     jobs = [p for p in matches if p.info["ppid"] not in {m.pid for m in matches}]
     assert len(jobs) == 1, matches
     paused = [jobs[0], *jobs[0].children(recursive=True)]
     for p in paused:
-        p.suspend()
+        with contextlib.suppress(psutil.NoSuchProcess):  # a DataLoader worker may have just ended
+            p.suspend()
     try:
         refused = run_cli(*cmd[2:])
         launcher.kill()
@@ -60,7 +62,8 @@ def check_a_rerun_waits_for_the_job_of_a_killed_launcher(args: list[str], run_di
         first = rerun.stdout.readline()
     finally:
         for p in paused:
-            p.resume()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.resume()
     out, err = rerun.communicate(timeout=600)
     out = first + out
     assert refused.returncode != 0 and "another launcher is running this run" in refused.stderr, refused.stderr

@@ -306,9 +306,13 @@ def test_training_is_requeued_on_timeout_and_resumes_from_its_checkpoint(tmp_pat
                    "train.log_every=1", "executor.timeout_min=1", "executor.signal_delay_s=5")
     ckpts = run_dir / "stage1" / "checkpoints"
     _wait_for(lambda: list(ckpts.glob("step_*.pt")), proc, "a checkpoint")
-    tasks = [p for p in psutil.Process(proc.pid).children(recursive=True)  # not its DataLoader workers
-             if "submitit.core._submit" in " ".join(p.cmdline())
-             and "submitit.local._local" in " ".join(p.parent().cmdline())]
+    def is_task(p):  # not its DataLoader workers, which come and go
+        try:
+            return "submitit.core._submit" in " ".join(p.cmdline()) \
+                and "submitit.local._local" in " ".join(p.parent().cmdline())
+        except (psutil.NoSuchProcess, AttributeError):  # ended meanwhile (its parent: None)
+            return False
+    tasks = [p for p in psutil.Process(proc.pid).children(recursive=True) if is_task(p)]
     assert len(tasks) == 1, tasks
     tasks[0].send_signal(signal.SIGUSR2)
     assert proc.wait(timeout=300) == 0
