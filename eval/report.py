@@ -82,11 +82,14 @@ def summarize(per_seed: list[dict]) -> dict:
                 "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0}
 
     first = per_seed[0]
+    names = dict.fromkeys(n for r in per_seed for n in r["models"])  # in order, from every seed
     models = {}
-    for name, rec in first["models"].items():
+    for name in names:
+        patterns = dict.fromkeys(p for r in per_seed for p in r["models"].get(name, {}).get("mmvp", {}))
         models[name] = {"mmvp": {p: stats([r["models"].get(name, {}).get("mmvp", {}).get(p) for r in per_seed])
-                                 for p in rec["mmvp"]}}
-    gains = {k: stats([r["comparison"].get(k) for r in per_seed]) for k in first["comparison"] if k.startswith("gain_")}
+                                 for p in patterns}}
+    keys = dict.fromkeys(k for r in per_seed for k in r["comparison"] if k.startswith("gain_"))
+    gains = {k: stats([r["comparison"].get(k) for r in per_seed]) for k in keys}
     gain = gains.get("gain_vs_ensemble_suppressed")
     easy = gains.get("gain_vs_ensemble_easy")
     required = bool(gain and easy and all(r["comparison"]["shows_suppression"] for r in per_seed)
@@ -95,7 +98,8 @@ def summarize(per_seed: list[dict]) -> dict:
     return {"seeds": [s for r in per_seed for s in r["seeds"]], "models": models, "gains": gains,
             "suppressed": {str(r["seeds"][0]): r["comparison"]["suppressed"] for r in per_seed},
             "easy": {str(r["seeds"][0]): r["comparison"]["easy"] for r in per_seed},
-            "persistent": {str(r["seeds"][0]): r["comparison"].get("persistent") for r in per_seed},  # None: no baseline
+            "persistent": {str(r["seeds"][0]): r["comparison"].get("persistent")  # None: no baseline run
+                           for r in per_seed},
             "required_met": required, "beats_baseline": beats_baseline(per_seed, gains), "config": first["config"]}
 
 

@@ -8,6 +8,7 @@ holds what an exact resume needs:
     workers          DataLoader workers per rank when it was written
     positions        per rank, {worker: batches consumed this epoch}
     loader           per rank, {worker: its loader counters this epoch} (train_log.LoaderProgress)
+    data_problems    {kind: count}, the most of any finished epoch
     rng              per rank, torch's CPU RNG state
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Position:
     epoch: int = 0
     workers: dict[int, int] = field(default_factory=dict)
     counters: dict[int, dict] = field(default_factory=dict)
+    data_problems: dict[str, int] = field(default_factory=dict)
 
 
 class Checkpoints:
@@ -48,11 +50,12 @@ class Checkpoints:
         records = self._records()
         return records[-1] if records else None
 
-    def save(self, step: int, epoch: int, positions: dict[int, int], counters: dict[int, dict]) -> None:
+    def save(self, step: int, epoch: int, positions: dict[int, int], counters: dict[int, dict],
+             data_problems: dict[str, int]) -> None:
         """Checkpoint `step` (every rank calls this, with its own workers' positions and counters)."""
         cfg, info = self.cfg, self.info
         state = {"step": step, "epoch": epoch, "name": cfg.model, "config": to_dict(cfg), "batching": batching(cfg),
-                 "workers": cfg.workers,
+                 "workers": cfg.workers, "data_problems": dict(data_problems),
                  "positions": [{str(k): int(v) for k, v in p.items()} for p in all_gather_object(positions, info)],
                  "loader": [{str(k): c for k, c in p.items()} for p in all_gather_object(counters, info)],
                  "rng": all_gather_object(torch.get_rng_state(), info)}
@@ -71,7 +74,8 @@ class Checkpoints:
         workers' positions hold only for the same world size and workers per rank."""
         rank = self.info.rank
         torch.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
-        at = Position(int(state["step"]), int(state["epoch"]))
+        at = Position(int(state["step"]), int(state["epoch"]),
+                      data_problems={k: int(n) for k, n in state.get("data_problems", {}).items()})
         positions = state["positions"]
         if len(positions) == self.info.world_size and state["workers"] == self.cfg.workers:
             at.workers = {int(w): int(n) for w, n in positions[rank].items()}

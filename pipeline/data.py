@@ -227,12 +227,14 @@ class TrainStream(IterableDataset):
 
     def __iter__(self):
         worker, workers = stream_role(self.start)
-        stats = BucketStats()
+        stats, self.problems = BucketStats(), ProblemLog()  # this epoch's (a worker process's own)
         self.labeler.stats, self.labeler.problems = stats, self.problems
         done = self.start.get(worker, 0)
         blank = blank_image(self.transform)
         for made, plan in enumerate(self._plans(worker, workers, stats), start=1):
             if made <= done:  # consumed before a resume: skipped without decoding
+                # decoded before the resume: a corrupt image met again (plain mode's next round) counts once
+                self.problems.known("corrupt_image", ((s["__url__"], s["__key__"]) for s in plan))
                 if made == done:  # the counts so far are in the checkpoint (train_log.LoaderProgress)
                     stats.restart()
                     self.problems.restart()

@@ -158,6 +158,7 @@ class GlobalBatchStream(IterableDataset):
         if self.mine is None:
             self.set_epoch(self.epoch, self.start)
         stats, files = BucketStats(max_buffered=self.batch_size), OpenShards()
+        self.problems = ProblemLog()  # this epoch's (a worker process's own)
         blank, done = blank_image(self.transform), self.start.get(worker, 0)
         try:
             for made, step in enumerate(range(worker, len(self.mine), workers), start=1):

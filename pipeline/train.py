@@ -144,24 +144,25 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                          lambda: Trackers(tracker_names(cfg.report_to), out, at.step,
                                           {**to_dict(cfg), "world_size": info.world_size, "batching": mode},
                                           cfg.wandb_project, cfg.wandb_entity))
-    step, epoch, data_problems, failed = at.step, at.epoch, {}, True
+    step, epoch, data_problems, failed = at.step, at.epoch, dict(at.data_problems), True
     try:
-        while step < total_steps:
+        while step < total_steps or epoch == at.epoch:  # resumed at its last step: that epoch still reports
             start = at.workers if epoch == at.epoch else {}  # only a resumed epoch starts part-way
-            stream.set_epoch(epoch, start)
             loader = LoaderProgress(start, at.counters if epoch == at.epoch else None)
-            engine.model.train()
-            for batch in _batches(stream, cfg, epoch, info, pad=mode == "slot" and info.distributed):
-                loader.update(batch.info)
-                lr = schedule(step)
-                loss = _step(engine, loss_fn, batch.to(info.device), cfg)
-                step += 1
-                metrics.step(step, epoch, loss, lr, loss_fn.last_effective_negatives, engine.unwrap().logit_scale,
-                             _main_label(batch) if mode != "off" else None)
-                if step % cfg.save_every == 0 or step == total_steps:
-                    ckpts.save(step, epoch, loader.positions, loader.counters())
-                if step == total_steps:
-                    break  # inside the epoch: the checkpoint knows where
+            if step < total_steps:
+                stream.set_epoch(epoch, start)
+                engine.model.train()
+                for batch in _batches(stream, cfg, epoch, info, pad=mode == "slot" and info.distributed):
+                    loader.update(batch.info)
+                    lr = schedule(step)
+                    loss = _step(engine, loss_fn, batch.to(info.device), cfg)
+                    step += 1
+                    metrics.step(step, epoch, loss, lr, loss_fn.last_effective_negatives, engine.unwrap().logit_scale,
+                                 _main_label(batch) if mode != "off" else None)
+                    if step % cfg.save_every == 0 or step == total_steps:
+                        ckpts.save(step, epoch, loader.positions, loader.counters(), data_problems)
+                    if step == total_steps:
+                        break  # inside the epoch: the checkpoint knows where
             stats = None
             if mode != "off":
                 whole = step < total_steps or (mode == "global" and sum(loader.positions.values()) == steps_per_epoch)

@@ -118,6 +118,7 @@ class ProblemLog:
         self.counts: collections.Counter = collections.Counter()
         self.per_shard: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.items: list[dict] = []
+        self.logged: collections.Counter = collections.Counter()  # per kind, across restarts
         self._seen: set = set()
 
     def add(self, kind: str, url: str, key: str | None = None, detail: str = "") -> None:
@@ -131,7 +132,8 @@ class ProblemLog:
         self.items.append({"kind": kind, "shard": url, "key": key, "detail": detail})
         if self.logger is None:
             return
-        n = self.counts[kind]
+        self.logged[kind] += 1
+        n = self.logged[kind]
         where = f"{url}" + (f" key {key}" if key is not None else "")
         if n <= self.max_logged:
             self.logger.warning("%s: %s%s, skipped", where, kind, f" ({detail})" if detail else "")
@@ -139,10 +141,15 @@ class ProblemLog:
             self.logger.warning("further %s problems are counted but not logged", kind)
 
     def restart(self) -> None:
-        """Count from zero on; a problem met before is still not counted again."""
+        """Count from zero on; a problem met before is still not counted (nor logged) again."""
         self.counts.clear()
         self.per_shard.clear()
         self.items.clear()
+
+    def known(self, kind: str, where: Iterable[tuple[str, str]]) -> None:
+        """(shard, key) pairs whose `kind` problem, if they have one, was counted elsewhere (by the
+        process before a resume): not counted here."""
+        self._seen.update((kind, url, key) for url, key in where)
 
     @property
     def total(self) -> int:

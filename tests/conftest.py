@@ -44,7 +44,8 @@ def check_a_rerun_waits_for_the_job_of_a_killed_launcher(args: list[str], run_di
         assert launcher.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.05)
     matches = [p for p in psutil.process_iter(["name", "cmdline", "ppid"])  # not srun
-               if (p.info["name"] or "").startswith("python") and "submitit.core._submit" in " ".join(p.info["cmdline"] or [])
+               if (p.info["name"] or "").startswith("python")
+               and "submitit.core._submit" in " ".join(p.info["cmdline"] or [])
                and str(run_dir) in " ".join(p.info["cmdline"] or [])]
     # a DataLoader worker keeps its parent's name and command line until it renames itself
     jobs = [p for p in matches if p.info["ppid"] not in {m.pid for m in matches}]

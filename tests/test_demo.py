@@ -119,6 +119,9 @@ def test_mcl_is_compared_with_the_baseline_where_plain_clip_stays_suppressed():
     summary = summarize(unmeasured)
     assert summary["persistent"] == {"0": ["Spatial", "Orientation"], "1": None} and not summary["beats_baseline"]
     assert any(line.endswith("seed 0: Spatial, Orientation; seed 1: no baseline run") for line in verdict(summary))
+    summary = summarize(unmeasured[::-1])  # the first seed without a baseline: the other's still counts
+    assert summary["models"]["baseline"]["mmvp"]["Spatial"]["mean"] == 4
+    assert summary["gains"]["gain_vs_baseline_persistent"]["mean"] == (86 - 10) / 2
 
 
 def test_the_persistent_world_is_one_flag_away_and_its_mcl_stages_start_from_scratch(quick_demo, tmp_path):

@@ -270,33 +270,34 @@ def _resumed_progress(full, rest, consumed):
 
 
 def test_data_problems_before_a_resume_count_once_in_the_epoch(tiny_shards, tmp_path):
-    """Shard 1 (worker 1's) has every image garbled, shards 0 and 2 (worker 0's: it reads one
-    of them) the captions of their first three samples missing: resumed
-    after 5 batches, the epoch counts each problem once, the ones met before the resume
-    (decoded images that the resumed worker skips, captions it reads again) included."""
+    """Shard 1 (worker 1's) has every 5th image garbled, shards 0 and 2 (worker 0's) the captions
+    of their first three samples missing. Each worker makes 20 batches of 16: worker 1 reads its
+    200 samples and starts over, meeting its corrupt images again. Resumed after 5 batches, the
+    epoch counts each problem once, as without the resume: those met before it (images the
+    resumed worker skips undecoded, then meets again; captions it reads again) included."""
     from pipeline.data import no_labels
     data = tmp_path / "shards"
     data.mkdir()
     for i, shard in enumerate(["00000", "00001", "00002"]):
         with tarfile.open(tiny_shards / f"{shard}.tar") as tf:
             members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
-        first = sorted({n.split(".")[0] for n, _ in members})[:3]
-        members = [(n, os.urandom(200) if i == 1 and n.endswith(".jpg") else b) for n, b in members
-                   if not (i != 1 and n.endswith(".txt") and n.split(".")[0] in first)]
+        keys = sorted({n.split(".")[0] for n, _ in members})
+        garbled = set(keys[::5]) if i == 1 else set()
+        members = [(n, os.urandom(200) if n.endswith(".jpg") and n.split(".")[0] in garbled else b)
+                   for n, b in members if not (i != 1 and n.endswith(".txt") and n.split(".")[0] in keys[:3])]
         write_raw_tar(data / f"{shard}.tar", members)
 
     def epoch(start=None):
         stream = _tiny_stream(data, no_labels, 0, world=1, cap=None)
-        stream.worker_batches = 8
+        stream.worker_batches = 20
         stream.set_epoch(0, start)
         return list(make_loader(stream, 2, seed=0))
 
     full, rest = epoch(), epoch({0: 3, 1: 2})
     whole, resumed = _resumed_progress(full, rest, 5)
-    counts = dict(zip(PROBLEM_KINDS, map(sum, zip(*resumed.problems.values()))))
     assert resumed.counters() == whole.counters()
-    assert counts["missing_caption"] == 3 and counts["corrupt_image"] == 8 * 16, counts
-
+    counts = dict(zip(PROBLEM_KINDS, map(sum, zip(*resumed.problems.values()))))
+    assert counts["missing_caption"] == 6 and counts["corrupt_image"] == 40, counts
 
 def test_a_worker_that_never_starts_is_started_again_with_the_same_batches(tiny_shards, tmp_path, monkeypatch, caplog):
     """What a worker stuck after fork (CPython 3.11's runtime lock) looks like to the rank: it never

@@ -168,12 +168,18 @@ def test_broken_samples_are_skipped_and_counted_across_workers(tmp_path, tiny_sh
     stage = tmp_path / "stage"
     # one epoch of 32 batches of 16 per worker: worker 0 reads shards 0 and 2 (398 usable samples)
     # and starts over, worker 1 reads shard 1 more than twice; each problem counts once
-    r = run_cli("pipeline.train", f"data={data}", f"out={stage}", "steps=64", "workers=2", "save_every=100",
-                "train_num_samples=1000", *COMMON, "batch_size=16")
+    args = [f"data={data}", f"out={stage}", "steps=64", "workers=2", "save_every=100", "train_num_samples=1000",
+            *COMMON, "batch_size=16"]
+    r = run_cli("pipeline.train", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     done = json.loads((stage / "done.json").read_text())
     assert done["data_problems"] == {"missing_caption": 3, "corrupt_image": 2}, done["data_problems"]
     assert "the loader skipped data problems: missing_caption=3, corrupt_image=2" in r.stderr
+    # preempted after its last checkpoint, before done.json: the rerun trains no step and reports the same
+    (stage / "done.json").unlink()
+    r = run_cli("pipeline.train", *args)
+    assert r.returncode == 0 and "resumed from" in r.stderr and "at step 64" in r.stderr, r.stderr[-3000:]
+    assert json.loads((stage / "done.json").read_text())["data_problems"] == done["data_problems"]
 
 
 def test_bad_config_is_one_line(tmp_path, tiny_shards):
