@@ -24,6 +24,7 @@ OUT/zeroshot.png (each dataset's main metric per model), each atomically.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import os
@@ -36,6 +37,7 @@ import torch
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import atomic_output, write_json
 from eval.encoders import Encoder, load_encoder
+from eval.fanout import fan_out
 
 log = logging.getLogger("eval.zeroshot")
 SUMMARY_NAME = "zeroshot_summary.json"  # what launch checks to call the evaluation done
@@ -137,30 +139,54 @@ def dataloader(bench: Benchmark, transform, batch_size: int, workers: int, downl
 def evaluate(benchmarks: list[Benchmark], encoders: list[Encoder], batch_size: int = 64, workers: int = 0,
              download: bool = False) -> dict:
     """{model: {dataset: {"task": ..., metric: value, ...}}} with CLIP_benchmark's metrics. The
-    benchmarks are checked with `check` first, before the models load (main and launch's eval step do)."""
+    benchmarks are checked with `check` first, before the models load (main and launch's eval step do).
+    Models with the same preprocessing share one pass over each data set (eval.fanout)."""
+    results: dict = {enc.name: {} for enc in encoders}
+    groups: dict[tuple, list[Encoder]] = {}
+    for enc in encoders:
+        groups.setdefault((preprocess_signature(enc.preprocess), str(enc.device)), []).append(enc)
+    for bench in benchmarks:
+        for group in groups.values():
+            ds, loader = dataloader(bench, group[0].preprocess, batch_size, workers, download)
+            if len(group) > 1:
+                log.info("%s: one pass for %s", bench.name, ", ".join(enc.name for enc in group))
+            scores = fan_out(loader, [functools.partial(_metrics, bench, ds, enc) for enc in group])
+            for enc, metrics in zip(group, scores):
+                metrics = {k: round(float(v), 6) for k, v in metrics.items()}
+                results[enc.name][bench.name] = {"task": bench.task, "root": bench.root, **metrics}
+                log.info("%s on %s: %s", enc.name, bench.name,
+                         ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return results
+
+
+def preprocess_signature(preprocess) -> str:
+    """What `preprocess` makes of a fixed random image (a hash): equal for transforms that do
+    the same (their reprs may differ, e.g. a crop size as a list or a tuple)."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (61, 97, 3), dtype=np.uint8)
+    out = preprocess(Image.fromarray(pixels)).numpy()
+    return f"{out.shape} {out.dtype} {hashlib.sha256(out.tobytes()).hexdigest()}"
+
+
+def _metrics(bench: Benchmark, ds, enc: Encoder, batches) -> dict:
+    """CLIP_benchmark's metrics of `enc` on the data set `ds`, whose batches `batches` yields."""
     from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 
-    results: dict = {enc.name: {} for enc in encoders}
-    for bench in benchmarks:
-        for enc in encoders:
-            device = enc.device if isinstance(enc.device, str) else enc.device.type
-            amp = device == "cuda"
-            ds, loader = dataloader(bench, enc.preprocess, batch_size, workers, download)
-            enc.model.eval()
-            with torch.no_grad():
-                if bench.task == "zeroshot_retrieval":
-                    metrics = zeroshot_retrieval.evaluate(enc.model, loader, enc.tokenizer, device=device, amp=amp,
-                                                          recall_k_list=list(RECALL_K))
-                else:
-                    classifier = zeroshot_classification.zero_shot_classifier(enc.model, enc.tokenizer, ds.classes,
-                                                                              ds.templates, device, amp=amp)
-                    logits, target = zeroshot_classification.run_classification(enc.model, classifier, loader,
-                                                                                device, amp=amp)
-                    metrics = classification_metrics(logits, target, len(ds.classes))
-            metrics = {k: round(float(v), 6) for k, v in metrics.items()}
-            results[enc.name][bench.name] = {"task": bench.task, "root": bench.root, **metrics}
-            log.info("%s on %s: %s", enc.name, bench.name, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return results
+    device = enc.device if isinstance(enc.device, str) else enc.device.type
+    amp = device == "cuda"
+    enc.model.eval()
+    with torch.no_grad():
+        if bench.task == "zeroshot_retrieval":
+            return zeroshot_retrieval.evaluate(enc.model, batches, enc.tokenizer, device=device, amp=amp,
+                                               recall_k_list=list(RECALL_K))
+        classifier = zeroshot_classification.zero_shot_classifier(enc.model, enc.tokenizer, ds.classes,
+                                                                  ds.templates, device, amp=amp)
+        logits, target = zeroshot_classification.run_classification(enc.model, classifier, batches, device, amp=amp)
+        return classification_metrics(logits, target, len(ds.classes))
 
 
 def classification_metrics(logits: torch.Tensor, target: torch.Tensor, classes: int) -> dict:

@@ -276,20 +276,25 @@ def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(t
     assert (tmp_path / "out" / "zeroshot.png").stat().st_size > 1000
     assert "wds/shape (acc1)" in r.stdout
 
-    enc = load_encoder(f"s1={two_stages[0]}")
+    # the two models share each set's pass (one preprocessing); each gets its own numbers
+    assert "wds/shape: one pass for s1, mcl" in r.stderr
     classes = (sets["shape"] / "classnames.txt").read_text().split("\n")[:-1]
     templates = (sets["shape"] / "zeroshot_classification_templates.txt").read_text().split("\n")[:-1]
-    text = torch.stack([F.normalize(enc.texts([t.format(c=c) for t in templates]).mean(0), dim=0) for c in classes])
-    feats = enc.images(images)
-    top1 = float(((feats @ text.T).argmax(1) == torch.tensor(labels)).float().mean())
-    assert summary["s1"]["wds/shape"]["acc1"] == pytest.approx(top1, abs=1e-6)
-    assert summary["s1"]["folder/shape"]["acc1"] == pytest.approx(top1, abs=1e-6)
     cap_images, captions = _wds_set(sets["captions"])
-    scores = enc.texts(captions) @ enc.images(cap_images).T
-    recall1 = float((scores.argmax(1) == torch.arange(len(captions))).float().mean())
-    assert summary["s1"]["wds/captions"]["image_retrieval_recall@1"] == pytest.approx(recall1, abs=1e-6)
+    for name, spec in (("s1", two_stages[0]), ("mcl", merged)):
+        enc = load_encoder(f"{name}={spec}")
+        text = torch.stack([F.normalize(enc.texts([t.format(c=c) for t in templates]).mean(0), dim=0)
+                            for c in classes])
+        top1 = float(((enc.images(images) @ text.T).argmax(1) == torch.tensor(labels)).float().mean())
+        assert summary[name]["wds/shape"]["acc1"] == pytest.approx(top1, abs=1e-6), name
+        assert summary[name]["folder/shape"]["acc1"] == pytest.approx(top1, abs=1e-6), name
+        scores = enc.texts(captions) @ enc.images(cap_images).T
+        recall1 = float((scores.argmax(1) == torch.arange(len(captions))).float().mean())
+        assert summary[name]["wds/captions"]["image_retrieval_recall@1"] == pytest.approx(recall1, abs=1e-6), name
     mcl = summary["mcl"]["wds/captions"]
     assert 0 <= mcl["image_retrieval_recall@1"] <= mcl["image_retrieval_recall@5"] <= mcl["image_retrieval_recall@10"]
+    assert summary["s1"]["wds/shape"] != summary["mcl"]["wds/shape"] or \
+        summary["s1"]["wds/captions"] != summary["mcl"]["wds/captions"]
 
     bad = [("--dataset", "nosuchset=/tmp", "--model", str(two_stages[0])),
            ("--dataset", f"wds/shape={tmp_path / 'nowhere'}", "--model", str(two_stages[0])),
@@ -300,6 +305,34 @@ def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(t
         r = run_cli("eval.zeroshot", *args, "--out", str(tmp_path / "o2"))
         assert r.returncode == 2 and want in r.stderr.strip().splitlines()[-1], (want, r.stderr[-2000:])
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_pass_shared_by_several_consumers_reaches_each_whole_and_fails_cleanly():
+    """fan_out: every consumer sees every item in order from one iteration; one that stops
+    early or fails does not block the others; a failing pass or consumer is raised, no hang."""
+    import threading
+
+    from eval.fanout import fan_out
+    passes = []
+
+    def items(n=50, fail_at=None):
+        passes.append(threading.get_ident())
+        for i in range(n):
+            if i == fail_at:
+                raise OSError("shard 3 is gone")
+            yield i
+
+    assert fan_out(items(), [list, sum, lambda view: next(iter(view))]) == [list(range(50)), sum(range(50)), 0]
+    assert len(passes) == 1
+
+    def broken(view):
+        for i in view:
+            if i == 5:
+                raise ValueError("consumer failed at 5")
+    with pytest.raises(ValueError, match="consumer failed at 5"):
+        fan_out(items(), [list, broken, sum], depth=1)
+    with pytest.raises(OSError, match="shard 3 is gone"):
+        fan_out(items(fail_at=20), [list, sum], depth=1)
 
 
 def test_a_run_s_zero_shot_results_count_as_done_only_for_the_same_models_sets_and_roots():
