@@ -3,15 +3,18 @@
 CLIP_benchmark's metric functions each take a DataLoader and run the loop themselves; to
 evaluate N models on one data set with one decoding pass, each function runs in a thread
 of its own on a view of the pass (`fan_out`). A view holds at most `depth` items ahead of
-its consumer, so memory stays at about N * depth batches, and the slowest consumer sets
-the pace.
+its consumer; the items are shared, not copied, so the pass holds about depth + 2 of them
+at a time, and the slowest consumer sets the pace. What the consumers keep (logits,
+embeddings, activations) is held for all of them at once.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
+log = logging.getLogger("eval.fanout")
 R = TypeVar("R")
 _END = object()
 
@@ -33,7 +36,7 @@ class _View:
             if item is _END:
                 self.ended = True
             elif isinstance(item, _Failed):
-                raise RuntimeError("the shared data pass failed") from item.exc
+                raise RuntimeError("the shared data pass stopped") from item.exc
             else:
                 yield item
 
@@ -45,20 +48,25 @@ class _View:
 
 def fan_out(items: Iterable, consumers: Sequence[Callable[[Iterator], R]], depth: int = 2) -> list[R]:
     """[consumer(view) for consumer in consumers], each view yielding every item of `items`
-    in order, `items` iterated once. The first exception of a consumer, or of the pass, is
-    raised once all threads have ended (a failed consumer's view is drained, not left to
-    block the pass)."""
+    in order, `items` iterated once (its iterator made before any thread starts: a DataLoader
+    forks its workers there). A consumer's exception stops the pass; the first one (or the
+    pass's own) is raised once all threads have ended, any others are logged."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
     if len(consumers) == 1:
         return [consumers[0](iter(items))]
+    source = iter(items)
     views = [_View(depth) for _ in consumers]
     results: list = [None] * len(consumers)
-    errors: list[BaseException | None] = [None] * len(consumers)
+    errors: list[BaseException] = []
+    failed = threading.Event()
 
     def run(i: int) -> None:
         try:
             results[i] = consumers[i](iter(views[i]))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller below
-            errors[i] = exc
+            errors.append(exc)
+            failed.set()
         finally:
             views[i].drain()
 
@@ -68,7 +76,9 @@ def fan_out(items: Iterable, consumers: Sequence[Callable[[Iterator], R]], depth
         t.start()
     failure = None
     try:
-        for item in items:
+        for item in source:
+            if failed.is_set():
+                raise RuntimeError("a consumer of the shared pass failed")
             for view in views:
                 view.queue.put(item)
     except BaseException as exc:  # noqa: BLE001 - the consumers see it first, then the caller
@@ -79,9 +89,10 @@ def fan_out(items: Iterable, consumers: Sequence[Callable[[Iterator], R]], depth
         view.queue.put(_END)
     for t in threads:
         t.join()
-    if failure is not None:
-        raise failure
-    for exc in errors:
-        if exc is not None:
-            raise exc
+    consumer_errors = [e for e in errors if not (isinstance(e, RuntimeError) and e.__cause__ is failure)]
+    first = consumer_errors[0] if consumer_errors else failure
+    for exc in consumer_errors[1:]:
+        log.error("another consumer of the shared pass failed too: %r", exc)
+    if first is not None:
+        raise first
     return results

@@ -141,6 +141,9 @@ def evaluate(benchmarks: list[Benchmark], encoders: list[Encoder], batch_size: i
     """{model: {dataset: {"task": ..., metric: value, ...}}} with CLIP_benchmark's metrics. The
     benchmarks are checked with `check` first, before the models load (main and launch's eval step do).
     Models with the same preprocessing share one pass over each data set (eval.fanout)."""
+    from tqdm import tqdm
+
+    tqdm.get_lock()  # made before the consumers' threads start their progress bars
     results: dict = {enc.name: {} for enc in encoders}
     groups: dict[tuple, list[Encoder]] = {}
     for enc in encoders:
@@ -160,16 +163,29 @@ def evaluate(benchmarks: list[Benchmark], encoders: list[Encoder], batch_size: i
 
 
 def preprocess_signature(preprocess) -> str:
-    """What `preprocess` makes of a fixed random image (a hash): equal for transforms that do
-    the same (their reprs may differ, e.g. a crop size as a list or a tuple)."""
+    """What `preprocess` makes of fixed random probe images (RGB, grayscale and RGBA, small and
+    large), hashed: equal for transforms that do the same, though their reprs may differ (a crop
+    size as a list or a tuple). A transform that is random (two calls differ) or fails on a
+    probe gets a signature of its own: its model makes its own pass."""
     import hashlib
 
     import numpy as np
     from PIL import Image
 
-    pixels = np.random.default_rng(0).integers(0, 256, (61, 97, 3), dtype=np.uint8)
-    out = preprocess(Image.fromarray(pixels)).numpy()
-    return f"{out.shape} {out.dtype} {hashlib.sha256(out.tobytes()).hexdigest()}"
+    rng = np.random.default_rng(0)
+    probes = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+              for (h, w), mode in (((61, 97), "RGB"), ((61, 97), "L"), ((61, 97), "RGBA"), ((389, 517), "RGB"))]
+    digest = hashlib.sha256()
+    try:
+        for probe in probes:
+            first, again = preprocess(probe), preprocess(probe)
+            if not torch.equal(first, again):
+                return f"random:{id(preprocess)}"
+            digest.update(f"{tuple(first.shape)} {first.dtype}".encode())
+            digest.update(first.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    except Exception:  # noqa: BLE001 - e.g. a crop larger than a probe: not shared, evaluated alone
+        return f"unprobed:{id(preprocess)}"
+    return digest.hexdigest()
 
 
 def _metrics(bench: Benchmark, ds, enc: Encoder, batches) -> dict:

@@ -244,7 +244,8 @@ def _wds_set(folder):
     return images, targets
 
 
-def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(tmp_path, two_stages, tiny_spec):
+def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(tmp_path, two_stages, tiny_spec,
+                                                                             monkeypatch):
     """eval.zeroshot on the world's CLIP_benchmark sets (written by shards.zeroshot_writer with
     CLIP_benchmark's own writer): top-1 and retrieval recall@1 equal a direct computation for a
     stage model; the same images as an image folder give the same top-1; the merged model runs;
@@ -278,6 +279,18 @@ def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(t
 
     # the two models share each set's pass (one preprocessing); each gets its own numbers
     assert "wds/shape: one pass for s1, mcl" in r.stderr
+    from eval import zeroshot as Z
+    built = []
+    real = Z.dataloader
+
+    def counted(bench, *args):
+        built.append(bench.name)
+        return real(bench, *args)
+    monkeypatch.setattr(Z, "dataloader", counted)
+    encs = [load_encoder(f"s1={two_stages[0]}"), load_encoder(f"mcl={merged}")]
+    shared = Z.evaluate([Z.parse_dataset_arg(f"wds/shape={sets['shape']}")], encs, batch_size=32)
+    assert built == ["wds/shape"] and {n: shared[n]["wds/shape"] for n in shared} == \
+        {n: summary[n]["wds/shape"] for n in ("s1", "mcl")}
     classes = (sets["shape"] / "classnames.txt").read_text().split("\n")[:-1]
     templates = (sets["shape"] / "zeroshot_classification_templates.txt").read_text().split("\n")[:-1]
     cap_images, captions = _wds_set(sets["captions"])
@@ -307,33 +320,44 @@ def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(t
     assert not (tmp_path / "o2").exists()
 
 
+@pytest.mark.timeout(120)
 def test_a_pass_shared_by_several_consumers_reaches_each_whole_and_fails_cleanly():
-    """fan_out: every consumer sees every item in order from one iteration; one that stops
-    early or fails does not block the others; a failing pass or consumer is raised, no hang."""
-    import threading
-
+    """fan_out: every consumer sees every item in order from one iteration; one that stops early
+    or closes its view does not block the others; a consumer that fails stops the pass, and its
+    error (or the pass's own) is raised, with no hang."""
     from eval.fanout import fan_out
-    passes = []
 
-    def items(n=50, fail_at=None):
-        passes.append(threading.get_ident())
-        for i in range(n):
-            if i == fail_at:
-                raise OSError("shard 3 is gone")
-            yield i
+    class Items:
+        def __init__(self, n=50, fail_at=None):
+            self.n, self.fail_at, self.passes, self.read = n, fail_at, 0, 0
 
-    assert fan_out(items(), [list, sum, lambda view: next(iter(view))]) == [list(range(50)), sum(range(50)), 0]
-    assert len(passes) == 1
+        def __iter__(self):
+            self.passes += 1
+            for i in range(self.n):
+                if i == self.fail_at:
+                    raise OSError("shard 3 is gone")
+                self.read += 1
+                yield i
+
+    def closes(view):
+        view.close()
+        return "closed"
+    items = Items()
+    got = fan_out(items, [list, sum, lambda view: next(iter(view)), closes])
+    assert got == [list(range(50)), sum(range(50)), 0, "closed"] and items.passes == 1 and items.read == 50
 
     def broken(view):
         for i in view:
             if i == 5:
                 raise ValueError("consumer failed at 5")
+    items = Items(n=1000)
     with pytest.raises(ValueError, match="consumer failed at 5"):
-        fan_out(items(), [list, broken, sum], depth=1)
+        fan_out(items, [list, broken, sum], depth=1)
+    assert items.read < 20  # the pass stopped soon after the failure
     with pytest.raises(OSError, match="shard 3 is gone"):
-        fan_out(items(fail_at=20), [list, sum], depth=1)
-
+        fan_out(Items(fail_at=20), [list, sum], depth=1)
+    with pytest.raises(ValueError, match="depth"):
+        fan_out(Items(), [list, sum], depth=0)
 
 def test_a_run_s_zero_shot_results_count_as_done_only_for_the_same_models_sets_and_roots():
     from eval.zeroshot import covers, duplicate_names
