@@ -13,8 +13,9 @@ GPU). Writes to the stage folder `out`:
     done.json                        written last: the stage is complete
 
 A rerun resumes from the latest checkpoint exactly (step, optimiser, schedule, RNG and
-each data worker's position), so a run killed with SIGKILL and restarted ends where an
-uninterrupted one does; a finished stage is skipped.
+each data worker's position and counters), so a run killed with SIGKILL and restarted ends
+where an uninterrupted one does, with the same loader and data-problem counts; a finished
+stage is skipped.
 
 The loop here is built from: pipeline.batch (the typed batch and its padding),
 pipeline.engine (DDP or DeepSpeed behind backward / step / save / load, and the
