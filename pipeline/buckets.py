@@ -23,7 +23,7 @@ reaches the batch size is emitted as a *pure* batch. The policy for everything e
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Hashable, Iterable, Iterator, Sequence
 
 
@@ -48,9 +48,9 @@ class BucketStats:
 
     def restart(self) -> None:
         """Count from zero on (the high-water mark `max_buffered` stays)."""
-        for name in ("pure_batches", "mixed_batches", "early_batches", "short_batches", "samples",
-                     "fallback_samples", "missing_labels"):
-            setattr(self, name, 0)
+        for f in fields(self):
+            if f.name != "max_buffered":
+                setattr(self, f.name, 0)
 
     def merge(self, other: "BucketStats") -> "BucketStats":
         out = BucketStats(*[a + b for a, b in zip(self.as_list(), other.as_list())])
