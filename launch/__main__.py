@@ -20,10 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the demo on the synthetic world",
                           description=__import__("launch.demo").demo.__doc__)
     demo.add_argument("--quick", action="store_true", help="the small variant the tests use")
-    demo.add_argument("--world", choices=("default", "persistent"),
-                      help="the world and its demo config (configs/demo.yaml, configs/demo_persistent.yaml)")
-    demo.add_argument("--config", help="demo config (default: configs/demo.yaml, or demo_quick.yaml)")
-    demo.add_argument("--out", help="run folder (default: runs/demo; runs/demo-persistent for that world)")
+    demo.add_argument("--world", choices=("persistent", "fading"),
+                      help="the world and its demo config: persistent (the default, configs/demo_persistent.yaml)"
+                           " or fading (configs/demo.yaml)")
+    demo.add_argument("--config", help="demo config (default: the world's; demo_quick.yaml with --quick)")
+    demo.add_argument("--out", help="run folder (default: runs/demo-persistent, runs/demo for the fading world"
+                                    " and --quick)")
     demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     demo.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the config's seeds)")
     run = sub.add_parser("run", help="run or resume the MCL DAG of a config",

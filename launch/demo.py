@@ -1,10 +1,10 @@
 """The demo (the README's main command): MCL against plain CLIP on the synthetic world.
 
-    python -m launch demo [--quick | --world persistent | --config FILE] [--out runs/demo] [--seeds 0 1 2]
+    python -m launch demo [--world persistent|fading | --quick | --config FILE] [--out DIR] [--seeds 0 1 2]
 
-Two worlds (README "The demo"): `default` (configs/demo.yaml), where plain CLIP's suppression
-is slowness, and `persistent` (configs/demo_persistent.yaml, out runs/demo-persistent), where
-it lasts for all the steps; --quick is the tests' small variant.
+Two worlds (README "The demo"): `persistent`, the default (configs/demo_persistent.yaml, out
+runs/demo-persistent), where plain CLIP's suppression lasts for all the steps, and `fading`
+(configs/demo.yaml, out runs/demo), where it is slowness; --quick is the tests' small variant.
 
 1. Generates the world of the config's `data` section: training shards, held-out probe
    shards, the MMVP-format benchmark (one pattern per attribute) and, from the probe shards,
@@ -45,8 +45,9 @@ from shards.zeroshot_writer import write_sets
 from shards.validate import validate
 
 log = logging.getLogger("launch.demo")
-WORLDS = {"default": ("configs/demo.yaml", "runs/demo"),
-          "persistent": ("configs/demo_persistent.yaml", "runs/demo-persistent")}
+WORLDS = {"persistent": ("configs/demo_persistent.yaml", "runs/demo-persistent"),
+          "fading": ("configs/demo.yaml", "runs/demo")}
+DEFAULT_WORLD = "persistent"
 QUICK = ("configs/demo_quick.yaml", "runs/demo")
 
 
@@ -54,7 +55,7 @@ def choose(world: str | None, quick: bool, config: str | None, out: str | None) 
     """The demo config and run folder of the command line's --world / --quick / --config / --out."""
     if sum(bool(x) for x in (world, quick, config)) > 1:
         raise UsageError("--world, --quick and --config each choose the demo config: give one of them")
-    default_config, default_out = QUICK if quick else WORLDS[world or "default"]
+    default_config, default_out = QUICK if quick else WORLDS[world or DEFAULT_WORLD]
     return config or default_config, out or default_out
 
 

@@ -124,14 +124,16 @@ def test_mcl_is_compared_with_the_baseline_where_plain_clip_stays_suppressed():
     assert summary["gains"]["gain_vs_baseline_persistent"]["mean"] == (86 - 10) / 2
 
 
-def test_the_persistent_world_is_one_flag_away_and_its_mcl_stages_start_from_scratch(quick_demo, tmp_path):
+def test_the_persistent_world_is_the_default_and_its_mcl_stages_start_from_scratch(quick_demo, tmp_path):
     from launch.config import stage_train_config
     from launch.demo import choose, load_config, method_configs
     from shards.world import load_spec
 
-    config, out = choose("persistent", False, None, None)
+    config, out = choose(None, False, None, None)
     assert (config, out) == ("configs/demo_persistent.yaml", "runs/demo-persistent")
-    assert choose(None, False, None, None) == ("configs/demo.yaml", "runs/demo")
+    assert choose("persistent", False, None, "/tmp/x") == ("configs/demo_persistent.yaml", "/tmp/x")
+    assert choose("fading", False, None, None) == ("configs/demo.yaml", "runs/demo")
+    assert choose(None, True, None, None) == ("configs/demo_quick.yaml", "runs/demo")
     cfg = load_config(config)
     assert len(load_spec(cfg["data"]["world"]).attribute("background").values) == 64
     data = quick_demo[0] / "data"  # any valid shards: only the configs are built here
@@ -139,12 +141,13 @@ def test_the_persistent_world_is_one_flag_away_and_its_mcl_stages_start_from_scr
     paths = {"train": data / "train", "probe": data / "probe", "mmvp": data / "mmvp", "benchmarks": []}
     runs = method_configs(cfg["run"], paths, tmp_path / "seed3", 3)
     mcl = [stage_train_config(runs["mcl"], s) for s in (1, 2)]
-    assert runs["mcl"].stages == 2 and [c.steps for c in mcl] == [300, 600]  # the `later` section
+    assert runs["mcl"].stages == 2 and [c.steps for c in mcl] == [300, 900]  # the `later` section
     assert [c.pretrained for c in mcl] == [None] * 2 and [c.seed for c in mcl] == [3000, 3001]
     assert [c.labels for c in mcl] == ["none", f"sidecars:{tmp_path}/seed3/mcl/stage1"]
     ensemble = [stage_train_config(runs["ensemble"], s) for s in (1, 2)]
-    assert [(c.steps, c.seed, c.labels) for c in ensemble] == [(300, 3000, "none"), (600, 3001, "none")]
+    assert [(c.steps, c.seed, c.labels) for c in ensemble] == [(300, 3000, "none"), (900, 3001, "none")]
     baseline = stage_train_config(runs["baseline"], 1)
-    assert baseline.steps == sum(c.steps for c in mcl) == 900 and {baseline.lr, *(c.lr for c in mcl)} == {5e-4}
+    assert baseline.steps == sum(c.steps for c in mcl) == 1200 and {baseline.lr, *(c.lr for c in mcl)} == {5e-4}
+    assert {c.model for c in (baseline, *mcl, *ensemble)} == {cfg["run"]["train"]["model"]}  # one architecture
     r = run_cli("launch", "demo", "--world", "persistent", "--quick", "--out", str(tmp_path / "q"))
     assert r.returncode == 2 and "give one of them" in r.stderr and not (tmp_path / "q").exists()
