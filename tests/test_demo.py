@@ -151,3 +151,5 @@ def test_the_persistent_world_is_the_default_and_its_mcl_stages_start_from_scrat
     assert {c.model for c in (baseline, *mcl, *ensemble)} == {cfg["run"]["train"]["model"]}  # one architecture
     r = run_cli("launch", "demo", "--world", "persistent", "--quick", "--out", str(tmp_path / "q"))
     assert r.returncode == 2 and "give one of them" in r.stderr and not (tmp_path / "q").exists()
+    r = run_cli("launch", "demo", "--world", "default", "--out", str(tmp_path / "q"))  # renamed: fading
+    assert r.returncode == 2 and "invalid choice" in r.stderr and not (tmp_path / "q").exists()
