@@ -17,15 +17,14 @@ from common.cli import ArgumentParser, run_main, setup_logging
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m launch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run the demo on the synthetic world",
-                          description=__import__("launch.demo").demo.__doc__)
+    demo_module = __import__("launch.demo").demo
+    demo = sub.add_parser("demo", help="run the demo on the synthetic world", description=demo_module.__doc__)
     demo.add_argument("--quick", action="store_true", help="the small variant the tests use")
-    demo.add_argument("--world", choices=("persistent", "fading"),
-                      help="the world and its demo config: persistent (the default, configs/demo_persistent.yaml)"
-                           " or fading (configs/demo.yaml)")
+    worlds = "; ".join(f"{name}: {config}, out {out}" for name, (config, out) in demo_module.WORLDS.items())
+    demo.add_argument("--world", choices=tuple(demo_module.WORLDS),
+                      help=f"the world and its demo config (default {demo_module.DEFAULT_WORLD}; {worlds})")
     demo.add_argument("--config", help="demo config (default: the world's; demo_quick.yaml with --quick)")
-    demo.add_argument("--out", help="run folder (default: runs/demo-persistent, runs/demo for the fading world"
-                                    " and --quick)")
+    demo.add_argument("--out", help="run folder (default: the world's; runs/demo with --quick)")
     demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     demo.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the config's seeds)")
     run = sub.add_parser("run", help="run or resume the MCL DAG of a config",
