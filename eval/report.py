@@ -78,8 +78,9 @@ def summarize(per_seed: list[dict]) -> dict:
         values = [v for v in values if v is not None]
         if not values:
             return None
-        return {"mean": round(statistics.fmean(values), 2),
-                "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0}
+        # 4 places, so that the report's one-decimal tables round once (1.1547 -> 1.2, not 1.15 -> 1.1)
+        return {"mean": round(statistics.fmean(values), 4),
+                "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
 
     first = per_seed[0]
     names = dict.fromkeys(n for r in per_seed for n in r["models"])  # in order, from every seed

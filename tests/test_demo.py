@@ -92,6 +92,14 @@ def _seed(seed, stage1, baseline, mcl, ensemble):
     return {"models": models, "seeds": [seed], "config": {}, "comparison": compare(models)}
 
 
+def test_the_report_rounds_each_mean_and_std_once():
+    from eval.report import summarize, table
+
+    runs = [_seed(s, (100, 10, 4), (100, 4, 2), (100, 90, o), (100, 8, 4)) for s, o in enumerate((86, 88, 88))]
+    mcl = next(line for line in table(summarize(runs)).splitlines() if line.startswith("| mcl |"))
+    assert mcl.endswith("| 87.3 ± 1.2 |")  # stdev 1.1547; rounded to 1.15 first, it showed 1.1
+
+
 def test_mcl_is_compared_with_the_baseline_where_plain_clip_stays_suppressed():
     from eval.report import compare, summarize, verdict
 
