@@ -135,6 +135,7 @@ def test_mcl_is_compared_with_the_baseline_where_plain_clip_stays_suppressed():
 def test_the_persistent_world_is_the_default_and_its_mcl_stages_start_from_scratch(quick_demo, tmp_path):
     from launch.config import stage_train_config
     from launch.demo import choose, load_config, method_configs
+    from pipeline.models import model_config
     from shards.world import load_spec
 
     config, out = choose(None, False, None, None)
@@ -157,7 +158,6 @@ def test_the_persistent_world_is_the_default_and_its_mcl_stages_start_from_scrat
     baseline = stage_train_config(runs["baseline"], 1)
     assert baseline.steps == sum(c.steps for c in mcl) == 1200 and {baseline.lr, *(c.lr for c in mcl)} == {5e-4}
     assert {c.model for c in (baseline, *mcl, *ensemble)} == {cfg["run"]["train"]["model"]}  # one architecture
-    from pipeline.models import model_config
     # the 2-layer vision tower of configs/models/mcl-tiny-vit-d2.json keeps the demo within 20 minutes
     assert model_config(cfg["run"]["train"]["model"])["vision_cfg"]["layers"] == 2
     r = run_cli("launch", "demo", "--world", "persistent", "--quick", "--out", str(tmp_path / "q"))
