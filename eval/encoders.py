@@ -45,3 +45,17 @@ def load_encoder(arg: str, device="cpu") -> Encoder:
     name, spec = parse_model_arg(arg)
     loaded = models.load(spec, device=device)
     return Encoder(name, loaded.model, loaded.preprocess, loaded.tokenizer, device)
+
+
+def model_identity(arg: str) -> str:
+    """What identifies the features of a model spec, without loading it: a folder's weights
+    hashed, a merged artifact's merge record, another file's bytes hashed; else the spec."""
+    from pipeline.artifacts import file_fingerprint
+    from pipeline.merged import merged_fingerprint
+
+    _, spec = parse_model_arg(arg)
+    if os.path.isdir(spec):
+        return models.model_fingerprint(spec, None, "both")
+    if os.path.isfile(spec):
+        return merged_fingerprint(spec) or file_fingerprint(spec)
+    return spec

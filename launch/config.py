@@ -3,6 +3,9 @@
 Built through common.config, like every job's config: `key=value` overrides with dotted keys,
 values coerced to their types (`lr: 1e-3` is a float), and each stage's TrainConfig built and
 validated here, by the same function the train job uses, before anything is submitted.
+The sections `embed`, `cluster`, `reduce` and `merge` hold fields of those jobs' specs (the
+spec is where each default is written); the run sets the others (paths, K, the task index).
+`launch.run.plan` builds every step's spec from them (`job_spec`).
 
     run_dir: runs/tiny                 # everything the run writes goes here
     data: data/train/{00000..00009}.tar
@@ -13,12 +16,11 @@ validated here, by the same function the train job uses, before anything is subm
     name: null                         # the merged model's name in the evaluations (default: the method)
     stages: 3                          # trained stages (a stage 0 is added when train.pretrained is set)
     clusters: 10                       # K after each stage (a number, or a list per stage)
-    tower: image                       # what to cluster on: image | text | both
-    cluster_niter: 20
-    cluster_sample_size: null          # default 1024 x K
     stage_init: scratch                # scratch (new seed per stage) | previous (init from the last stage)
-    per_stage_norm: true               # merge: normalise each stage's features before concatenating
-    embed: {batch_size: 256, workers: 2}  # the embed step's batch and DataLoader workers per task
+    embed: {tower: image, batch_size: 256}  # pipeline.embed's spec fields (tower: what to cluster on)
+    cluster: {niter: 20, sample_size: 200000}  # pipeline.cluster's spec fields
+    reduce: {grid_per_cluster: 8}      # pipeline.reduce's spec fields
+    merge: {per_stage_norm: true}      # pipeline.merge's spec fields
     train: {...}                       # pipeline.train keys shared by every stage (model, batch_size, steps, ...)
     later: {...}                       # train keys overriding `train` in stages 2 and after (e.g. more steps;
                                        # not in a stage 1 that fine-tunes a pretrained stage 0)
@@ -151,13 +153,31 @@ class ExecutorConfig:
                                   max_num_timeout=0)
 
 
-@dataclass
-class EmbedConfig:
-    batch_size: int = 256
-    workers: int = 2                 # DataLoader workers per task
+# run config section -> (the job's spec class, the fields the run sets for each step)
+JOB_SECTIONS = {
+    "embed": ("pipeline.embed:EmbedSpec", ("model", "data", "out", "pretrained", "task", "tasks")),
+    "cluster": ("pipeline.cluster:ClusterSpec", ("stage", "k")),
+    "reduce": ("pipeline.reduce:ReduceSpec", ("stage", "data")),
+    "merge": ("pipeline.merge:MergeSpec", ("stages", "out", "names")),
+}
+# keys of earlier run configs -> (section, field)
+MOVED_KEYS = {"tower": ("embed", "tower"), "cluster_niter": ("cluster", "niter"),
+              "cluster_sample_size": ("cluster", "sample_size"), "per_stage_norm": ("merge", "per_stage_norm")}
 
-    def validate(self) -> list[str]:
-        return _at_least(self, batch_size=1, workers=0)
+
+def spec_class(section: str):
+    import importlib
+
+    module, name = JOB_SECTIONS[section][0].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def job_spec(cfg: "RunConfig", section: str, **managed):
+    """The spec of one step of job `section`: what the run sets, the config's section, and the
+    spec's own defaults for the rest."""
+    from common.spec import build
+
+    return build(spec_class(section), managed, getattr(cfg, section))
 
 
 @dataclass
@@ -171,15 +191,14 @@ class RunConfig:
     name: str | None = None
     stages: int = 3
     clusters: list[int] = field(default_factory=lambda: [10])
-    tower: str = "image"
-    cluster_niter: int = 20
-    cluster_sample_size: int | None = None
     stage_init: str = "scratch"
-    per_stage_norm: bool = True
     train: dict = field(default_factory=dict)
     later: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    embed: dict = field(default_factory=dict)
+    cluster: dict = field(default_factory=dict)
+    reduce: dict = field(default_factory=dict)
+    merge: dict = field(default_factory=dict)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def k(self, position: int) -> int:
@@ -249,12 +268,16 @@ def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
 def run_config(raw: dict, source: str, check: bool = True) -> RunConfig:
     """A validated RunConfig from a mapping; `source` names it in the error. `check=False`
     only builds and type-checks it (a run folder's recorded config, already validated)."""
-    raw = dict(raw)
+    from common.spec import section as spec_section
+
+    raw = _moved_keys(dict(raw), source)
     if "clusters" in raw and not isinstance(raw["clusters"], (list, tuple)):
         raw["clusters"] = [raw["clusters"]]
     errors: list[str] = []
     for section in ("train", "later", "finetune"):
         raw[section] = _train_section(raw.get(section), section, errors)
+    for section, (_, managed) in JOB_SECTIONS.items():
+        raw[section] = spec_section(spec_class(section), raw.get(section), managed, section, errors)
     try:
         cfg = from_mapping(RunConfig, raw, source, validate=check)
     except ConfigError as exc:
@@ -262,6 +285,20 @@ def run_config(raw: dict, source: str, check: bool = True) -> RunConfig:
     if errors:
         raise UsageError(f"{source}: " + "; ".join(errors))
     return cfg
+
+
+def _moved_keys(raw: dict, source: str) -> dict:
+    """Keys of earlier run configs, moved into their job's section (with a warning)."""
+    import logging
+
+    for key, (section, name) in MOVED_KEYS.items():
+        if key in raw:
+            value = raw.pop(key)
+            target = raw.get(section)
+            raw[section] = target = dict(target) if isinstance(target, dict) else {}
+            target.setdefault(name, value)
+            logging.getLogger("launch.config").warning("%s: `%s` is now `%s.%s`", source, key, section, name)
+    return raw
 
 
 def _train_section(raw, section: str, errors: list[str]) -> dict:
@@ -298,6 +335,18 @@ def _shards_gone(cfg: RunConfig, urls: list[str]) -> list[str]:
             return [f"data: shard(s) {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} that stage{number} of "
                     f"{cfg.run_dir} was made from are no longer in {cfg.data}; restore them or use a new run_dir"]
     return []
+
+
+def _section_problems(cfg: RunConfig, section: str) -> list[str]:
+    """The problems the job's spec finds in the config's values (paths set to placeholders)."""
+    import dataclasses
+
+    cls = spec_class(section)
+    placeholders = {f.name: f.type for f in dataclasses.fields(cls) if f.name in JOB_SECTIONS[section][1]}
+    values = {name: (("-",) if "tuple" in str(t) else 1 if str(t) == "int" else "-") for name, t in placeholders.items()}
+    chosen = {k: v for k, v in getattr(cfg, section).items() if k not in values}
+    spec = cls(**{**values, **chosen})
+    return [e for e in spec.problems() if e.split(":")[0] in chosen] if hasattr(spec, "problems") else []
 
 
 def validate(cfg: RunConfig) -> list[str]:
@@ -338,8 +387,8 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"stages: must be >= 1, got {cfg.stages}")
     if not cfg.clusters or any(k < 2 for k in cfg.clusters):
         errors.append(f"clusters: every K must be an integer >= 2, got {cfg.clusters}")
-    if cfg.tower not in ("image", "text", "both"):
-        errors.append(f"tower: must be image, text or both, got {cfg.tower!r}")
+    for section in JOB_SECTIONS:  # each section's values through its spec's own checks
+        errors += [f"{section}.{e}" for e in _section_problems(cfg, section)]
     if cfg.stage_init not in ("scratch", "previous"):
         errors.append(f"stage_init: must be scratch or previous, got {cfg.stage_init!r}")
     for section in ("train", "later", "finetune"):

@@ -26,7 +26,7 @@ from typing import Callable
 
 from common.io import write_json
 from launch import steps as S
-from launch.config import RunConfig, stage_train_config
+from launch.config import RunConfig, job_spec, stage_train_config
 from pipeline.stage import RunDir
 from pipeline.train_config import TrainConfig
 
@@ -36,19 +36,24 @@ log = logging.getLogger("launch.run")
 @dataclass
 class Step:
     name: str
-    fn: Callable
-    calls: list[dict]     # the keyword arguments of each task (several = an array job)
-    done: Callable[[], bool]  # the job's own "is this done?" for these arguments
+    calls: list       # the spec of each task (several = an array job)
+
+    @property
+    def fn(self) -> Callable:
+        return S.function_for(self.calls[0])
+
+    def done(self) -> bool:
+        """The job's own "is this done?" for this spec (an array's tasks share it)."""
+        return S.is_done(self.calls[0])
 
 
 def plan(cfg: RunConfig) -> list[Step]:
-    """The steps of the run, in order, each with its job's arguments and done test."""
-    from pipeline import assign, cluster, embed, merge, models, train
-    from pipeline.stage import RunDir
-    from shards.reader import expand_urls
+    """The steps of the run, in order, each with its job's spec."""
+    from eval.suite import EvalSpec
+    from pipeline.assign import AssignSpec
+    from pipeline.save import SaveSpec
 
     run = RunDir(cfg.run_dir)
-    urls = expand_urls(cfg.data)
     tasks = cfg.executor.tasks
     out: list[Step] = []
     names = cfg.stage_numbers
@@ -56,42 +61,28 @@ def plan(cfg: RunConfig) -> list[Step]:
     for position, number in enumerate(names):
         stage = stages[number]
         if number == 0:
-            save = dict(arch=cfg.train.get("model", TrainConfig.model), pretrained=cfg.train["pretrained"],
-                        out=str(stage.model_dir), quick_gelu=cfg.train.get("quick_gelu"))
-            out.append(Step("stage0/save", S.save_stage0, [save], functools.partial(models.is_saved, stage.model_dir)))
+            save = SaveSpec(model=cfg.train.get("model", TrainConfig.model), pretrained=cfg.train["pretrained"],
+                            out=str(stage.model_dir), quick_gelu=cfg.train.get("quick_gelu"))
+            out.append(Step("stage0/save", [save]))
         else:
-            train_cfg = stage_train_config(cfg, number)
-            out.append(Step(f"stage{number}/train", S.train_stage, [dict(cfg=train_cfg)],
-                            functools.partial(train.is_done, train_cfg)))
+            out.append(Step(f"stage{number}/train", [stage_train_config(cfg, number)]))
         if number == names[-1] or cfg.method == "ensemble":
             continue  # the last stage is not clustered, nor any stage of an ensemble
         parent = str(stages[names[position - 1]].path) if position > 0 else None
-        embedding = dict(model_ref=str(stage.model_dir), data=cfg.data, out=str(stage.path), tower=cfg.tower)
-        out.append(Step(f"stage{number}/embed", S.embed_task,
-                        [dict(embedding, task=t, tasks=tasks, batch_size=cfg.embed.batch_size,
-                              workers=cfg.embed.workers) for t in range(tasks)],
-                        functools.partial(embed.is_done, **embedding)))
-        clustering = dict(stage_dir=str(stage.path), k=cfg.k(position), niter=cfg.cluster_niter, seed=0,
-                          sample_size=cfg.cluster_sample_size)
-        out.append(Step(f"stage{number}/cluster", S.cluster_stage, [clustering],
-                        functools.partial(cluster.is_done, **clustering)))
-        out.append(Step(f"stage{number}/assign", S.assign_task,
-                        [dict(stage_dir=str(stage.path), stage_index=number, parent=parent, task=t, tasks=tasks)
-                         for t in range(tasks)],
-                        functools.partial(assign.is_done, stage.path, number, parent, urls)))
-        out.append(Step(f"stage{number}/reduce", S.reduce_stage, [dict(stage_dir=str(stage.path), data=cfg.data)],
-                        functools.partial(assign.reduce_is_done, stage.path)))
-    merged = run.merged
-    model_dirs = [str(stages[s].model_dir) for s in names]
-    merging = dict(stage_dirs=model_dirs, out=str(merged), names=[f"stage{s}" for s in names],
-                   per_stage_norm=cfg.per_stage_norm)
-    out.append(Step("merge", S.merge_stages, [merging], functools.partial(merge.is_done, model_dirs, merged)))
+        path = str(stage.path)
+        out.append(Step(f"stage{number}/embed", [job_spec(cfg, "embed", model=str(stage.model_dir), data=cfg.data,
+                                                          out=path, task=t, tasks=tasks) for t in range(tasks)]))
+        out.append(Step(f"stage{number}/cluster", [job_spec(cfg, "cluster", stage=path, k=cfg.k(position))]))
+        out.append(Step(f"stage{number}/assign", [AssignSpec(stage=path, stage_index=number, parent=parent, task=t,
+                                                             tasks=tasks) for t in range(tasks)]))
+        out.append(Step(f"stage{number}/reduce", [job_spec(cfg, "reduce", stage=path, data=cfg.data)]))
+    model_dirs = tuple(str(stages[s].model_dir) for s in names)
+    out.append(Step("merge", [job_spec(cfg, "merge", stages=model_dirs, out=str(run.merged),
+                                       names=tuple(f"stage{s}" for s in names))]))
     if cfg.mmvp or cfg.probes or cfg.benchmarks:
-        specs = [f"{cfg.name or cfg.method}={merged}"] + [f"stage{s}={stages[s].model_dir}" for s in names]
-        evaluation = dict(models=specs, out=str(run.eval_dir), mmvp=cfg.mmvp, probes=cfg.probes,
-                          benchmarks=list(cfg.benchmarks))
-        out.append(Step("eval", S.evaluate, [evaluation],
-                        functools.partial(S.evaluated, merged=str(merged), **evaluation)))
+        models = (f"{cfg.name or cfg.method}={run.merged}",) + tuple(f"stage{s}={stages[s].model_dir}" for s in names)
+        out.append(Step("eval", [EvalSpec(models=models, out=str(run.eval_dir), mmvp=cfg.mmvp, probes=cfg.probes,
+                                          benchmarks=tuple(cfg.benchmarks))]))
     return out
 
 
@@ -180,19 +171,23 @@ def run(cfg: RunConfig, dry_run: bool = False, label: str | None = None, detach:
 
 
 def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict:
+    from common.cli import UsageError
+
     run_dir = Path(cfg.run_dir)
     say = functools.partial(emit, label=label)
     steps = plan(cfg)
-    for step in steps:
-        if step.name.endswith("/train"):
-            step.done()  # a stage trained with another config stops the launch here, before anything is written
+    conflicts = {step.name: S.conflict(step.calls[0]) for step in steps}
+    first = next((c for c in conflicts.values() if c), None)
+    if first and not dry_run:  # e.g. a stage trained with another config: stop before anything is written
+        raise UsageError(first)
     if not dry_run:
         write_json(RunDir(run_dir).config, dataclasses.asdict(cfg), if_changed=True)
     state = StateFile(run_dir)
     result = {}
     chain: list[str] = []  # detach: the jobs of the step before, which the next one depends on
+    planned = False  # dry run: once a step would run, every later one would run too
     for step in steps:
-        if not chain and step.done():  # after a submitted step, every later one runs again
+        if not chain and not planned and step.done():  # after a submitted step, every later one runs again
             result[step.name] = "done"
             if not dry_run and state.state.get(step.name, {}).get("state") != "done":
                 state.set(step.name, state="done")
@@ -202,8 +197,9 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict
             params = slurm_parameters(cfg, step) if cfg.executor.name == "slurm" else \
                 {"timeout_min": cfg.executor.timeout_min}
             say(f"{step.name:<20} would run {len(step.calls)} task(s) on {cfg.executor.name}: "
-                f"{params}")
+                f"{params}" + (f" (conflict: {conflicts[step.name]})" if conflicts[step.name] else ""))
             result[step.name] = "planned"
+            planned = True
             continue
         if detach:
             chain = _submit_detached(cfg, step, state, say, chain)
@@ -244,10 +240,10 @@ def _last_line(exc: BaseException) -> str:
 def _submit(cfg: RunConfig, step: Step, state: StateFile, after: list[str] | None = None) -> list:
     executor = make_executor(cfg, step, after)
     if len(step.calls) == 1:
-        jobs = [executor.submit(step.fn, **step.calls[0])]
+        jobs = [executor.submit(step.fn, step.calls[0])]
     else:
         with executor.batch():  # an array job
-            jobs = [executor.submit(step.fn, **kwargs) for kwargs in step.calls]
+            jobs = [executor.submit(step.fn, spec) for spec in step.calls]
     state.set(step.name, state="running", job_ids=[j.job_id for j in jobs], logs=[str(j.paths.stderr) for j in jobs],
               after=after or [])
     return jobs
@@ -307,9 +303,9 @@ def status(run_dir: str) -> list[tuple[str, str, str, str]]:
     rows = []
     for step in plan(cfg):
         rec = recorded.get(step.name, {})
-        try:
-            state = "done" if step.done() else rec.get("state", "pending")
-        except UsageError:  # e.g. a stage folder trained with another config than the recorded one
+        if S.conflict(step.calls[0]):  # e.g. a stage folder trained with another config than the recorded one
             state = "conflict"
+        else:
+            state = "done" if step.done() else rec.get("state", "pending")
         rows.append((step.name, state, ",".join(rec.get("job_ids", [])), (rec.get("logs") or [""])[0]))
     return rows

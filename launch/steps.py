@@ -1,29 +1,64 @@
-"""The functions the executor runs, one per kind of step: thin wrappers over the jobs of
-pipeline/ and eval/ that set up logging (and torch.distributed under Slurm) in the job's
-own process. They take the jobs' own keyword arguments and return something small and
-picklable."""
+"""What the executor runs for a step: a job's spec, handed to the job in the job's own process.
+
+Every job of pipeline/ and eval/ is a spec (a frozen dataclass beside the job), an entry
+function that takes it and an `is_done(spec)`; `JOBS` maps a spec to them. `run_job` sets up
+logging (and torch.distributed under Slurm, for training) and returns something small and
+picklable for the run's state file.
+"""
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 import submitit
 
+# spec class name -> (module, entry function); every module also has is_done(spec)
+JOBS = {
+    "SaveSpec": ("pipeline.save", "save"),
+    "TrainConfig": ("pipeline.train", "train"),
+    "EmbedSpec": ("pipeline.embed", "embed"),
+    "ClusterSpec": ("pipeline.cluster", "cluster"),
+    "AssignSpec": ("pipeline.assign", "assign"),
+    "ReduceSpec": ("pipeline.reduce", "reduce"),
+    "MergeSpec": ("pipeline.merge", "merge"),
+    "EvalSpec": ("eval.suite", "evaluate"),
+}
 
-def _setup() -> None:
+
+def job_module(spec):
+    return importlib.import_module(JOBS[type(spec).__name__][0])
+
+
+def is_done(spec) -> bool:
+    """The job's own answer: its outputs exist and carry the fingerprint of this spec."""
+    return job_module(spec).is_done(spec)
+
+
+def conflict(spec) -> str | None:
+    """Why the job's outputs cannot be made from this spec where they are (a job that has no
+    such case: None)."""
+    check = getattr(job_module(spec), "conflict", None)
+    return check(spec) if check else None
+
+
+def _small(out):
+    """A job's return value as the state file keeps it."""
+    if isinstance(out, Path):
+        return str(out)
+    if isinstance(out, list):
+        return len(out)
+    if isinstance(out, dict) and "final_loss" in out:  # a training's done record
+        return {"steps": out["steps"], "final_loss": out["final_loss"]}
+    return out
+
+
+def run_job(spec):
+    """Run the job of `spec` in this process."""
     from common.cli import setup_logging
 
     setup_logging()
-
-
-def save_stage0(*, arch: str, pretrained: str, out: str, quick_gelu: bool | None = None) -> str:
-    """Stage 0 (fine-tune mode): the pretrained model, saved like a trained stage (with the
-    activation it needs recorded in its config)."""
-    _setup()
-    from pipeline import models
-
-    model, *_ = models.create(arch, pretrained=pretrained, quick_gelu=quick_gelu)
-    return str(models.save_model(model, arch, models.model_config(arch, pretrained, quick_gelu), out))
+    return _small(getattr(job_module(spec), JOBS[type(spec).__name__][1])(spec))
 
 
 class TrainStage(submitit.helpers.Checkpointable):
@@ -31,102 +66,15 @@ class TrainStage(submitit.helpers.Checkpointable):
     (Slurm's, or the local executor's signal before its timeout) submitit requeues the same
     call and training resumes from its latest checkpoint (at most save_every steps are redone)."""
 
-    def __call__(self, *, cfg) -> dict:
-        _setup()
+    def __call__(self, spec) -> dict:
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        from pipeline.train import train
-
-        record = train(cfg)
-        return {"steps": record["steps"], "final_loss": record["final_loss"]}
+        return run_job(spec)
 
 
 train_stage = TrainStage()
 
 
-def embed_task(*, model_ref: str, data: str, out: str, tower: str, task: int, tasks: int, batch_size: int,
-               workers: int) -> int:
-    _setup()
-    from pipeline.embed import embed
-
-    return len(embed(model_ref, data, out, tower=tower, task=task, tasks=tasks, batch_size=batch_size,
-                     workers=workers, progress=False))
-
-
-def cluster_stage(*, stage_dir: str, k: int, niter: int, seed: int, sample_size: int | None) -> dict:
-    _setup()
-    from pipeline.cluster import cluster
-
-    stats = cluster(stage_dir, k=k, niter=niter, seed=seed, sample_size=sample_size)
-    return {"objective": stats["objective"], "nmi_sample": stats["nmi_sample"]}
-
-
-def assign_task(*, stage_dir: str, stage_index: int, parent: str | None, task: int, tasks: int) -> int:
-    _setup()
-    from pipeline.assign import assign
-
-    return len(assign(stage_dir, stage_index, parent, task=task, tasks=tasks))
-
-
-def reduce_stage(*, stage_dir: str, data: str) -> dict:
-    _setup()
-    from pipeline.assign import reduce
-
-    stats = reduce(stage_dir, data=data)
-    return {"nmi": stats["nmi"], "groups": stats["groups"]["groups"]}
-
-
-def merge_stages(*, stage_dirs: list[str], out: str, names: list[str], per_stage_norm: bool) -> str:
-    _setup()
-    from pipeline.merge import merge
-
-    return str(merge(stage_dirs, out, names, per_stage_norm))
-
-
-def evaluate(*, models: list[str], out: str, mmvp: str | None, probes: str | None,
-             benchmarks: list[str] = ()) -> dict:
-    """The evaluations of a run in one job (the encoders are loaded once): MMVP-VLM on the
-    benchmark folder `mmvp`, the attribute probes on the shards `probes` and the CLIP_benchmark
-    data sets `benchmarks` (NAME[=ROOT], eval.zeroshot), when given."""
-    _setup()
-    from eval import probes as P
-    from eval.encoders import load_encoder
-    from eval import mmvp as M
-    from eval import zeroshot as Z
-
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sets = [Z.parse_dataset_arg(b) for b in benchmarks]
-    for bench in sets:
-        Z.check(bench)  # before the models load
-    encoders = [load_encoder(m, device) for m in models]
-    result = {}
-    if mmvp:
-        result["mmvp"] = M.write_outputs(M.evaluate(mmvp, encoders), out)
-    if probes:
-        result["probes"] = P.write_outputs(P.probe(encoders, probes), out)
-    if sets:
-        result["zeroshot"] = Z.write_outputs(Z.evaluate(sets, encoders), out)
-    return result
-
-
-def evaluated(*, models: list[str], out: str, mmvp: str | None, probes: str | None, merged: str,
-              benchmarks: list[str] = ()) -> bool:
-    """`evaluate`'s records exist, are newer than the merged model and cover its benchmarks."""
-    from eval import mmvp as M
-    from eval import probes as P
-    from eval import zeroshot as Z
-
-    records = [Path(out) / name for name, wanted in
-               ((M.SUMMARY_NAME, mmvp), (P.RECORD_NAME, probes), (Z.SUMMARY_NAME, benchmarks)) if wanted]
-    fresh = bool(records) and all(r.exists() and Path(merged).exists()
-                                  and r.stat().st_mtime >= Path(merged).stat().st_mtime for r in records)
-    if fresh and benchmarks:
-        import json
-
-        from eval.encoders import parse_model_arg
-
-        done = json.loads((Path(out) / Z.SUMMARY_NAME).read_text())
-        return Z.covers(done, [parse_model_arg(m)[0] for m in models], list(benchmarks))
-    return fresh
+def function_for(spec):
+    """The callable the executor submits for `spec`."""
+    return train_stage if type(spec).__name__ == "TrainConfig" else run_job

@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import faiss
@@ -29,8 +30,9 @@ import numpy as np
 from pipeline.artifacts import embeddings_model_fp, read_embeddings
 from pipeline.metrics import attribute_nmi
 from pipeline.stage import StageDir
-from common.cli import ArgumentParser, UsageError, run_main, setup_logging
+from common.cli import UsageError, run_main, setup_logging
 from common.io import atomic_output, write_json
+from common.spec import from_args, param, parser, result_fields
 
 log = logging.getLogger("pipeline.cluster")
 
@@ -57,48 +59,63 @@ def uniform_sample(files: list[Path], size: int, seed: int, with_attributes: boo
     return np.concatenate(points), attrs, total
 
 
-def cluster_params(stage_dir: str | Path, k: int, niter: int = 20, seed: int = 0, sample_size: int | None = None,
-                   spherical: bool = True) -> dict:
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The clustering of one stage's embeddings."""
+    stage: str = param(help="stage folder holding embeddings/", result=False)
+    k: int = param(help="number of clusters")
+    niter: int = param(20, "k-means iterations")
+    seed: int = param(0, "seed of the sample and of k-means")
+    sample_size: int | None = param(None, "points to train on (default 1024 x K; Faiss alone would cap it at 256 x K)")
+    spherical: bool = param(True, "spherical k-means (centroids normalised), for L2-normalised embeddings")
+    gpu: bool | None = param(None, "train on the GPU (default: when Faiss sees one)", result=False)
+
+    def problems(self) -> list[str]:
+        return [f"{name}: must be >= {low}, got {getattr(self, name)}" for name, low in
+                (("k", 2), ("niter", 1), ("sample_size", 1)) if (getattr(self, name) or low) < low]
+
+
+def cluster_params(spec: ClusterSpec) -> dict:
     """What the centroids are a function of; stats.json records it."""
-    files = StageDir(stage_dir).embedding_files()
+    stage = StageDir(spec.stage)
+    files = stage.embedding_files()
     fps = sorted({embeddings_model_fp(f) or "" for f in files})
     if len(fps) != 1 or not fps[0]:
-        raise UsageError(f"{StageDir(stage_dir).embeddings_dir}: files from {len(fps)} different models "
+        raise UsageError(f"{stage.embeddings_dir}: files from {len(fps)} different models "
                          f"(or unreadable); rerun pipeline.embed")
-    return {"k": k, "niter": niter, "seed": seed, "sample_size": sample_size or 1024 * k, "spherical": spherical,
+    return {**result_fields(spec), "sample_size": spec.sample_size or 1024 * spec.k,
             "shards": [f.stem for f in files], "model_fp": fps[0]}
 
 
-def is_done(stage_dir: str | Path, k: int, niter: int = 20, seed: int = 0, sample_size: int | None = None,
-            spherical: bool = True) -> bool:
+def is_done(spec: ClusterSpec) -> bool:
     """The centroids exist for these parameters and these embeddings."""
-    stage = StageDir(stage_dir)
+    stage = StageDir(spec.stage)
     try:
-        params = cluster_params(stage_dir, k, niter, seed, sample_size, spherical)
-        return stage.centroids.is_file() and json.loads(stage.cluster_stats.read_text()).get("params") == params
+        return stage.centroids.is_file() and \
+            json.loads(stage.cluster_stats.read_text()).get("params") == cluster_params(spec)
     except (UsageError, OSError, ValueError):
         return False
 
 
-def cluster(stage_dir: str | Path, k: int, niter: int = 20, seed: int = 0, sample_size: int | None = None,
-            spherical: bool = True, gpu: bool | None = None) -> dict:
+def cluster(spec: ClusterSpec) -> dict:
     """Train the centroids of a stage; skipped when they exist for the same parameters."""
-    if k < 2:
-        raise UsageError(f"--k must be >= 2, got {k}")
-    stage = StageDir(stage_dir)
-    params = cluster_params(stage_dir, k, niter, seed, sample_size, spherical)
+    k = spec.k
+    if spec.problems():
+        raise UsageError("; ".join(spec.problems()))
+    stage = StageDir(spec.stage)
+    params = cluster_params(spec)
     sample_size = params["sample_size"]
     files = stage.embedding_files()
-    if is_done(stage_dir, k, niter, seed, sample_size, spherical):
+    if is_done(spec):
         log.info("%s: centroids already trained, skipped", stage.clusters_dir)
         return json.loads(stage.cluster_stats.read_text())
     t0 = time.time()
-    x, attrs, total = uniform_sample(files, sample_size, seed)
+    x, attrs, total = uniform_sample(files, sample_size, spec.seed)
     if len(x) < k:
         raise UsageError(f"--k {k} is more than the {len(x)} samples")
     t_sample = time.time() - t0
-    use_gpu = faiss.get_num_gpus() > 0 if gpu is None else gpu
-    kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu,
+    use_gpu = faiss.get_num_gpus() > 0 if spec.gpu is None else spec.gpu
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=spec.niter, seed=spec.seed, spherical=spec.spherical, gpu=use_gpu,
                           max_points_per_centroid=math.ceil(len(x) / k) + 1, verbose=False)
     t1 = time.time()
     kmeans.train(x)
@@ -124,17 +141,9 @@ def cluster(stage_dir: str | Path, k: int, niter: int = 20, seed: int = 0, sampl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m pipeline.cluster", description=__doc__)
-    p.add_argument("--stage", required=True, help="stage folder holding embeddings/")
-    p.add_argument("--k", type=int, required=True, help="number of clusters")
-    p.add_argument("--niter", type=int, default=20, help="k-means iterations")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample-size", type=int,
-                   help="points to train on (default 1024 x K; Faiss alone would cap it at 256 x K)")
-    p.add_argument("--no-spherical", action="store_true", help="plain (not spherical) k-means")
-    args = p.parse_args(argv)
+    args = parser(ClusterSpec, "python -m pipeline.cluster", __doc__).parse_args(argv)
     setup_logging()
-    cluster(args.stage, args.k, args.niter, args.seed, args.sample_size, not args.no_spherical)
+    cluster(from_args(ClusterSpec, args))
     return 0
 
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +29,8 @@ from tqdm import tqdm
 from pipeline import models
 from pipeline.artifacts import embeddings_model_fp, write_embeddings
 from pipeline.stage import StageDir
-from common.cli import ArgumentParser, UsageError, add_task_args, run_main, setup_logging
+from common.cli import UsageError, run_main, setup_logging
+from common.spec import from_args, param, parser
 from shards.reader import ProblemLog, expand_urls, good_samples
 
 log = logging.getLogger("pipeline.embed")
@@ -100,26 +102,45 @@ def encode(model, batch: dict, tower: str, device, autocast) -> np.ndarray:
     return out.cpu().numpy()
 
 
-def is_done(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str = "image",
-            pretrained: str | None = None) -> bool:
-    """Every shard of `data` is embedded by this model and tower."""
+@dataclass(frozen=True)
+class EmbedSpec:
+    """The embedding of a stage's training shards by its model (one task of an array)."""
+    model: str = param(help="saved stage model folder, or an open_clip architecture")
+    data: str = param(help="shard spec of the training data")
+    out: str = param(help="the stage folder (embeddings/ goes inside)", result=False)
+    tower: str = param("image", "what to embed", choices=TOWERS)
+    pretrained: str | None = param(None, "pretrained tag or file, with an architecture name")
+    batch_size: int = param(256, "samples per forward pass", result=False)
+    workers: int = param(2, "DataLoader workers", result=False)
+    task: int = param(0, "this task's index", result=False, env="SLURM_ARRAY_TASK_ID")
+    tasks: int = param(1, "number of tasks", result=False, env="SLURM_ARRAY_TASK_COUNT")
+
+    def problems(self) -> list[str]:
+        return [f"{name}: must be >= {low}, got {getattr(self, name)}" for name, low in
+                (("batch_size", 1), ("workers", 0), ("tasks", 1)) if getattr(self, name) < low]
+
+
+def is_done(spec: EmbedSpec) -> bool:
+    """Every shard of the data (all tasks') is embedded by this model and tower."""
     try:
-        fp = models.model_fingerprint(model_ref, pretrained, tower)
-        return all(embeddings_model_fp(StageDir(out).embeddings(u)) == fp for u in expand_urls(data))
+        fp = models.model_fingerprint(spec.model, spec.pretrained, spec.tower)
+        return all(embeddings_model_fp(StageDir(spec.out).embeddings(u)) == fp for u in expand_urls(spec.data))
     except (OSError, UsageError):
         return False
 
 
-def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str = "image",
-          pretrained: str | None = None, task: int = 0, tasks: int = 1, batch_size: int = 256,
-          workers: int = 2, progress: bool = True) -> list[Path]:
+def embed(spec: EmbedSpec, progress: bool = True) -> list[Path]:
     """Embed this task's shards; returns the embedding files of the task (old and new)."""
+    tower, task, tasks = spec.tower, spec.task, spec.tasks
+    if spec.problems():
+        raise UsageError("; ".join(spec.problems()))
     if tower not in TOWERS:
         raise UsageError(f"--tower must be one of {TOWERS}, got {tower!r}")
     if not 0 <= task < tasks:
         raise UsageError(f"--task must be in [0, {tasks}), got {task}")
-    urls = expand_urls(data)[task::tasks]
-    fp = models.model_fingerprint(model_ref, pretrained, tower)
+    urls = expand_urls(spec.data)[task::tasks]
+    fp = models.model_fingerprint(spec.model, spec.pretrained, tower)
+    out = spec.out
     paths = {u: StageDir(out).embeddings(u) for u in urls}
     todo = [u for u in urls if embeddings_model_fp(paths[u]) != fp]
     if len(todo) < len(urls):
@@ -128,10 +149,10 @@ def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str
         return list(paths.values())
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    model, preprocess, tokenizer = models.load(model_ref, pretrained, device)
+    model, preprocess, tokenizer = models.load(spec.model, spec.pretrained, device)
     loader = DataLoader(ShardBatches(todo, preprocess if tower != "text" else None,  # only what the tower needs
-                                     tokenizer if tower != "image" else None, batch_size), batch_size=None,
-                        num_workers=min(workers, len(todo)), pin_memory=device.type == "cuda")
+                                     tokenizer if tower != "image" else None, spec.batch_size), batch_size=None,
+                        num_workers=min(spec.workers, len(todo)), pin_memory=device.type == "cuda")
     pending: dict[str, dict] = {}
     bar = tqdm(total=len(todo), desc="embed", unit="shard", disable=not progress)
     n_samples = 0
@@ -160,21 +181,11 @@ def embed(model_ref: str, data: str | Sequence[str], out: str | Path, tower: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m pipeline.embed", description=__doc__)
-    p.add_argument("--model", required=True, help="saved stage model folder, or an open_clip architecture")
-    p.add_argument("--pretrained", help="pretrained tag or file, with an architecture name")
-    p.add_argument("--data", required=True, help="shard spec of the training data")
-    p.add_argument("--out", required=True, help="the stage folder (embeddings/ goes inside)")
-    p.add_argument("--tower", default="image", choices=TOWERS, help="what to embed")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    add_task_args(p)
-    args = p.parse_args(argv)
+    spec = from_args(EmbedSpec, parser(EmbedSpec, "python -m pipeline.embed", __doc__).parse_args(argv))
     setup_logging()
-    if not os.path.isdir(args.model) and not models.known_architecture(args.model):
-        raise UsageError(f"--model: {args.model} is neither a model folder nor an open_clip architecture")
-    embed(args.model, args.data, args.out, args.tower, args.pretrained, args.task, args.tasks, args.batch_size,
-          args.workers)
+    if not os.path.isdir(spec.model) and not models.known_architecture(spec.model):
+        raise UsageError(f"--model: {spec.model} is neither a model folder nor an open_clip architecture")
+    embed(spec)
     return 0
 
 

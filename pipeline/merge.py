@@ -1,11 +1,12 @@
 """Merge the frozen towers of all stages into one model (the MCL representation).
 
-    python -m pipeline.merge --stage runs/r/stage0/model --stage runs/r/stage1/model ... --out runs/r/merged.pt
+    python -m pipeline.merge --stages runs/r/stage0/model runs/r/stage1/model ... --out runs/r/merged.pt
 
 image = normalize(concat_s normalize(f_s(image))), text likewise. `--no-per-stage-norm`
 concatenates the unnormalised features instead, as the reference notebook does. The
 artifact is one file holding every stage's open_clip config and weights; it needs no run
-folder. `pipeline.merged.load_merged` (or `pipeline.models.load`) loads it:
+folder. Beside it, `OUT.json` (written last) records the spec and the fingerprints of the
+stage models it was made from: the merge is done while they match. `pipeline.merged.load_merged` (or `pipeline.models.load`) loads it:
 
     from pipeline.merged import load_merged
     model = load_merged("merged.pt")          # .encode_image, .encode_text, .preprocess, .tokenizer
@@ -17,14 +18,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from common.cli import ArgumentParser, UsageError, run_main, setup_logging
-from common.io import atomic_path
+from common.cli import UsageError, run_main, setup_logging
+from common.io import atomic_path, write_json
+from common.spec import fingerprint, from_args, param, parser, result_fields
 from pipeline import models
-from pipeline.merged import FORMAT
+from pipeline.merged import FORMAT, record_path
 
 log = logging.getLogger("pipeline.merge")
 
@@ -40,47 +43,60 @@ def _stage_entry(model_dir: Path, name: str) -> dict:
             "state_dict": state}
 
 
-def is_done(stage_dirs: Sequence[str | Path], out: str | Path) -> bool:
-    """The artifact exists and is newer than every stage model's weights."""
-    out = Path(out)
-    weights = [Path(d) / models.WEIGHTS_NAME for d in stage_dirs]
-    return out.is_file() and all(w.is_file() and out.stat().st_mtime >= w.stat().st_mtime for w in weights)
+@dataclass(frozen=True)
+class MergeSpec:
+    """The merged model of some stage models."""
+    stages: tuple[str, ...] = param(help="the stages' saved model folders, in stage order", result=False)
+    out: str = param(help="the merged artifact file", result=False)
+    names: tuple[str, ...] = param((), "a name per stage (default: the stage folder's)")
+    per_stage_norm: bool = param(True, "normalise each stage's features before concatenating (off: the "
+                                       "reference notebook's unnormalised concatenation)")
 
 
-def merge(stage_dirs: Sequence[str | Path], out: str | Path, names: Sequence[str] | None = None,
-          per_stage_norm: bool = True) -> Path:
-    """Write the merged artifact from saved stage model folders, in order."""
+def _inputs(spec: MergeSpec) -> dict:
+    return {"stages": [models.model_fingerprint(str(d), None, "both") for d in spec.stages]}
+
+
+def is_done(spec: MergeSpec) -> bool:
+    """The artifact exists and its record carries this spec and these stage models."""
+    record = record_path(spec.out)
+    try:
+        return Path(spec.out).is_file() and \
+            json.loads(record.read_text()).get("fingerprint") == fingerprint(spec, **_inputs(spec))
+    except (OSError, ValueError):
+        return False
+
+
+def merge(spec: MergeSpec) -> Path:
+    """Write the merged artifact from saved stage model folders, in order, then its record."""
+    stage_dirs = spec.stages
     if not stage_dirs:
-        raise UsageError("merge needs at least one --stage")
-    names = list(names) if names else [Path(d).parent.name if Path(d).name == "model" else Path(d).name
-                                       for d in stage_dirs]
+        raise UsageError("merge needs at least one stage (--stages)")
+    if spec.names and len(spec.names) != len(stage_dirs):
+        raise UsageError("--names must give one name per stage")
+    names = list(spec.names) or [Path(d).parent.name if Path(d).name == "model" else Path(d).name
+                                 for d in stage_dirs]
     entries = [_stage_entry(Path(d), n) for d, n in zip(stage_dirs, names)]
     text_cfgs = {json.dumps({k: e["model_cfg"]["text_cfg"].get(k) for k in ("context_length", "vocab_size",
                                                                             "hf_tokenizer_name")})
                  for e in entries}
     if len(text_cfgs) > 1:
         raise UsageError(f"stages use different tokenizers / context lengths: {sorted(text_cfgs)}")
-    artifact = {"format": FORMAT, "per_stage_norm": per_stage_norm, "stages": entries}
-    out = Path(out)
+    artifact = {"format": FORMAT, "per_stage_norm": spec.per_stage_norm, "stages": entries}
+    out = Path(spec.out)
     with atomic_path(out) as tmp:
         torch.save(artifact, tmp)
+    inputs = _inputs(spec)
+    write_json(record_path(out), {"spec": result_fields(spec), "inputs": inputs,
+                                  "fingerprint": fingerprint(spec, **inputs)})
     log.info("merged %d stages (%s) into %s", len(entries), ", ".join(names), out)
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m pipeline.merge", description=__doc__)
-    p.add_argument("--stage", action="append", required=True, metavar="MODEL_DIR",
-                   help="a stage's saved model folder; repeat, in stage order")
-    p.add_argument("--name", action="append", help="a name per stage (default: the stage folder's)")
-    p.add_argument("--out", required=True, help="the merged artifact file")
-    p.add_argument("--no-per-stage-norm", action="store_true",
-                   help="concatenate unnormalised stage features (the reference notebook's way)")
-    args = p.parse_args(argv)
+    spec = from_args(MergeSpec, parser(MergeSpec, "python -m pipeline.merge", __doc__).parse_args(argv))
     setup_logging()
-    if args.name and len(args.name) != len(args.stage):
-        raise UsageError("--name must be given once per --stage")
-    merge(args.stage, args.out, args.name, per_stage_norm=not args.no_per_stage_norm)
+    merge(spec)
     return 0
 
 

@@ -81,6 +81,21 @@ class MergedCLIP(torch.nn.Module):
             return F.normalize(self.stages[i].encode_text(tokens).float(), dim=-1)
 
 
+def record_path(artifact: str | Path) -> Path:
+    """The merge record beside an artifact: its spec and the fingerprints of its stages."""
+    return Path(f"{artifact}.json")
+
+
+def merged_fingerprint(artifact: str | Path) -> str | None:
+    """What identifies a merged artifact, from its record (None without one)."""
+    import json
+
+    try:
+        return json.loads(record_path(artifact).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def is_merged(blob) -> bool:
     """Whether a loaded object is a merged artifact (of this format)."""
     return isinstance(blob, dict) and blob.get("format") == FORMAT

@@ -67,25 +67,33 @@ def _config_matches(record: dict, cfg: TrainConfig) -> bool:
         recorded_batching(record) == batching(cfg)
 
 
-def is_done(cfg: TrainConfig) -> bool:
-    """The stage folder holds a finished training of this config; UsageError when it holds
-    one of another config (its outputs would be overwritten)."""
+def conflict(cfg: TrainConfig) -> str | None:
+    """Why the stage folder cannot take this config: it holds a finished training of another
+    config (its outputs would be overwritten); None when it can."""
     done = StageDir(cfg.out).done
     if not done.is_file():
-        return False
+        return None
     record = json.loads(done.read_text())
-    if not _config_matches(record, cfg):
-        if recorded_batching(record) != batching(cfg):
-            raise UsageError(f"{done}: this stage was trained with bucket={recorded_batching(record)}, the config "
-                             f"asks for bucket={batching(cfg)}; set train.bucket={recorded_batching(record)} to keep "
-                             f"it, or remove {done.parent} to train it again")
-        raise UsageError(f"{done}: this stage was trained with another config; use another `out`")
-    return True
+    if _config_matches(record, cfg):
+        return None
+    if recorded_batching(record) != batching(cfg):
+        return (f"{done}: this stage was trained with bucket={recorded_batching(record)}, the config asks for "
+                f"bucket={batching(cfg)}; set train.bucket={recorded_batching(record)} to keep it, or remove "
+                f"{done.parent} to train it again")
+    return f"{done}: this stage was trained with another config; use another `out`"
+
+
+def is_done(cfg: TrainConfig) -> bool:
+    """The stage folder holds a finished training of this config."""
+    done = StageDir(cfg.out).done
+    return done.is_file() and _config_matches(json.loads(done.read_text()), cfg)
 
 
 def train(cfg: TrainConfig) -> dict:
     """Train the stage described by `cfg` (or resume it); returns the done record."""
     out = Path(cfg.out)
+    if conflict(cfg):
+        raise UsageError(conflict(cfg))
     if is_done(cfg):
         record = json.loads(StageDir(out).done.read_text())
         log.info("%s: stage already trained (%d steps), skipped", out, record["steps"])

@@ -6,6 +6,7 @@ bad values are errors that name the key.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +18,7 @@ from pipeline.trackers import check as check_trackers
 __all__ = ["TrainConfig", "train_config", "load_train_config", "to_dict", "ConfigError"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     data: str = ""                   # shard spec (brace pattern, folder, ::-joined, URLs)
     out: str = ""                    # the stage folder: checkpoints/, model/, metrics.jsonl, done.json
@@ -130,9 +131,7 @@ def recorded_batching(record: dict) -> str:
 def train_config(raw: dict, where: str = "", prefix: str = "") -> TrainConfig:
     """A validated TrainConfig from a mapping of its keys (ConfigError naming the key)."""
     cfg = from_mapping(TrainConfig, raw, where, prefix)
-    if cfg.out:
-        cfg.out = str(Path(cfg.out))
-    return cfg
+    return dataclasses.replace(cfg, out=str(Path(cfg.out))) if cfg.out else cfg
 
 
 def load_train_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

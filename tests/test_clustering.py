@@ -17,12 +17,25 @@ from conftest import REPO, run_cli, write_raw_tar
 from pipeline import models
 from pipeline.artifacts import (StaleSidecarError, read_embeddings, read_sidecar, read_sidecar_columns,
                                 write_embeddings)
-from pipeline import assign as assign_job, cluster as cluster_job
-from pipeline.assign import assign, reduce
-from pipeline.cluster import cluster
-from pipeline.embed import embed
+from pipeline import assign as assign_job, cluster as cluster_job, reduce as reduce_job
+from pipeline.assign import AssignSpec
+from pipeline.cluster import ClusterSpec
+from pipeline.embed import EmbedSpec, embed
+from pipeline.reduce import ReduceSpec
 from pipeline.stage import StageDir, current_record
 from shards.reader import ProblemLog, read_samples
+
+
+def cluster(stage, **params):
+    return cluster_job.cluster(ClusterSpec(stage=str(stage), **params))
+
+
+def assign(stage, index, parent=None):
+    return assign_job.assign(AssignSpec(stage=str(stage), stage_index=index, parent=str(parent) if parent else None))
+
+
+def reduce(stage):
+    return reduce_job.reduce(ReduceSpec(stage=str(stage)))
 
 
 def _planted(stage_dir, n_shards=3, per_shard=300, k=5, d=32, seed=0, model_fp="m", noise=0.05):
@@ -102,7 +115,7 @@ def test_stale_and_foreign_sidecars_are_refused(tmp_path):
     expect = current_record(StageDir(s2)).meta
     assert expect.ks == (4, 4) and current_record(StageDir(s2)).parent == s1
     assert len(read_sidecar(s2 / "sidecars" / "00000.parquet", expect)) == 300
-    assert assign_job.is_done(s2, 2, s1, ["00000.tar", "00001.tar", "00002.tar"])
+    assert assign_job.is_done(AssignSpec(stage=str(s2), stage_index=2, parent=str(s1)))
     # another stage's sidecar in its place
     with pytest.raises(StaleSidecarError, match="stage is 1, expected 2"):
         read_sidecar(s1 / "sidecars" / "00000.parquet", expect)
@@ -113,13 +126,15 @@ def test_stale_and_foreign_sidecars_are_refused(tmp_path):
     with pytest.raises(StaleSidecarError, match="shard is '00001', expected '00000'"):
         read_sidecar(moved, expect)
     reduce(s2)
-    assert assign_job.reduce_is_done(s2)
+    assert reduce_job.is_done(ReduceSpec(stage=str(s2)))
+    assert not reduce_job.is_done(ReduceSpec(stage=str(s2), grid_per_cluster=4))  # another spec
     # stage 1 re-clustered (new centroids): stage 2's record is stale for the loader ...
     (s1 / "clusters" / "stats.json").unlink()
     cluster(s1, k=4, seed=99)
     with pytest.raises(StaleSidecarError, match="stale stage record"):
         current_record(StageDir(s2))
-    assert not assign_job.is_done(s2, 2, s1, ["00000.tar"]) and not assign_job.is_done(s1, 1, None, ["00000.tar"])
+    assert not assign_job.is_done(AssignSpec(stage=str(s2), stage_index=2, parent=str(s1)))
+    assert not assign_job.is_done(AssignSpec(stage=str(s1), stage_index=1))
     # ... and stage 2 cannot be assigned on stage 1's stale sidecars
     with pytest.raises(StaleSidecarError, match="stale stage record .* assign step of"):
         assign(s2, 2, parent=s1)
@@ -127,11 +142,11 @@ def test_stale_and_foreign_sidecars_are_refused(tmp_path):
     assert current_record(StageDir(s1)).meta.centroids_fp != expect.parent_fp
     assign(s2, 2, parent=s1)  # same centroids of its own, new parent labels: its summary is stale
     assert current_record(StageDir(s2)).meta.centroids_fp == expect.centroids_fp
-    assert not assign_job.reduce_is_done(s2)
+    assert not reduce_job.is_done(ReduceSpec(stage=str(s2)))
     # re-embedding with another model: the clustering is no longer done, and once redone the
     # stage's own sidecars are stale
     _planted(s1, k=4, seed=1, model_fp="model1-retrained")
-    assert not cluster_job.is_done(s1, k=4, seed=99)
+    assert not cluster_job.is_done(ClusterSpec(stage=str(s1), k=4, seed=99))
     cluster(s1, k=4, seed=99)
     with pytest.raises(StaleSidecarError, match="stale stage record"):
         current_record(StageDir(s1))
@@ -189,7 +204,7 @@ def test_embed_keys_follow_the_good_samples_of_broken_shards(tmp_path, tiny_shar
     good = {s["__key__"]: s for s in read_samples(str(data), ProblemLog(logger=None))}
     assert len(good) == 200 + 198
     stage = tmp_path / "stage1"
-    embed(str(random_model), str(data), stage, batch_size=64, workers=2, progress=False)
+    embed(EmbedSpec(model=str(random_model), data=str(data), out=str(stage), batch_size=64, workers=2), progress=False)
     z = read_embeddings(stage / "embeddings" / "00001.npz", ("embeddings", "keys", "captions", "attributes"))
     assert sorted(z["keys"].tolist()) == sorted(k for k in good if k.startswith("00001"))
     assert "000010005" not in z["keys"] and "000010007" not in z["keys"]
@@ -209,7 +224,7 @@ def test_embed_keys_follow_the_good_samples_of_broken_shards(tmp_path, tiny_shar
     # a rerun skips the shards already embedded by this model
     r = run_cli("pipeline.embed", "--model", str(random_model), "--data", str(data), "--out", str(stage))
     assert r.returncode == 0 and "2 of 2 shards already embedded" in r.stderr
-    r = run_cli("pipeline.assign", "--stage", str(stage), "--stage-index", "1", "--reduce", "--data", str(data))
+    r = run_cli("pipeline.reduce", "--stage", str(stage), "--data", str(data))
     assert r.returncode == 0, r.stderr
     from PIL import Image
     assert Image.open(stage / "clusters" / "grid.png").size[1] == 3 * 66

@@ -18,7 +18,7 @@ from conftest import REPO, run_cli
 from eval.encoders import Encoder
 from eval.mmvp import evaluate, write_outputs
 from pipeline import models
-from pipeline.merge import merge
+from pipeline.merge import MergeSpec, merge as merge_job
 from pipeline.merged import load_merged
 
 
@@ -83,6 +83,10 @@ def two_stages(tmp_path_factory):
         dirs.append(models.save_model(model, "mcl-tiny-vit", models.model_config("mcl-tiny-vit"),
                                       out / f"stage{seed}" / "model"))
     return dirs
+
+
+def merge(stage_dirs, out, per_stage_norm=True):
+    return merge_job(MergeSpec(stages=tuple(map(str, stage_dirs)), out=str(out), per_stage_norm=per_stage_norm))
 
 
 @pytest.mark.parametrize("per_stage_norm", [True, False])

@@ -193,15 +193,16 @@ def test_bad_config_is_one_line(tmp_path, tiny_shards):
 @pytest.fixture(scope="module")
 def clustered_stage1(tmp_path_factory, tiny_shards):
     """A trained, embedded, clustered (K = 4) and assigned stage 1 of the tiny world."""
-    from pipeline.assign import assign
-    from pipeline.cluster import cluster
-    from pipeline.embed import embed
+    from pipeline.assign import AssignSpec, assign
+    from pipeline.cluster import ClusterSpec, cluster
+    from pipeline.embed import EmbedSpec, embed
     stage1 = tmp_path_factory.mktemp("clustered") / "stage1"
     r = run_cli("pipeline.train", f"data={tiny_shards}", f"out={stage1}", "steps=8", "workers=1", *COMMON)
     assert r.returncode == 0, r.stderr[-3000:]
-    embed(str(stage1 / "model"), str(tiny_shards), stage1, batch_size=128, workers=1, progress=False)
-    cluster(stage1, k=4)
-    assign(stage1, 1)
+    embed(EmbedSpec(model=str(stage1 / "model"), data=str(tiny_shards), out=str(stage1), batch_size=128, workers=1),
+          progress=False)
+    cluster(ClusterSpec(stage=str(stage1), k=4))
+    assign(AssignSpec(stage=str(stage1), stage_index=1))
     return stage1
 
 
@@ -328,18 +329,16 @@ def test_a_stage_trained_before_the_global_loader_is_not_taken_for_one_trained_w
     """A done record from before `bucket=global` (no `batching`, bucket unset, sidecar labels:
     it was trained by the per-slot loader) is not done for a config that now means global
     batches: one line says how to keep it (bucket=slot) or to retrain."""
-    from common.cli import UsageError
-    from pipeline.train import is_done
+    from pipeline.train import conflict, is_done
     from pipeline.train_config import TrainConfig, to_dict
     cfg = TrainConfig(data="d", out=str(tmp_path / "stage2"), labels="sidecars:/runs/x/stage1")
     (tmp_path / "stage2").mkdir()
     (tmp_path / "stage2" / "done.json").write_text(json.dumps({"steps": 3, "config": to_dict(cfg)}))
-    with pytest.raises(UsageError, match="trained with bucket=slot, the config asks for bucket=global"):
-        is_done(cfg)
+    assert "trained with bucket=slot, the config asks for bucket=global" in conflict(cfg) and not is_done(cfg)
     assert is_done(TrainConfig(**{**to_dict(cfg), "bucket": "slot"}))
     (tmp_path / "stage2" / "done.json").write_text(json.dumps({"steps": 3, "config": to_dict(cfg),
                                                               "batching": "global"}))
-    assert is_done(cfg)
+    assert is_done(cfg) and conflict(cfg) is None
 
 
 def test_dashboards_mirror_the_metrics_and_an_unreachable_wandb_does_not_stop_training(tmp_path, tiny_shards):
