@@ -79,3 +79,16 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
         raise ValueError(f"{path}: cannot read {what} ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the clone, or site-packages once installed
+
+
+def project_file(path: str | os.PathLike) -> Path:
+    """`path` as given when it exists; a relative path that does not is looked up among the
+    project's own files (configs/ is installed with the packages), e.g. configs/demo_quick.yaml
+    from any folder."""
+    given = Path(path)
+    if given.exists() or given.is_absolute() or not (PROJECT_ROOT / given).exists():
+        return given
+    return PROJECT_ROOT / given

@@ -8,7 +8,7 @@ attributes it gets at most SUPPRESSED percent of MMVP pairs right while another 
 EASY are "suppressed", and the verdict compares MCL with the ensemble and the baseline on them.
 The attributes that are not easy and that the baseline, trained for all the steps, still gets at
 most SUPPRESSED percent right are "persistent": where suppression is more than slowness, MCL has
-to beat the baseline on them (issue 19's demo, part two).
+to beat the baseline on them (the default demo's second comparison).
 """
 from __future__ import annotations
 

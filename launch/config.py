@@ -256,6 +256,9 @@ def stage_train_config(cfg: RunConfig, stage: int) -> TrainConfig:
 
 def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     """Read, override and validate; every problem found is listed in one UsageError."""
+    from common.io import project_file
+
+    path = str(project_file(path))
     try:
         raw = read_yaml(path, "run config")
         if not isinstance(raw, dict):

@@ -2,7 +2,7 @@
 
     python -m launch demo [--world persistent|fading | --quick | --config FILE] [--out DIR] [--seeds 0 1 2]
 
-Two worlds (README "The demo"): `persistent`, the default (configs/demo_persistent.yaml, out
+Two worlds (RESULTS.md): `persistent`, the default (configs/demo_persistent.yaml, out
 runs/demo-persistent), where plain CLIP's suppression lasts for all the steps, and `fading`
 (configs/demo.yaml, out runs/demo), where it is slowness; --quick is the tests' small variant.
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from shards import world as W
 from common.cli import UsageError
 from shards.generate import generate
-from common.io import read_yaml, write_json
+from common.io import project_file, read_yaml, write_json
 from shards.mmvp_writer import write_benchmark
 from shards.zeroshot_writer import write_sets
 from shards.validate import validate
@@ -56,7 +56,7 @@ def choose(world: str | None, quick: bool, config: str | None, out: str | None) 
     if sum(bool(x) for x in (world, quick, config)) > 1:
         raise UsageError("--world, --quick and --config each choose the demo config: give one of them")
     default_config, default_out = QUICK if quick else WORLDS[world or DEFAULT_WORLD]
-    return config or default_config, out or default_out
+    return str(project_file(config or default_config)), out or default_out
 
 
 def load_config(path: str | Path) -> dict:
@@ -72,7 +72,7 @@ def load_config(path: str | Path) -> dict:
 def make_world(config: str | Path, data: dict, out: Path, workers: int) -> dict[str, Path]:
     """Training shards, probe shards and the benchmark under OUT/data; returns their paths."""
     try:
-        spec = W.load_spec(data["world"])
+        spec = W.load_spec(str(project_file(data["world"])))
     except (KeyError, ValueError) as exc:
         raise UsageError(f"{config}: data.world: {exc}") from exc
     paths = {"train": out / "data" / "train", "probe": out / "data" / "probe", "mmvp": out / "data" / "mmvp",

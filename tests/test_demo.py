@@ -1,5 +1,5 @@
 """The demo end to end in its quick variant: world, the three methods through launch, results.json,
-the summary, the report and its charts; a rerun does no work. (The gain needs the full run: BENCHMARKS.md.)"""
+the summary, the report and its charts; a rerun does no work. (The gain needs the full run: RESULTS.md.)"""
 from __future__ import annotations
 
 import json
