@@ -7,10 +7,10 @@ A stage-4 run of K = 10: 1,000 pseudo-label groups (c1, c2, c3) of Zipf-like siz
 (p ~ 1/rank), the samples spread at random over 1,000 shards. W ranks x B per rank, each
 rank with `--workers` DataLoader workers. Side by side, in this run:
 
-  global     pipeline.global_batches: every rank computes one seeded plan of global steps
+  global     pipeline.loader.global_batches: every rank computes one seeded plan of global steps
              from one group each; nothing dropped (small groups fall back to their parent;
              leftovers go to masked mixed steps)
-  per-slot   pipeline.buckets, as the loader has done so far: each (rank x worker) slot
+  per-slot   pipeline.loader.buckets, as the loader has done so far: each (rank x worker) slot
              buckets its own striped shards (cap 16 x B); groups below B x W x workers fall
              back; the global batch is W ranks' batches, one group each
   reference  the official code's MCL_batch_sampler_DDP policy: each group cut into global
@@ -36,8 +36,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.buckets import BucketStats, coarsen_labels, plan_batches  # noqa: E402
-from pipeline.global_batches import PAD, coarse_groups, plan_epoch  # noqa: E402
+from pipeline.loader.buckets import BucketStats, plan_batches  # noqa: E402
+from pipeline.loader.groups import coarsen_labels  # noqa: E402
+from pipeline.loader.global_batches import PAD, plan_epoch  # noqa: E402
+from pipeline.loader.groups import coarse_groups  # noqa: E402
 
 KS = (10, 10, 10)
 

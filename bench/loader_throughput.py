@@ -7,10 +7,10 @@ and transform (mcl-tiny-vit's eval transform) and tokenizer, batch size 64, in t
 process (no DataLoader workers, so only the pipelines differ):
   plain   wds.WebDataset -> shuffle(1000) -> decode("pilrgb") -> transform + tokenize -> batched(64)
           I/O: each shard read sequentially
-  slot    pipeline.data.TrainStream, per-slot bucketing (`bucket: slot`), pseudo-labels from
+  slot    pipeline.loader.slot.TrainStream, per-slot bucketing (`bucket: slot`), pseudo-labels from
           sidecars (random labels over --labels groups), bucket cap 16 x 64
           I/O: each shard read sequentially
-  global  pipeline.global_stream.GlobalBatchStream (`bucket: global`) on one rank: the
+  global  pipeline.loader.global_stream.GlobalBatchStream (`bucket: global`) on one rank: the
           epoch's plan of same-group steps, each sample read by its byte span
           I/O: random reads, one pread of one sample's members per sample
 Prints samples/s of each and their ratios to plain (targets: slot >= 0.95, global >= 0.9),
@@ -63,7 +63,9 @@ def pipelines(data: Path, batch: int):
     from pipeline import models
     from pipeline.artifacts import SidecarMeta, read_sidecar_columns
     from pipeline.stage import StageDir
-    from pipeline.data import SidecarLabeler, TrainStream, sidecar_label_table
+    from pipeline.loader.groups import label_table
+    from pipeline.loader.labels import SidecarLabeler
+    from pipeline.loader.slot import TrainStream
     from shards.reader import expand_urls
 
     cfg = models.model_config("mcl-tiny-vit")
@@ -83,13 +85,13 @@ def pipelines(data: Path, batch: int):
         sizes = collections.Counter()
         for u in urls:
             sizes.update(read_sidecar_columns(StageDir(data / "stage").sidecar(u))[2].tolist())
-        labeler = SidecarLabeler(str(data / "stage"), meta, sidecar_label_table(sizes, meta.ks, 0))
+        labeler = SidecarLabeler(str(data / "stage"), meta, label_table(sizes, meta.ks, 0))
         stream = TrainStream(urls, transform, tokenizer, batch, None, 0, 0, 1, 1000, labeler, bucket_cap=16 * batch)
         stream.set_epoch(0)
         return iter(stream)
 
     def global_():
-        from pipeline.global_stream import GlobalBatchStream, read_index
+        from pipeline.loader.global_stream import GlobalBatchStream, read_index
         m = json.loads((data / "meta.json").read_text())
         stream = GlobalBatchStream(read_index(StageDir(data / "stage"), urls, tuple(m["ks"])), transform, tokenizer,
                                    batch, min_batches=0)

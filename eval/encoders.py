@@ -51,7 +51,7 @@ def model_identity(arg: str) -> str:
     """What identifies the features of a model spec, without loading it: a folder's weights
     hashed, a merged artifact's merge record, another file's bytes hashed; else the spec."""
     from pipeline.artifacts import file_fingerprint
-    from pipeline.merged import merged_fingerprint
+    from pipeline.merged_model import merged_fingerprint
 
     _, spec = parse_model_arg(arg)
     if os.path.isdir(spec):

@@ -237,7 +237,7 @@ def _training_table(stage_dirs: list[Path]) -> str:
     lines = ["| stage | loss first -> last | mean effective negatives | pure | mixed | early | fallback samples |",
              "|---|---|---|---|---|---|---|"]
     for d in stage_dirs:
-        rows = _jsonl(StageDir(d).metrics)  # one line per step: a resume trims it back (pipeline.train_log)
+        rows = _jsonl(StageDir(d).metrics)  # one line per step: a resume trims it back (pipeline.trainer.log)
         if not rows:
             continue
         tenth = max(1, len(rows) // 10)

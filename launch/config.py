@@ -55,7 +55,7 @@ from typing import Sequence
 from common.cli import UsageError
 from common.config import ConfigError, apply_overrides, coerce, from_mapping
 from common.io import read_yaml
-from pipeline.train_config import TrainConfig, train_config
+from pipeline.trainer.config import TrainConfig, train_config
 
 RUN_MANAGED = ("data", "out", "labels")  # train keys the run sets for each stage
 

@@ -28,7 +28,7 @@ from common.io import write_json
 from launch import steps as S
 from launch.config import RunConfig, job_spec, stage_train_config
 from pipeline.stage import RunDir
-from pipeline.train_config import TrainConfig
+from pipeline.trainer.config import TrainConfig
 
 log = logging.getLogger("launch.run")
 

@@ -23,7 +23,7 @@ pipeline.stage's `StageDir`; the formats:
         label    int64    its pseudo-label for stage s+1: the packed (c_1, ..., c_s),
                           label_s = label_{s-1} * K_s + c_s (label_0 = 0)
         offset, length  int64  where the sample's members lie in its tar: the random-access
-                          index of the global-batch loader (pipeline.global_stream)
+                          index of the global-batch loader (pipeline.loader.global_stream)
       and, in the parquet schema metadata, `mcl.sidecar` = JSON
         {"stage", "k", "ks" (K of every stage 1..s), "model_fp", "centroids_fp", "parent_fp", "shard"}
       and `mcl.skipped` = JSON {key: problem kind}: the samples the embed job could not use

@@ -6,9 +6,9 @@ image = normalize(concat_s normalize(f_s(image))), text likewise. `--no-per-stag
 concatenates the unnormalised features instead, as the reference notebook does. The
 artifact is one file holding every stage's open_clip config and weights; it needs no run
 folder. Beside it, `OUT.json` (written last) records the spec and the fingerprints of the
-stage models it was made from: the merge is done while they match. `pipeline.merged.load_merged` (or `pipeline.models.load`) loads it:
+stage models it was made from: the merge is done while they match. `pipeline.merged_model.load_merged` (or `pipeline.models.load`) loads it:
 
-    from pipeline.merged import load_merged
+    from pipeline.merged_model import load_merged
     model = load_merged("merged.pt")          # .encode_image, .encode_text, .preprocess, .tokenizer
 
 Stages may differ in image size and normalisation; they must share a tokenizer.
@@ -27,7 +27,7 @@ from common.cli import UsageError, run_main, setup_logging
 from common.io import atomic_path, write_json
 from common.spec import fingerprint, from_args, param, parser, result_fields
 from pipeline import models
-from pipeline.merged import FORMAT, record_path
+from pipeline.merged_model import FORMAT, record_path
 
 log = logging.getLogger("pipeline.merge")
 

@@ -15,7 +15,7 @@ A saved stage model is a plain open_clip artifact that needs no project code:
 
 `load(spec)` is the one way from a model spec to a ready model (every job that reads a
 model uses it): a saved stage folder, a training checkpoint (`checkpoints/step_N.pt`), a
-merged MCL artifact (`.pt` from pipeline.merge, see pipeline.merged), or an open_clip
+merged MCL artifact (`.pt` from pipeline.merge, see pipeline.merged_model), or an open_clip
 architecture with an optional pretrained tag or file (`ARCH:TAG`, or `load(ARCH, TAG)`).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from common.cli import UsageError
 from common.io import atomic_path, write_json
-from pipeline import merged
+from pipeline import merged_model as merged
 from pipeline.artifacts import file_fingerprint
 
 log = logging.getLogger("pipeline.models")

@@ -47,7 +47,7 @@ from common.io import write_json
 from pipeline.artifacts import SidecarMeta, StaleSidecarError, array_fingerprint, check_sidecar, shard_stem
 
 SIDECAR_LABELS = "sidecars:"  # TrainConfig.labels of a stage trained on another stage's sidecars
-MAX_LABEL = 2 ** 63 - 1
+MAX_LABEL = 2 ** 56 - 1  # the loaders keep a coarse group's level in the bits above (pipeline.loader.groups)
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def expected_record(stage: StageDir, index: int, parent: StageDir | None) -> Sta
     k = int(centroids.shape[0])
     ks = (parent_meta.ks if parent_meta else ()) + (k,)
     if np.prod([float(x) for x in ks]) > MAX_LABEL:
-        raise UsageError(f"pseudo-labels of K = {ks} do not fit in int64")
+        raise UsageError(f"pseudo-labels of K = {ks} do not fit in 56 bits (the product of the Ks must stay below 2^56)")
     meta = SidecarMeta(stage=index, k=k, ks=ks, model_fp=model_fp, centroids_fp=array_fingerprint(centroids),
                        parent_fp=parent_meta.centroids_fp if parent_meta else "")
     return StageRecord(index, parent.path if parent is not None else None, meta)

@@ -17,10 +17,9 @@ each data worker's position and counters), so a run killed with SIGKILL and rest
 where an uninterrupted one does, with the same loader and data-problem counts; a finished
 stage is skipped.
 
-The loop here is built from: pipeline.batch (the typed batch and its padding),
-pipeline.engine (DDP or DeepSpeed behind backward / step / save / load, and the
-precision), pipeline.checkpoints (which checkpoint, and the resume state it holds) and
-pipeline.train_log (metrics.jsonl, the log lines, loader_stats.jsonl).
+The loop here is built from the loader (pipeline.loader: `make_stream` gives the rank's
+batches, `LoaderProgress` its counters) and the trainer's parts (pipeline.trainer: engine,
+checkpoints, loss, metrics log, trackers, distributed setup, the config).
 """
 from __future__ import annotations
 
@@ -30,26 +29,25 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from pipeline import models
-from pipeline.artifacts import array_fingerprint
-from pipeline.batch import Batch
-from pipeline.checkpoints import Checkpoints, Position
-from pipeline.data import (SidecarLabeler, TrainStream, _seed, epoch_plan, JsonLabeler, start_batches,
-                           no_labels, sidecar_label_table)
-from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed, node_name
-from pipeline.engine import Engine, create_engine
-from pipeline.global_stream import GlobalBatchStream, load_index
-from pipeline.loss import MaskedClipLoss
-from pipeline.stage import SIDECAR_LABELS, StageDir
-from pipeline.train_config import TrainConfig, batching, load_train_config, recorded_batching, to_dict
-from pipeline.train_log import LoaderProgress, MetricsLog, keep_records
-from pipeline.trackers import Trackers, missing_packages, tracker_names
+from pipeline.loader.batch import Batch
+from pipeline.trainer.checkpoints import Checkpoints, Position
+from pipeline.loader.build import make_stream
+from pipeline.loader.labels import seed_of
+from pipeline.loader.progress import LoaderProgress
+from pipeline.loader.workers import start_batches
+from pipeline.trainer.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed, node_name
+from pipeline.trainer.engine import Engine, create_engine
+from pipeline.trainer.loss import MaskedClipLoss
+from pipeline.stage import StageDir
+from pipeline.trainer.config import TrainConfig, batching, load_train_config, recorded_batching, to_dict
+from pipeline.trainer.log import MetricsLog, keep_records
+from pipeline.trainer.trackers import Trackers, missing_packages, tracker_names
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import write_json
-from shards.reader import expand_urls, shard_sizes
+from shards.reader import expand_urls
 
 log = logging.getLogger("pipeline.train")
 # Keys of the config that change what is trained; others (logging, workers...) may differ on resume.
@@ -196,60 +194,6 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
     return record
 
 
-def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, tokenizer):
-    """(the rank's batch stream, its batching mode: global | slot | off, samples per epoch,
-    steps per epoch) for the config's `labels` and `bucket`."""
-    mode = batching(cfg)
-    if mode == "global":
-        stage = StageDir.from_label_source(cfg.labels)
-        index = load_index(stage, urls)
-        seen = all_gather_object((len(index), array_fingerprint(index.label), array_fingerprint(index.offset)), info)
-        if len(set(seen)) > 1:  # a lagging file system listing or a sidecar rewritten meanwhile: plans would differ
-            raise UsageError(f"{stage.path}: the ranks read different sidecars ({len(set(seen))} versions: "
-                             f"sample counts {sorted({s[0] for s in seen})}); is assign still running?")
-        stream = GlobalBatchStream(index, transform, tokenizer, cfg.batch_size, cfg.seed,
-                                   info.rank, info.world_size, cfg.fallback_min_batches)
-        if info.is_main:
-            fell = int(stream.fell.sum())
-            log.info("%s: %d pseudo-labels, %d samples; %d samples in groups below %d fall back to a parent label; "
-                     "%d samples the embed job skipped", stage.path, len(np.unique(stream.index.label)),
-                     len(stream.index), fell, int(cfg.fallback_min_batches * stream.global_batch),
-                     sum(stream.index.skipped.values()))
-        return stream, mode, len(stream.index), stream.steps_per_epoch()
-    labeler = make_labeler(cfg, urls, info)
-    sizes = None if cfg.train_num_samples else shard_sizes(urls)
-    num_samples = cfg.train_num_samples or sum(sizes)
-    worker_batches, steps_per_epoch = epoch_plan(num_samples, cfg.batch_size, info.world_size, cfg.workers)
-    stream = TrainStream(urls, transform, tokenizer, cfg.batch_size, worker_batches, cfg.seed, info.rank,
-                         info.world_size, cfg.shuffle_buffer, labeler,
-                         bucket_cap=(cfg.bucket_cap or 16 * cfg.batch_size) if mode == "slot" else None, sizes=sizes)
-    return stream, mode, num_samples, steps_per_epoch
-
-
-def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
-    """The labeler of the streamed loader for the config's `labels`."""
-    if cfg.labels.startswith("json:"):
-        return JsonLabeler(cfg.labels[5:])
-    if not cfg.labels.startswith(SIDECAR_LABELS):
-        return no_labels
-    from pipeline.artifacts import read_sidecar_columns
-    from pipeline.stage import labels_for_training
-
-    stage = StageDir.from_label_source(cfg.labels)
-    expect = labels_for_training(stage, urls)
-    sizes: dict[int, int] = {}
-    for url in urls:
-        for lab in read_sidecar_columns(stage.sidecar(url))[2].tolist():
-            sizes[lab] = sizes.get(lab, 0) + 1
-    min_size = cfg.fallback_min_batches * cfg.batch_size * info.world_size * max(1, cfg.workers)
-    table = sidecar_label_table(sizes, expect.ks, min_size)
-    if info.is_main:
-        fell = sum(n for lab, n in sizes.items() if table[lab][2])
-        log.info("%s: %d pseudo-labels, %d samples; %d samples in groups below %d fall back to a parent label",
-                 stage.path, len(sizes), sum(sizes.values()), fell, int(min_size))
-    return SidecarLabeler(stage, expect, table, cfg.missing_labels)
-
-
 def _resume(ckpts: Checkpoints, cfg: TrainConfig, info: DistInfo) -> Position:
     """Where the run starts: the latest checkpoint, if any, loaded into the engine with this
     rank's RNG state."""
@@ -265,10 +209,10 @@ def _resume(ckpts: Checkpoints, cfg: TrainConfig, info: DistInfo) -> Position:
     return at
 
 
-def _batches(stream: TrainStream, cfg: TrainConfig, epoch: int, info: DistInfo, pad: bool) -> Iterator[Batch]:
+def _batches(stream, cfg: TrainConfig, epoch: int, info: DistInfo, pad: bool) -> Iterator[Batch]:
     """This rank's batches of `epoch`. With `pad` (ranks that run out at different steps),
     padding batches follow until every rank has run out."""
-    batches = start_batches(stream, cfg.workers, _seed(cfg.seed, epoch))
+    batches = start_batches(stream, cfg.workers, seed_of(cfg.seed, epoch))
     while True:
         batch = next(batches, None)
         if pad:

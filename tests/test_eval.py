@@ -19,7 +19,7 @@ from eval.encoders import Encoder
 from eval.mmvp import evaluate, write_outputs
 from pipeline import models
 from pipeline.merge import MergeSpec, merge as merge_job
-from pipeline.merged import load_merged
+from pipeline.merged_model import load_merged
 
 
 def _write_fixture(root, plan):
@@ -122,7 +122,7 @@ def test_merged_artifact_loads_in_a_fresh_process_without_the_run(tmp_path, two_
     code = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(REPO)!r})
-        from pipeline.merged import load_merged
+        from pipeline.merged_model import load_merged
         m = load_merged({str(merged_path)!r})
         x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
         from PIL import Image
@@ -199,7 +199,7 @@ def test_a_training_checkpoint_is_a_model_too(tmp_path, two_stages):
 
 def test_one_loader_takes_every_spec_and_names_the_ones_that_do_not_load(tmp_path, two_stages):
     from common.cli import UsageError
-    from pipeline.merged import MergedCLIP
+    from pipeline.merged_model import MergedCLIP
     folder = str(two_stages[0])
     ref, _, pre, tok = models.create("", pretrained=folder)
     torch.save({"step": 1, "name": "mcl-tiny-vit", "state_dict": ref.state_dict()}, tmp_path / "step_00000001.pt")

@@ -1,10 +1,11 @@
-"""The global same-group plan (pipeline.global_batches): every rank's batch of a step from
+"""The global same-group plan (pipeline.loader.global_batches): every rank's batch of a step from
 one group, every sample once, nothing dropped, the same plan on every rank."""
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.global_batches import PAD, coarse_groups, plan_epoch, steps_per_epoch
+from pipeline.loader.global_batches import PAD, plan_epoch, steps_per_epoch
+from pipeline.loader.groups import coarse_groups
 
 KS = (3, 4)  # stage 3 of K = 3 then 4: packed labels c1 * 4 + c2, 12 groups
 

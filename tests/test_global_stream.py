@@ -1,4 +1,4 @@
-"""The global-batch loader's data path (pipeline.global_stream): 4 ranks x 2 DataLoader
+"""The global-batch loader's data path (pipeline.loader.global_stream): 4 ranks x 2 DataLoader
 workers as processes of one machine, each given its rank and the world size."""
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 from torchvision import transforms
 
 from common.cli import UsageError
-from pipeline.data import make_loader, stable_hash64
-from pipeline.global_batches import PAD
-from pipeline.global_stream import GlobalBatchStream, SampleIndex, load_index
+from pipeline.loader.labels import stable_hash64
+from pipeline.loader.workers import make_loader
+from pipeline.loader.global_batches import PAD
+from pipeline.loader.global_stream import GlobalBatchStream, SampleIndex, load_index
 from shards.reader import PROBLEM_KINDS, expand_urls, read_samples
 
 WORLD, BATCH, WORKERS = 4, 8, 2

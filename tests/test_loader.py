@@ -14,8 +14,12 @@ from conftest import write_raw_tar
 from pipeline import models
 from pipeline.artifacts import SidecarMeta, write_sidecar
 from pipeline.stage import StageDir
-from pipeline.buckets import BucketStats, _take_fullest, coarsen_labels, plan_batches
-from pipeline.data import SidecarLabeler, TrainStream, make_loader, sidecar_label_table
+from pipeline.loader.buckets import BucketStats, _take_fullest, plan_batches
+from pipeline.loader.groups import coarsen_labels
+from pipeline.loader.groups import label_table
+from pipeline.loader.labels import SidecarLabeler
+from pipeline.loader.slot import TrainStream
+from pipeline.loader.workers import make_loader
 from shards.reader import PROBLEM_KINDS, ProblemLog, expand_urls, read_samples
 
 BG = {"red": 0, "green": 1, "blue": 2, "yellow": 3}
@@ -64,7 +68,7 @@ def test_small_groups_fall_back_to_their_parent_level_by_level():
     assert mapping[0] == (2, 0) and mapping[8] == (2, 8) and mapping[9] == (2, 9)
     assert mapping[1] == mapping[2] == mapping[3] == (1, 0)  # 8 < 20 alone; 24 together under c1 = 0
     assert mapping[4] == mapping[5] == (0, 0)  # c1 = 1 has only 3 samples: up to the root
-    table = sidecar_label_table(sizes, ks, 20)
+    table = label_table(sizes, ks, 20)
     assert table[1][0] == table[2][0] != table[0][0] and table[1][2] and not table[0][2]
     assert table[1][1] == table[4][0]  # the parent of (1, 0) is the root
 
@@ -114,7 +118,7 @@ def _epoch(tiny_shards, labeler, workers=2, **kw):
 
 def test_two_ranks_two_workers_yield_every_key_once_in_same_label_batches(tiny_shards, labelled):
     stage, meta, truth = labelled
-    table = sidecar_label_table(collections.Counter(truth.values()), meta.ks, min_size=0)
+    table = label_table(collections.Counter(truth.values()), meta.ks, min_size=0)
     labeler = SidecarLabeler(str(stage), meta, table)
     result = _epoch(tiny_shards, labeler, cap=256)  # room for every label's bucket: pure batches
     batches = [r for r in result if r[1] != "stats"]
@@ -146,7 +150,7 @@ def test_labels_outnumbering_the_cap_keep_memory_bounded(tiny_shards, labelled, 
         keys = [s["__key__"] for s in read_samples(url, decode=False)]
         labels = np.array([many[k] for k in keys])
         write_sidecar(StageDir(tmp_path).sidecar(url), keys, labels, labels, meta2)
-    table = sidecar_label_table(collections.Counter(many.values()), meta2.ks, min_size=0)
+    table = label_table(collections.Counter(many.values()), meta2.ks, min_size=0)
     result = _epoch(tiny_shards, SidecarLabeler(str(tmp_path), meta2, table), cap=32)
     stats = [r[2] for r in result if r[1] == "stats"]
     keys = [k for r in result if r[1] != "stats" for k, v in zip(r[1], r[3].tolist()) if v]
@@ -169,7 +173,7 @@ def test_a_sample_without_sidecar_entry(tiny_shards, labelled, tmp_path):
         dst.write_bytes(src.read_bytes())
     write_sidecar(StageDir(tmp_path).sidecar(url), keep.column("key").to_pylist(), keep.column("cluster").to_numpy(),
                   keep.column("label").to_numpy(), meta)
-    labels = sidecar_label_table(collections.Counter(truth.values()), meta.ks, min_size=0)
+    labels = label_table(collections.Counter(truth.values()), meta.ks, min_size=0)
     strict = SidecarLabeler(str(tmp_path), meta, labels)
     with pytest.raises(KeyError, match=f"no pseudo-label for key {dropped} of shard {url}"):
         list(read_and_label(url, strict))
@@ -186,7 +190,7 @@ def test_short_batches_and_padding_batches_are_masked_entries(tiny_shards, label
     """A short bucketed batch is padded to the batch size, and a rank whose data ran out gets
     a batch of padding alone: blank image, empty caption, label -1, caption id 0, not valid."""
     stage, meta, truth = labelled
-    table = sidecar_label_table(collections.Counter(truth.values()), meta.ks, min_size=0)
+    table = label_table(collections.Counter(truth.values()), meta.ks, min_size=0)
     stream = _tiny_stream(tiny_shards, SidecarLabeler(str(stage), meta, table), rank=0, world=1)
     stream.set_epoch(0)
     batches = list(make_loader(stream, 2, seed=0))  # Batches pickled back from two worker processes
@@ -214,7 +218,7 @@ def test_shards_go_to_slots_balanced_by_their_sample_counts():
     """One big shard and ten small ones over 2 slots: striped, one slot would read 150
     samples and the other 50 (and idle on padding for half an epoch); balanced, 100 each.
     Shards of equal size are still dealt every slots-th."""
-    from pipeline.data import shards_for_slot
+    from pipeline.loader.slot import shards_for_slot
     urls = [f"{i:05d}.tar" for i in range(11)]
     sizes = [100] + [10] * 10
     by_url = dict(zip(urls, sizes))
@@ -231,9 +235,9 @@ def test_an_epoch_resumed_at_uneven_worker_positions_continues_in_order(tiny_sha
     """Resumed after 5 batches (worker 0 had made 3, worker 1 two), the batches that follow
     are those of the uninterrupted epoch in the same order, though the DataLoader asks its
     worker 0 first: the workers take their streams' roles rotated."""
-    from pipeline.data import no_labels
+    from pipeline.loader.labels import no_labels
     stage, meta, truth = labelled
-    labeler = SidecarLabeler(str(stage), meta, sidecar_label_table(collections.Counter(truth.values()), meta.ks,
+    labeler = SidecarLabeler(str(stage), meta, label_table(collections.Counter(truth.values()), meta.ks,
                                                                   min_size=0)) if bucketed else no_labels
 
     def epoch(start=None):
@@ -258,7 +262,7 @@ def test_an_epoch_resumed_at_uneven_worker_positions_continues_in_order(tiny_sha
 def _resumed_progress(full, rest, consumed):
     """LoaderProgress of an uninterrupted epoch's batches `full`, and that of the same epoch
     checkpointed after `consumed` batches and resumed with the batches `rest`."""
-    from pipeline.train_log import LoaderProgress
+    from pipeline.trainer.log import LoaderProgress
 
     def progress(batches, start=None, counters=None):
         p = LoaderProgress(start or {}, counters)
@@ -275,7 +279,7 @@ def test_data_problems_before_a_resume_count_once_in_the_epoch(tiny_shards, tmp_
     200 samples and starts over, meeting its corrupt images again. Resumed after 5 batches, the
     epoch counts each problem once, as without the resume: those met before it (images the
     resumed worker skips undecoded, then meets again; captions it reads again) included."""
-    from pipeline.data import no_labels
+    from pipeline.loader.labels import no_labels
     data = tmp_path / "shards"
     data.mkdir()
     for i, shard in enumerate(["00000", "00001", "00002"]):
@@ -306,8 +310,9 @@ def test_a_worker_that_never_starts_is_started_again_with_the_same_batches(tiny_
     import os
     import time
 
-    from pipeline import data
-    from pipeline.data import no_labels, start_batches
+    from pipeline.loader import workers as data
+    from pipeline.loader.labels import no_labels
+    from pipeline.loader.workers import start_batches
 
     def keys(batches):
         return sorted(k for b in batches for k in b.keys if k)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from pipeline.loss import MaskedClipLoss
+from pipeline.trainer.loss import MaskedClipLoss
 
 
 def _features(n=12, d=16, seed=0):

@@ -62,7 +62,7 @@ def test_a_jobs_command_line_options_are_its_spec_fields(name):
 
 def test_the_train_command_line_takes_the_train_configs_fields_and_nothing_else(capsys):
     from pipeline import train
-    from pipeline.train_config import TrainConfig
+    from pipeline.trainer.config import TrainConfig
 
     assert _options(_parser_of(train)) == {"-h", "--help", "--config", "--print-config"}
     assert train.main(["--print-config", "data=x", "out=y"]) == 0

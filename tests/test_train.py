@@ -93,7 +93,7 @@ def test_a_bare_srun_environment_on_two_nodes_forms_one_process_group(tmp_path, 
     SLURM_JOB_NODELIST. Two processes given that environment by hand (both "nodes" are this host)."""
     import socket
 
-    from pipeline.distributed import rendezvous
+    from pipeline.trainer.distributed import rendezvous
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLURM_JOB_NODELIST", "gpu-a[07-08],gpu-b3")
         mp.setenv("SLURM_JOB_ID", "123456")
@@ -281,9 +281,9 @@ def test_the_logit_scale_clamp_holds_in_deepspeeds_fp32_master(tmp_path):
         import math
         import torch
         from deepspeed.utils import safe_get_full_fp32_param
-        from pipeline.distributed import cleanup, init_distributed
-        from pipeline.engine import create_engine
-        from pipeline.train_config import TrainConfig
+        from pipeline.trainer.distributed import cleanup, init_distributed
+        from pipeline.trainer.engine import create_engine
+        from pipeline.trainer.config import TrainConfig
 
         class Tiny(torch.nn.Module):
             def __init__(self):
@@ -330,7 +330,7 @@ def test_a_stage_trained_before_the_global_loader_is_not_taken_for_one_trained_w
     it was trained by the per-slot loader) is not done for a config that now means global
     batches: one line says how to keep it (bucket=slot) or to retrain."""
     from pipeline.train import conflict, is_done
-    from pipeline.train_config import TrainConfig, to_dict
+    from pipeline.trainer.config import TrainConfig, to_dict
     cfg = TrainConfig(data="d", out=str(tmp_path / "stage2"), labels="sidecars:/runs/x/stage1")
     (tmp_path / "stage2").mkdir()
     (tmp_path / "stage2" / "done.json").write_text(json.dumps({"steps": 3, "config": to_dict(cfg)}))

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from common.config import ConfigError, apply_overrides, from_mapping, to_dict
 from common.io import read_yaml
-from pipeline.trackers import check as check_trackers
+from pipeline.trainer.trackers import check as check_trackers
 
 __all__ = ["TrainConfig", "train_config", "load_train_config", "to_dict", "ConfigError"]
 
@@ -41,8 +41,8 @@ class TrainConfig:
     steps: int | None = None         # total steps; overrides epochs
     labels: str = "none"             # none | sidecars:<stage dir> | json:<field.path> (tests)
     bucket: str | None = None        # same-label batches: global (every step's batches on all ranks from one
-                                     # group, pipeline.global_stream) | slot (each rank x worker buckets its own
-                                     # stream, pipeline.buckets) | off; default: global for sidecar labels
+                                     # group, pipeline.loader.global_stream) | slot (each rank x worker buckets its own
+                                     # stream, pipeline.loader.buckets) | off; default: global for sidecar labels
     bucket_cap: int | None = None    # slot: buffered samples per DataLoader worker (default 16 x batch_size)
     fallback_min_batches: float = 1.0  # groups below this many global batches (slot: x workers) use their parent's
     missing_labels: str = "error"    # slot: error | own: a sample without a sidecar entry gets a label of its own
@@ -70,7 +70,7 @@ class TrainConfig:
     save_every: int = 100            # steps between checkpoints
     keep_checkpoints: int = 2
     log_every: int = 10
-    report_to: list[str] | str = field(default_factory=list)  # dashboards: tensorboard, wandb (pipeline.trackers)
+    report_to: list[str] | str = field(default_factory=list)  # dashboards: tensorboard, wandb (pipeline.trainer.trackers)
     wandb_project: str | None = None  # default: $WANDB_PROJECT, else "mcl"
     wandb_entity: str | None = None
     extra: dict = field(default_factory=dict)  # free-form, recorded with the run

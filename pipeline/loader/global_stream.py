@@ -1,6 +1,6 @@
 """The global-batch loader: every step, all ranks' batches from one pseudo-label group.
 
-Each rank evaluates the same seeded plan (pipeline.global_batches) over every sample of
+Each rank evaluates the same seeded plan (pipeline.loader.global_batches) over every sample of
 the data set, takes its B columns of each global step, and reads those samples by random
 access: the stage's sidecars record where each sample's members lie in its tar (`offset`,
 `length`, taken from the embed job's pass over the shards), so one sample is one read of
@@ -8,7 +8,7 @@ one byte range (shards.reader.read_span). Its DataLoader workers take every work
 step; the DataLoader's round-robin hands them back in plan order.
 
 Why random access, and what it costs (the alternatives considered):
-- Per-slot bucketing of streamed shards (pipeline.buckets, `bucket: slot`) reads every
+- Per-slot bucketing of streamed shards (pipeline.loader.buckets, `bucket: slot`) reads every
   shard sequentially, but each rank's batch is one group and the gathered batch mixes W
   groups: an anchor keeps ~B + (W-1)*B/L of its W*B - 1 negatives (bench/loader_scale.py).
 - A `regroup` job writing label-ordered shards after each assign would let training stream
@@ -40,14 +40,16 @@ from torch.utils.data import IterableDataset
 
 from common.cli import UsageError
 from pipeline.artifacts import sidecar_skipped
-from pipeline.batch import BatchInfo
-from pipeline.buckets import BucketStats
-from pipeline.data import blank_image, decode_batch, stable_hash64, stream_role
-from pipeline.global_batches import PAD, EpochPlan, coarse_groups, plan_epoch, steps_per_epoch
+from pipeline.loader.batch import BatchInfo
+from pipeline.loader.buckets import BucketStats
+from pipeline.loader.decode import blank_image, decode_batch
+from pipeline.loader.labels import stable_hash64
+from pipeline.loader.workers import stream_role
+from pipeline.loader.global_batches import PAD, EpochPlan, coarse_groups, plan_epoch, steps_per_epoch
 from pipeline.stage import StageDir, labels_for_training
 from shards.reader import ProblemLog, check_samples, is_local, local_path, read_span
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger("pipeline.loader")
 
 
 class OpenShards:
@@ -128,8 +130,8 @@ class GlobalBatchStream(IterableDataset):
     """`Batch`es of `batch_size` for one rank; every step of an epoch draws the W ranks'
     batches from one group (or, counted, from groups' leftovers: a mixed step).
 
-    The same interface as pipeline.data.TrainStream: `set_epoch(epoch, start)` (start:
-    {worker: batches it had made}, for an exact resume; pipeline.data.stream_role), iteration
+    The same interface as pipeline.loader.slot.TrainStream: `set_epoch(epoch, start)` (start:
+    {worker: batches it had made}, for an exact resume; pipeline.loader.workers.stream_role), iteration
     in a DataLoader, each batch's `info` its worker's position, problems and counters (in a
     resumed epoch: since the resume point)."""
 

@@ -3,7 +3,7 @@
 The artifact (written by the `pipeline.merge` job) is one file holding every stage's
 open_clip config and weights; it needs no run folder:
 
-    from pipeline.merged import load_merged
+    from pipeline.merged_model import load_merged
     model = load_merged("merged.pt")          # .encode_image, .encode_text, .preprocess, .tokenizer
     img = model.encode_image(torch.stack([model.preprocess(pil)]))
     txt = model.encode_text(model.tokenizer(["a photo of a cat"]))

@@ -4,7 +4,7 @@
 trainer then calls `engine.model(...)` under `engine.autocast()`, `engine.backward(loss)`,
 `engine.step()` (which also clamps the logit scale, as open_clip does), `engine.unwrap()`
 for the plain open_clip model, and `engine.save` / `engine.load` for the model and
-optimizer part of a checkpoint (pipeline.checkpoints names, fills and prunes them).
+optimizer part of a checkpoint (pipeline.trainer.checkpoints names, fills and prunes them).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import ContextManager
 import torch
 
 from common.io import atomic_path, write_json
-from pipeline.distributed import DistInfo, barrier
-from pipeline.train_config import TrainConfig
+from pipeline.trainer.distributed import DistInfo, barrier
+from pipeline.trainer.config import TrainConfig
 
 
 def autocast(precision: str, device: torch.device) -> ContextManager:

@@ -1,11 +1,12 @@
 """Cluster bucketing: turn a stream of labelled samples into same-label batch plans.
 
-This is the batching policy of the cluster-bucketed loader (pipeline.data), kept free of
+This is the batching policy of the cluster-bucketed slot loader (pipeline.loader.slot), kept free of
 torch and I/O so it can be reasoned about and tested on its own. Samples arrive in the
 (shuffled) stream order; each goes to the bucket of its pseudo-label; a bucket that
 reaches the batch size is emitted as a *pure* batch. The policy for everything else:
 
 1. Small groups fall back to their parent label. Before the epoch, `coarsen_labels`
+   (pipeline.loader.groups)
    maps every pseudo-label (c_1, ..., c_s) whose group is too small to fill a batch in
    each stream slot (rank x worker) to its parent (c_1, ..., c_{s-1}), level by level,
    until the group is big enough or it reaches the root (one label for all). The samples
@@ -22,7 +23,6 @@ reaches the batch size is emitted as a *pure* batch. The policy for everything e
 """
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass, fields
 from typing import Hashable, Iterable, Iterator, Sequence
 
@@ -119,28 +119,3 @@ def _take_fullest(buckets: dict, parent_of: dict, batch_size: int) -> list:
         else:
             buckets[label] = buckets[label][len(take):]
     return batch
-
-
-def coarsen_labels(group_sizes: dict[int, int], ks: Sequence[int], min_size: float) -> dict[int, tuple]:
-    """Map each pseudo-label to (level, value): itself at level s = len(ks) when its group
-    has at least `min_size` samples, else its nearest ancestor whose merged small
-    descendants reach `min_size` (level 0 = the root, everything)."""
-    level = len(ks)
-    mapping = {lab: (level, lab) for lab in group_sizes}
-    pending = {lab: n for lab, n in group_sizes.items() if n < min_size}
-    members = {lab: [lab] for lab in pending}
-    while pending and level > 0:
-        k = ks[level - 1]
-        level -= 1
-        merged: dict[int, int] = collections.Counter()
-        merged_members: dict[int, list] = collections.defaultdict(list)
-        for lab, n in pending.items():
-            merged[lab // k] += n
-            merged_members[lab // k].extend(members[lab])
-        pending, members = {}, {}
-        for parent, n in merged.items():
-            for original in merged_members[parent]:
-                mapping[original] = (level, parent)
-            if n < min_size:
-                pending[parent], members[parent] = n, merged_members[parent]
-    return mapping

@@ -1,6 +1,6 @@
 """A stage's checkpoints: `step_NNNNNNNN` records in `out/checkpoints`, the newest `keep` kept.
 
-The engine writes and reads the model and optimizer (pipeline.engine); a checkpoint also
+The engine writes and reads the model and optimizer (pipeline.trainer.engine); a checkpoint also
 holds what an exact resume needs:
 
     step, epoch      where the run stands
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.distributed import DistInfo, all_gather_object, barrier
-from pipeline.engine import Engine
-from pipeline.train_config import TrainConfig, batching, to_dict
+from pipeline.trainer.distributed import DistInfo, all_gather_object, barrier
+from pipeline.trainer.engine import Engine
+from pipeline.trainer.config import TrainConfig, batching, to_dict
 
 log = logging.getLogger("pipeline.train")  # its lines belong to the training log
 

@@ -1,7 +1,7 @@
 """Global same-group batches: one epoch's plan, computed identically by every rank.
 
 At stage s an anchor's negatives must come from its own pseudo-label group. When each
-(rank x worker) slot buckets its own stream (pipeline.buckets), one rank's batch is one
+(rank x worker) slot buckets its own stream (pipeline.loader.slot), one rank's batch is one
 group but the batch gathered across W ranks mixes W groups, and an anchor keeps about
 B + (W-1)*B/L of its W*B - 1 negatives. Here the unit is the global batch: every step
 draws all W*B samples from one group, so on a pure step every anchor keeps all W*B - 1.
@@ -13,7 +13,7 @@ the steps back in order). Like the reference sampler (`MCL_batch_sampler_DDP` of
 official code) it needs random access to the samples; unlike it, nothing is dropped:
 
 1. Groups smaller than one global batch (times `min_batches`) fall back to their parent
-   label, level by level (pipeline.buckets.coarsen_labels), counted as `fallback_samples`.
+   label, level by level (pipeline.loader.groups), counted as `fallback_samples`.
 2. Each group's samples are shuffled (per epoch) and cut into global batches: *pure* steps.
 3. What is left of every group (less than a global batch each) is laid out by parent, then
    label, and cut into *mixed* steps; the loss masks cross-label pairs in them. The last
@@ -33,7 +33,6 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.buckets import coarsen_labels
 
 PAD = -1
 
@@ -59,24 +58,6 @@ class EpochPlan:
     def for_rank(self, rank: int, batch_size: int) -> np.ndarray:
         """This rank's share: int64 [S, B], its B columns of every step."""
         return self.steps[:, rank * batch_size:(rank + 1) * batch_size]
-
-
-def coarse_groups(packed: np.ndarray, ks: Sequence[int], min_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(group, parent group, fell back) per sample, for packed pseudo-labels (c_1..c_s as
-    one int, pipeline.assign) whose groups below `min_size` fall back to their parent.
-    Groups of different levels get different ids (level in the high bits)."""
-    values, inverse, counts = np.unique(packed, return_inverse=True, return_counts=True)
-    mapping = coarsen_labels(dict(zip(values.tolist(), counts.tolist())), ks, min_size)
-    top = len(ks)
-    group = np.empty(len(values), dtype=np.int64)
-    parent = np.empty(len(values), dtype=np.int64)
-    fell = np.empty(len(values), dtype=bool)
-    for i, v in enumerate(values.tolist()):
-        level, value = mapping[v]
-        group[i] = (level << 56) | value
-        parent[i] = ((level - 1) << 56) | (value // ks[level - 1]) if level > 0 else group[i]
-        fell[i] = level < top
-    return group[inverse], parent[inverse], fell[inverse]
 
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:

@@ -1,4 +1,4 @@
-"""The training batch: what `pipeline.data.TrainStream` yields and the trainer consumes.
+"""The training batch: what the loaders (pipeline.loader) yields and the trainer consumes.
 
 A `Batch` always holds `size` entries: the samples of its plan, then masked padding
 entries (a blank image, an empty caption, label -1, `valid` False). A whole batch of
@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from pipeline.buckets import BucketStats
+from pipeline.loader.buckets import BucketStats
 
 
 class BatchInfo(NamedTuple):
@@ -23,7 +23,7 @@ class BatchInfo(NamedTuple):
     made: int                 # batches this worker has made this epoch
     problems: list[int]       # the worker's ProblemLog counts so far (shards.reader.PROBLEM_KINDS order)
     stats: BucketStats        # the worker's bucketing counters so far
-    # (both since the resume point in a resumed epoch: pipeline.train_log.LoaderProgress adds the rest)
+    # (both since the resume point in a resumed epoch: pipeline.trainer.log.LoaderProgress adds the rest)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""The one builder training calls: the rank's batch stream for a stage's `labels` and `bucket`.
+
+    global   pipeline.loader.global_stream: every step's batches on all ranks from one group
+    slot     pipeline.loader.slot with per-slot bucketing (pipeline.loader.buckets)
+    off      pipeline.loader.slot, plain batches (stage 1, or labels from json for tests)
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from common.cli import UsageError
+from pipeline.artifacts import array_fingerprint
+from pipeline.loader.global_stream import GlobalBatchStream, load_index
+from pipeline.loader.groups import label_table
+from pipeline.loader.labels import JsonLabeler, SidecarLabeler, no_labels
+from pipeline.loader.slot import TrainStream, epoch_plan
+from pipeline.stage import SIDECAR_LABELS, StageDir
+from pipeline.trainer.config import TrainConfig, batching
+from pipeline.trainer.distributed import DistInfo, all_gather_object
+from shards.reader import shard_sizes
+
+log = logging.getLogger("pipeline.train")  # its lines are the training's
+
+
+def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, tokenizer):
+    """(the rank's batch stream, its batching mode: global | slot | off, samples per epoch,
+    steps per epoch) for the config's `labels` and `bucket`."""
+    mode = batching(cfg)
+    if mode == "global":
+        stage = StageDir.from_label_source(cfg.labels)
+        index = load_index(stage, urls)
+        seen = all_gather_object((len(index), array_fingerprint(index.label), array_fingerprint(index.offset)), info)
+        if len(set(seen)) > 1:  # a lagging file system listing or a sidecar rewritten meanwhile: plans would differ
+            raise UsageError(f"{stage.path}: the ranks read different sidecars ({len(set(seen))} versions: "
+                             f"sample counts {sorted({s[0] for s in seen})}); is assign still running?")
+        stream = GlobalBatchStream(index, transform, tokenizer, cfg.batch_size, cfg.seed,
+                                   info.rank, info.world_size, cfg.fallback_min_batches)
+        if info.is_main:
+            fell = int(stream.fell.sum())
+            log.info("%s: %d pseudo-labels, %d samples; %d samples in groups below %d fall back to a parent label; "
+                     "%d samples the embed job skipped", stage.path, len(np.unique(stream.index.label)),
+                     len(stream.index), fell, int(cfg.fallback_min_batches * stream.global_batch),
+                     sum(stream.index.skipped.values()))
+        return stream, mode, len(stream.index), stream.steps_per_epoch()
+    labeler = make_labeler(cfg, urls, info)
+    sizes = None if cfg.train_num_samples else shard_sizes(urls)
+    num_samples = cfg.train_num_samples or sum(sizes)
+    worker_batches, steps_per_epoch = epoch_plan(num_samples, cfg.batch_size, info.world_size, cfg.workers)
+    stream = TrainStream(urls, transform, tokenizer, cfg.batch_size, worker_batches, cfg.seed, info.rank,
+                         info.world_size, cfg.shuffle_buffer, labeler,
+                         bucket_cap=(cfg.bucket_cap or 16 * cfg.batch_size) if mode == "slot" else None, sizes=sizes)
+    return stream, mode, num_samples, steps_per_epoch
+
+
+def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
+    """The labeler of the streamed loader for the config's `labels`."""
+    if cfg.labels.startswith("json:"):
+        return JsonLabeler(cfg.labels[5:])
+    if not cfg.labels.startswith(SIDECAR_LABELS):
+        return no_labels
+    from pipeline.artifacts import read_sidecar_columns
+    from pipeline.stage import labels_for_training
+
+    stage = StageDir.from_label_source(cfg.labels)
+    expect = labels_for_training(stage, urls)
+    sizes: dict[int, int] = {}
+    for url in urls:
+        for lab in read_sidecar_columns(stage.sidecar(url))[2].tolist():
+            sizes[lab] = sizes.get(lab, 0) + 1
+    min_size = cfg.fallback_min_batches * cfg.batch_size * info.world_size * max(1, cfg.workers)
+    table = label_table(sizes, expect.ks, min_size)
+    if info.is_main:
+        fell = sum(n for lab, n in sizes.items() if table[lab][2])
+        log.info("%s: %d pseudo-labels, %d samples; %d samples in groups below %d fall back to a parent label",
+                 stage.path, len(sizes), sum(sizes.values()), fell, int(min_size))
+    return SidecarLabeler(stage, expect, table, cfg.missing_labels)

@@ -1,0 +1,61 @@
+"""DataLoader workers of the training loaders: which stream a worker process plays, and
+starting them safely."""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+log = logging.getLogger("pipeline.loader")
+
+
+def stream_role(start: dict[int, int]) -> tuple[int, int]:
+    """(the stream this DataLoader worker process plays, workers). Stream w makes batches
+    w, w + workers, ... of the epoch's order; `start` holds each stream's batches made
+    before a resume. The DataLoader asks its worker 0 first, while the next batch in order
+    belongs to stream `consumed % workers`: the processes take the streams rotated by that
+    much, so a resumed epoch goes on in the uninterrupted order."""
+    info = get_worker_info()
+    process, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return (process + sum(start.values())) % workers, workers
+
+
+def make_loader(stream, workers: int, seed: int, worker_init_fn=None) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init_fn)
+
+
+WORKER_START_TIMEOUT_S = 60
+
+
+def _mark_started(counter, worker_id: int) -> None:
+    with counter.get_lock():
+        counter.value += 1
+
+
+def start_batches(stream, workers: int, seed: int, timeout: float = WORKER_START_TIMEOUT_S):
+    """`iter(make_loader(...))`, once every worker process has started. A worker forked while
+    another thread of the rank held CPython's runtime lock never starts: Python 3.11 takes that
+    lock in the child before it re-creates it (seen here: a worker stuck in PyOS_AfterFork_Child
+    at an epoch's start, the ranks waiting on it for good). Such a start is shut down and made
+    again, with a warning; the epoch's batches are the same, as nothing was consumed yet."""
+    import multiprocessing
+
+    if not workers:
+        return iter(make_loader(stream, workers, seed))
+    for _ in range(3):
+        started = multiprocessing.get_context("fork").Value("i", 0)
+        batches = iter(make_loader(stream, workers, seed, functools.partial(_mark_started, started)))
+        deadline = time.monotonic() + timeout
+        while started.value < workers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if started.value >= workers:
+            return batches
+        log.warning("%d of %d DataLoader workers did not start within %.0f s (stuck after fork); "
+                    "starting them again", workers - started.value, workers, timeout)
+        batches._shutdown_workers()  # terminates the stuck ones
+    raise RuntimeError(f"DataLoader workers did not start within {timeout:.0f} s, three times")
