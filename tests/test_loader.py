@@ -262,7 +262,7 @@ def test_an_epoch_resumed_at_uneven_worker_positions_continues_in_order(tiny_sha
 def _resumed_progress(full, rest, consumed):
     """LoaderProgress of an uninterrupted epoch's batches `full`, and that of the same epoch
     checkpointed after `consumed` batches and resumed with the batches `rest`."""
-    from pipeline.trainer.log import LoaderProgress
+    from pipeline.loader.progress import LoaderProgress
 
     def progress(batches, start=None, counters=None):
         p = LoaderProgress(start or {}, counters)

@@ -45,7 +45,8 @@ from pipeline.loader.buckets import BucketStats
 from pipeline.loader.decode import blank_image, decode_batch
 from pipeline.loader.labels import stable_hash64
 from pipeline.loader.workers import stream_role
-from pipeline.loader.global_batches import PAD, EpochPlan, coarse_groups, plan_epoch, steps_per_epoch
+from pipeline.loader.global_batches import PAD, EpochPlan, plan_epoch, steps_per_epoch
+from pipeline.loader.groups import coarse_groups
 from pipeline.stage import StageDir, labels_for_training
 from shards.reader import ProblemLog, check_samples, is_local, local_path, read_span
 
