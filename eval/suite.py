@@ -27,7 +27,8 @@ RECORD_NAME = "done.json"
 @dataclass(frozen=True)
 class EvalSpec:
     """The evaluations of some models."""
-    models: tuple[str, ...] = param(help="the models, NAME=SPEC (a merged .pt, a model folder, ARCH:TAG)")
+    models: tuple[str, ...] = param(help="the models, NAME=SPEC (a merged .pt, a model folder, ARCH:TAG)",
+                                    result=False)  # their names and content count, not their paths
     out: str = param(help="folder for the evaluations' CSV, JSON and PNG files", result=False)
     mmvp: str | None = param(None, "MMVP-VLM folder (Questions.csv + 'MLLM_VLM Images/')")
     probes: str | None = param(None, "held-out shards of the synthetic world, for the attribute probes")
@@ -44,9 +45,9 @@ def _records(spec: EvalSpec) -> list[Path]:
 
 
 def _inputs(spec: EvalSpec) -> dict:
-    from eval.encoders import model_identity
+    from eval.encoders import model_identity, parse_model_arg
 
-    return {"models": [model_identity(m) for m in spec.models]}
+    return {"models": [[parse_model_arg(m)[0], model_identity(m)] for m in spec.models]}
 
 
 def is_done(spec: EvalSpec) -> bool:
@@ -75,6 +76,7 @@ def evaluate(spec: EvalSpec) -> dict:
     for bench in sets:
         Z.check(bench)  # before the models load
     inputs = _inputs(spec)
+    (Path(spec.out) / RECORD_NAME).unlink(missing_ok=True)  # the record goes first, is written last
     encoders = [load_encoder(m, device) for m in spec.models]
     result = {}
     if spec.mmvp:

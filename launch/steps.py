@@ -42,14 +42,22 @@ def conflict(spec) -> str | None:
     return check(spec) if check else None
 
 
-def _small(out):
+# what the state file keeps of a job's returned record (a few numbers, not the whole record)
+SUMMARY_KEYS = {"TrainConfig": ("steps", "final_loss"), "ClusterSpec": ("objective", "nmi_sample"),
+                "ReduceSpec": ("nmi",)}
+
+
+def _small(spec, out):
     """A job's return value as the state file keeps it."""
     if isinstance(out, Path):
         return str(out)
     if isinstance(out, list):
         return len(out)
-    if isinstance(out, dict) and "final_loss" in out:  # a training's done record
-        return {"steps": out["steps"], "final_loss": out["final_loss"]}
+    if isinstance(out, dict) and type(spec).__name__ in SUMMARY_KEYS:
+        kept = {k: out.get(k) for k in SUMMARY_KEYS[type(spec).__name__]}
+        if "groups" in out and isinstance(out["groups"], dict):
+            kept["groups"] = out["groups"].get("groups")
+        return kept
     return out
 
 
@@ -58,7 +66,7 @@ def run_job(spec):
     from common.cli import setup_logging
 
     setup_logging()
-    return _small(getattr(job_module(spec), JOBS[type(spec).__name__][1])(spec))
+    return _small(spec, getattr(job_module(spec), JOBS[type(spec).__name__][1])(spec))
 
 
 class TrainStage(submitit.helpers.Checkpointable):

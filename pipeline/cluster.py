@@ -72,7 +72,8 @@ class ClusterSpec:
 
     def problems(self) -> list[str]:
         return [f"{name}: must be >= {low}, got {getattr(self, name)}" for name, low in
-                (("k", 2), ("niter", 1), ("sample_size", 1)) if (getattr(self, name) or low) < low]
+                (("k", 2), ("niter", 1), ("seed", 0), ("sample_size", 1))
+                if getattr(self, name) is not None and getattr(self, name) < low]
 
 
 def cluster_params(spec: ClusterSpec) -> dict:
@@ -131,6 +132,7 @@ def cluster(spec: ClusterSpec) -> dict:
         "sample_cluster_sizes": sizes.tolist(), "empty_clusters": int((sizes == 0).sum()),
         "nmi_sample": attribute_nmi(assign, attrs),
     }
+    stage.cluster_stats.unlink(missing_ok=True)  # the record goes first: new centroids never pass for old ones
     with atomic_output(stage.centroids, "wb") as f:
         np.save(f, kmeans.centroids.astype(np.float32))
     write_json(stage.cluster_stats, stats)

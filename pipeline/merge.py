@@ -84,6 +84,7 @@ def merge(spec: MergeSpec) -> Path:
         raise UsageError(f"stages use different tokenizers / context lengths: {sorted(text_cfgs)}")
     artifact = {"format": FORMAT, "per_stage_norm": spec.per_stage_norm, "stages": entries}
     out = Path(spec.out)
+    record_path(out).unlink(missing_ok=True)  # the record goes first, is written last
     with atomic_path(out) as tmp:
         torch.save(artifact, tmp)
     inputs = _inputs(spec)

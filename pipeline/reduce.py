@@ -38,6 +38,10 @@ class ReduceSpec:
     batch_sizes: tuple[int, ...] = param((64, 256, 1024), "batch sizes to count the groups smaller than")
     grid_per_cluster: int = param(8, "sample images per cluster in the grid")
 
+    def problems(self) -> list[str]:
+        return ([f"grid_per_cluster: must be >= 1, got {self.grid_per_cluster}"] if self.grid_per_cluster < 1 else []) + \
+            [f"batch_sizes: must be >= 1, got {b}" for b in self.batch_sizes if b < 1]
+
 
 def is_done(spec: ReduceSpec) -> bool:
     """The summary was made with these parameters from the stage's current sidecars."""
@@ -51,8 +55,11 @@ def is_done(spec: ReduceSpec) -> bool:
 
 def reduce(spec: ReduceSpec) -> dict:
     """Group sizes, cluster sizes and NMI over all samples, and the cluster grid PNG."""
+    if spec.problems():
+        raise UsageError("; ".join(spec.problems()))
     stage = StageDir(spec.stage)
     data, batch_sizes, grid_per_cluster = spec.data, spec.batch_sizes, spec.grid_per_cluster
+    stage.assign_stats.unlink(missing_ok=True)  # the record goes first, is written last
     record = current_record(stage)
     meta, stage_index = record.meta, record.stage
     groups: collections.Counter = collections.Counter()

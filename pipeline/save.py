@@ -33,24 +33,43 @@ class SaveSpec:
     quick_gelu: bool | None = param(None, "QuickGELU activation (default: as the pretrained weights were trained)")
 
 
-def is_done(spec: SaveSpec) -> bool:
-    """The folder holds a saved model whose record carries this spec."""
+def _saved_alike(spec: SaveSpec) -> bool:
+    """The folder holds a saved model of this architecture and config (a folder saved before
+    records were kept: its weights stay, so that their fingerprint, and every later step
+    made from them, stays valid)."""
     from pipeline import models
 
     try:
-        record = json.loads((Path(spec.out) / RECORD_NAME).read_text())
-        return models.is_saved(spec.out) and record.get("fingerprint") == fingerprint(spec)
+        saved = json.loads((Path(spec.out) / models.CONFIG_NAME).read_text())
+        return models.is_saved(spec.out) and saved.get("architecture") == spec.model and \
+            saved.get("model_cfg") == models.model_config(spec.model, spec.pretrained, spec.quick_gelu)
     except (OSError, ValueError):
         return False
 
 
-def save(spec: SaveSpec) -> Path:
-    """Write the model folder, then its record."""
+def is_done(spec: SaveSpec) -> bool:
+    """The folder holds a saved model whose record carries this spec (or, without a record,
+    one saved alike)."""
     from pipeline import models
 
-    model, *_ = models.create(spec.model, pretrained=spec.pretrained, quick_gelu=spec.quick_gelu)
-    out = models.save_model(model, spec.model, models.model_config(spec.model, spec.pretrained, spec.quick_gelu),
-                            spec.out)
+    record = Path(spec.out) / RECORD_NAME
+    try:
+        if record.is_file():
+            return models.is_saved(spec.out) and json.loads(record.read_text()).get("fingerprint") == fingerprint(spec)
+    except (OSError, ValueError):
+        return False
+    return _saved_alike(spec)
+
+
+def save(spec: SaveSpec) -> Path:
+    """Write the model folder (unless one saved alike is there), then its record."""
+    from pipeline import models
+
+    out = Path(spec.out)
+    if not (not (out / RECORD_NAME).is_file() and _saved_alike(spec)):
+        (out / RECORD_NAME).unlink(missing_ok=True)  # the record goes first, is written last
+        model, *_ = models.create(spec.model, pretrained=spec.pretrained, quick_gelu=spec.quick_gelu)
+        models.save_model(model, spec.model, models.model_config(spec.model, spec.pretrained, spec.quick_gelu), out)
     write_json(out / RECORD_NAME, {"spec": result_fields(spec), "fingerprint": fingerprint(spec)})
     log.info("saved %s (%s) into %s", spec.model, spec.pretrained, out)
     return out

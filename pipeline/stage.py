@@ -3,21 +3,21 @@
 A run folder (`RunDir`) holds one folder per stage, the merged model and the evaluations:
 
     <run>/stage<s>/        one StageDir per stage (stage0: the pretrained model, fine-tune mode)
-    <run>/merged.pt        pipeline.merge
-    <run>/eval/            eval.mmvp and eval.probes outputs
+    <run>/merged.pt        pipeline.merge (its record: merged.pt.json)
+    <run>/eval/            eval.suite: the MMVP-VLM, probe and zero-shot outputs, done.json
     <run>/run_config.json, launch_state.json, logs/, .launch.lock     launch's own
 
 One stage folder holds everything the jobs of stage s write (formats: pipeline.artifacts):
 
     stage<s>/train_config.json, metrics.jsonl, loader_stats.jsonl, checkpoints/   pipeline.train
     stage<s>/model/                       the trained model (stage 0: the pretrained    pipeline.train
-                                          one, saved by launch's stage0/save step)
+                                          one and its saved.json)                      pipeline.save
     stage<s>/done.json                    written last by training                     pipeline.train
     stage<s>/embeddings/<shard>.npz       one per input shard                          pipeline.embed
     stage<s>/clusters/centroids.npy, stats.json                                         pipeline.cluster
     stage<s>/sidecars/<shard>.parquet     one per input shard                          pipeline.assign
     stage<s>/sidecars/_stage.json         the stage record (below)                     pipeline.assign
-    stage<s>/sidecars/_groups.json, clusters/assign_stats.json, clusters/grid.png      assign --reduce
+    stage<s>/sidecars/_groups.json, clusters/assign_stats.json, clusters/grid.png      pipeline.reduce
 
 The stage record is written once by assign: the stage's index, its parent stage folder and
 the full metadata every sidecar of the stage carries (`SidecarMeta`: stage, K, the Ks of
@@ -27,11 +27,11 @@ stage's identity from the record and check each sidecar's footer against it; the
 itself is checked against the stage's current centroids and its parent's record, which
 costs one small file each, so a stale record is refused like a stale sidecar.
 
-Each job's "is it done?" sits next to the job (`is_done` in pipeline.train, embed,
-cluster, assign, merge; `reduce_is_done` in assign; `models.is_saved`) and builds on these
-paths; launch builds its plan from them. Train, embed, cluster and assign apply the same
-test themselves when run and skip what is done (assign per sidecar); reduce and merge
-always redo their small work when run by hand.
+Each job's "is it done?" is `is_done(spec)` next to the job (pipeline.save, train, embed,
+cluster, assign, reduce, merge; eval.suite): its outputs exist and carry the fingerprint of
+its spec (common.spec) and of its inputs; launch builds its plan from them. Train, embed,
+cluster and assign apply the same test themselves when run and skip what is done (assign
+per sidecar); save, reduce, merge and eval redo their work when run by hand.
 """
 from __future__ import annotations
 

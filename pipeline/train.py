@@ -81,10 +81,40 @@ def conflict(cfg: TrainConfig) -> str | None:
     return f"{done}: this stage was trained with another config; use another `out`"
 
 
+def inputs(cfg: TrainConfig) -> dict:
+    """Fingerprints of what the stage trains from besides its config: the sidecar record of
+    the stage whose clusters label its batches, and the model folder it starts from."""
+    from pipeline.artifacts import StaleSidecarError
+    from pipeline.stage import SIDECAR_LABELS, current_record
+
+    found = {}
+    if cfg.labels.startswith(SIDECAR_LABELS):
+        try:
+            found["labels"] = current_record(StageDir.from_label_source(cfg.labels)).meta.to_json("").decode()
+        except (UsageError, StaleSidecarError, OSError, ValueError):
+            found["labels"] = None
+    if cfg.pretrained and os.path.isdir(cfg.pretrained):
+        try:
+            found["init"] = models.model_fingerprint(cfg.pretrained, None, "both")
+        except OSError:
+            found["init"] = None
+    return found
+
+
+def _stale_inputs(record: dict, cfg: TrainConfig) -> bool:
+    """A finished training of this config from other inputs (a record from before inputs
+    were recorded is taken as it is)."""
+    return "inputs" in record and record["inputs"] != inputs(cfg)
+
+
 def is_done(cfg: TrainConfig) -> bool:
-    """The stage folder holds a finished training of this config."""
+    """The stage folder holds a finished training of this config, from the current inputs
+    (its label stage's clusters, its init model)."""
     done = StageDir(cfg.out).done
-    return done.is_file() and _config_matches(json.loads(done.read_text()), cfg)
+    if not done.is_file():
+        return False
+    record = json.loads(done.read_text())
+    return _config_matches(record, cfg) and not _stale_inputs(record, cfg)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -108,7 +138,26 @@ def train(cfg: TrainConfig) -> dict:
         cleanup(info)
 
 
+def _set_aside(out: Path, info: DistInfo) -> None:
+    """A finished training of this config from other inputs (the label stage clustered anew,
+    the init stage trained anew) moves to OUT/superseded/<time>/: nothing is deleted, and
+    the stage trains again from the start."""
+    if info.is_main and StageDir(out).done.is_file():
+        import time
+
+        aside = out / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for name in ("done.json", "model", "checkpoints", "metrics.jsonl", "loader_stats.jsonl"):
+            if (out / name).exists():
+                os.replace(out / name, aside / name)
+        log.warning("%s: trained from other inputs than the current ones (labels or init model); "
+                    "that training is kept in %s and the stage trains again", out, aside)
+    barrier(info)
+
+
 def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict:
+    _set_aside(out, info)  # train() found it not done: a done record here is of other inputs
+    current = inputs(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -185,7 +234,8 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
         metrics.close(failed)
 
     record = {"steps": step, "final_loss": metrics.last.get("loss"), "model_dir": str(out / "model"),
-              "architecture": cfg.model, "data_problems": data_problems, "config": to_dict(cfg), "batching": mode}
+              "architecture": cfg.model, "data_problems": data_problems, "config": to_dict(cfg), "batching": mode,
+              "inputs": current}
     if info.is_main:
         models.save_model(engine.unwrap(), cfg.model, model_cfg, out / "model")
         write_json(out / "done.json", record)

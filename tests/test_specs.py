@@ -210,3 +210,41 @@ def test_a_rerun_of_merge_with_per_stage_norm_flipped_rewrites_the_artifact(quic
     torch.save(state, weights)
     assert not M.is_done(flipped)
 
+
+
+def test_a_spec_refuses_values_its_job_cannot_use_on_its_command_line_and_in_a_run_config(tmp_path, tiny_shards):
+    from common.cli import UsageError
+    from launch.config import load_run_config
+    from pipeline.cluster import ClusterSpec
+    from pipeline.reduce import ReduceSpec
+
+    assert [p.split(":")[0] for p in ClusterSpec(stage="s", k=0, niter=0, seed=-1, sample_size=0).problems()] == [
+        "k", "niter", "seed", "sample_size"]
+    assert ClusterSpec(stage="s", k=2).problems() == [] and ReduceSpec(stage="s").problems() == []
+    for override, message in (("cluster.niter=0", "cluster.niter: must be >= 1, got 0"),
+                              ("reduce.grid_per_cluster=-1", "reduce.grid_per_cluster: must be >= 1, got -1"),
+                              ("embed.batch_size=0", "embed.batch_size: must be >= 1, got 0"),
+                              ("cluster.spherical=maybe", "cluster.spherical: expected true or false"),
+                              ("cluster.nosuch=1", "cluster.nosuch: unknown key"),
+                              ("cluster.k=3", "cluster.k: set by the run for each step")):
+        with pytest.raises(UsageError, match=message):
+            load_run_config(str(REPO / "configs" / "tiny_mcl.yaml"),
+                            [f"run_dir={tmp_path}", f"data={tiny_shards}", "mmvp=", override])
+
+
+def test_a_stage0_saved_before_records_is_done_and_keeps_its_weights(tmp_path):
+    """A stage-0 folder saved without a record (an earlier version) is done for the same
+    architecture and config, and a save there writes only the record: the weights' bytes,
+    and so every fingerprint made from them, stay."""
+    from pipeline import models
+    from pipeline.save import RECORD_NAME, SaveSpec, is_done, save
+
+    model, *_ = models.create("mcl-tiny-vit")
+    out = tmp_path / "stage0" / "model"
+    models.save_model(model, "mcl-tiny-vit", models.model_config("mcl-tiny-vit", "openai"), out)
+    weights = (out / models.WEIGHTS_NAME).read_bytes()
+    spec = SaveSpec(model="mcl-tiny-vit", pretrained="openai", out=str(out))
+    assert is_done(spec) and not is_done(dataclasses.replace(spec, quick_gelu=True))
+    save(spec)
+    assert (out / RECORD_NAME).is_file() and (out / models.WEIGHTS_NAME).read_bytes() == weights and is_done(spec)
+    assert not is_done(dataclasses.replace(spec, pretrained="laion2b_s34b_b79k"))

@@ -206,6 +206,42 @@ def clustered_stage1(tmp_path_factory, tiny_shards):
     return stage1
 
 
+def test_a_stage_whose_label_stage_is_clustered_anew_trains_again_and_keeps_the_old_training(
+        tmp_path, tiny_shards, clustered_stage1):
+    """Training's done test covers its inputs: stage 1 clustered and assigned anew makes
+    stage 2 not done (not a conflict); its rerun trains again and sets the old training
+    aside. A record from before inputs were recorded stays done."""
+    import shutil
+
+    from pipeline import train as T
+    from pipeline.assign import AssignSpec, assign
+    from pipeline.cluster import ClusterSpec, cluster
+    from pipeline.trainer.config import load_train_config
+
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    shutil.copytree(clustered_stage1, stage1)
+    args = [f"data={tiny_shards}", f"out={stage2}", "steps=3", "workers=1", f"labels=sidecars:{stage1}", *COMMON]
+    r = run_cli("pipeline.train", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = load_train_config(None, args)
+    record = json.loads((stage2 / "done.json").read_text())
+    assert T.is_done(cfg) and record["inputs"] == T.inputs(cfg) and '"centroids_fp"' in record["inputs"]["labels"]
+    cluster(ClusterSpec(stage=str(stage1), k=4, seed=5))
+    assign(AssignSpec(stage=str(stage1), stage_index=1))
+    assert not T.is_done(cfg) and T.conflict(cfg) is None
+    r = run_cli("pipeline.train", *args)
+    assert r.returncode == 0 and "trains again" in r.stderr, r.stderr[-3000:]
+    assert T.is_done(cfg) and json.loads((stage2 / "done.json").read_text())["inputs"] == T.inputs(cfg)
+    [aside] = list((stage2 / "superseded").iterdir())
+    assert json.loads((aside / "done.json").read_text()) == record and (aside / "model").is_dir()
+    legacy = json.loads((stage2 / "done.json").read_text())
+    legacy.pop("inputs")
+    (stage2 / "done.json").write_text(json.dumps(legacy))
+    cluster(ClusterSpec(stage=str(stage1), k=4, seed=6))
+    assign(AssignSpec(stage=str(stage1), stage_index=1))
+    assert T.is_done(cfg)
+
+
 def test_masked_stage_on_sidecars_under_ddp(tmp_path, tiny_shards, clustered_stage1):
     """Stage 2 on the per-slot bucketed loader (`bucket=slot`), 2 ranks: ranks run out of
     same-label batches at different steps and are padded, and every epoch uses every sample once."""

@@ -7,7 +7,7 @@ holds what an exact resume needs:
     name, config     the architecture and the whole TrainConfig
     workers          DataLoader workers per rank when it was written
     positions        per rank, {worker: batches consumed this epoch}
-    loader           per rank, {worker: its loader counters this epoch} (train_log.LoaderProgress)
+    loader           per rank, {worker: its loader counters this epoch} (pipeline.loader.progress.LoaderProgress)
     data_problems    {kind: count}, the most of any finished epoch
     rng              per rank, torch's CPU RNG state
 """
