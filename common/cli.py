@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Callable, Sequence
 
@@ -29,14 +28,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
-
-
-def add_task_args(p: argparse.ArgumentParser) -> None:
-    """--task / --tasks of an array job (default: from Slurm's array environment)."""
-    p.add_argument("--task", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
-                   help="this task's index (default: $SLURM_ARRAY_TASK_ID or 0)")
-    p.add_argument("--tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
-                   help="number of tasks (default: $SLURM_ARRAY_TASK_COUNT or 1)")
 
 
 def _not_library_chatter(record: logging.LogRecord) -> bool:

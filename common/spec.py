@@ -190,6 +190,20 @@ def section(spec_cls, raw: Any, managed: Sequence[str], where: str, errors: list
     return out
 
 
+def problems(spec) -> list[str]:
+    """What the spec's own `problems()` finds in its values ("field: ..." each; none when the
+    spec declares no checks)."""
+    return spec.problems() if hasattr(spec, "problems") else []
+
+
+def check(spec) -> None:
+    """UsageError listing the spec's problems, if any."""
+    from common.cli import UsageError
+
+    if problems(spec):
+        raise UsageError("; ".join(problems(spec)))
+
+
 def build(spec_cls: type[T], managed: dict, chosen: dict) -> T:
     """The spec of a step: the values the run sets (`managed`), the config's `chosen` ones, and
     the spec's own defaults for the rest."""

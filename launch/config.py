@@ -349,7 +349,9 @@ def _section_problems(cfg: RunConfig, section: str) -> list[str]:
     values = {name: (("-",) if "tuple" in str(t) else 1 if str(t) == "int" else "-") for name, t in placeholders.items()}
     chosen = {k: v for k, v in getattr(cfg, section).items() if k not in values}
     spec = cls(**{**values, **chosen})
-    return [e for e in spec.problems() if e.split(":")[0] in chosen] if hasattr(spec, "problems") else []
+    from common.spec import problems
+
+    return [e for e in problems(spec) if e.split(":")[0] in chosen]
 
 
 def validate(cfg: RunConfig) -> list[str]:

@@ -32,7 +32,7 @@ from pipeline.metrics import attribute_nmi
 from pipeline.stage import StageDir
 from common.cli import UsageError, run_main, setup_logging
 from common.io import atomic_output, write_json
-from common.spec import from_args, param, parser, result_fields
+from common.spec import check, from_args, param, parser, result_fields
 
 log = logging.getLogger("pipeline.cluster")
 
@@ -101,8 +101,7 @@ def is_done(spec: ClusterSpec) -> bool:
 def cluster(spec: ClusterSpec) -> dict:
     """Train the centroids of a stage; skipped when they exist for the same parameters."""
     k = spec.k
-    if spec.problems():
-        raise UsageError("; ".join(spec.problems()))
+    check(spec)
     stage = StageDir(spec.stage)
     params = cluster_params(spec)
     sample_size = params["sample_size"]

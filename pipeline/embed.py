@@ -30,7 +30,7 @@ from pipeline import models
 from pipeline.artifacts import embeddings_model_fp, write_embeddings
 from pipeline.stage import StageDir
 from common.cli import UsageError, run_main, setup_logging
-from common.spec import from_args, param, parser
+from common.spec import check, from_args, param, parser
 from shards.reader import ProblemLog, expand_urls, good_samples
 
 log = logging.getLogger("pipeline.embed")
@@ -132,8 +132,7 @@ def is_done(spec: EmbedSpec) -> bool:
 def embed(spec: EmbedSpec, progress: bool = True) -> list[Path]:
     """Embed this task's shards; returns the embedding files of the task (old and new)."""
     tower, task, tasks = spec.tower, spec.task, spec.tasks
-    if spec.problems():
-        raise UsageError("; ".join(spec.problems()))
+    check(spec)
     if tower not in TOWERS:
         raise UsageError(f"--tower must be one of {TOWERS}, got {tower!r}")
     if not 0 <= task < tasks:

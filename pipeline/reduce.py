@@ -20,7 +20,7 @@ import numpy as np
 
 from common.cli import UsageError, run_main, setup_logging
 from common.io import atomic_output, write_json
-from common.spec import fingerprint, from_args, param, parser
+from common.spec import fingerprint, check, from_args, param, parser
 from pipeline.artifacts import (StaleSidecarError, read_embeddings, read_sidecar_columns, shard_stem,
                                 sidecar_meta)
 from pipeline.metrics import attribute_nmi, attribute_purity
@@ -55,8 +55,7 @@ def is_done(spec: ReduceSpec) -> bool:
 
 def reduce(spec: ReduceSpec) -> dict:
     """Group sizes, cluster sizes and NMI over all samples, and the cluster grid PNG."""
-    if spec.problems():
-        raise UsageError("; ".join(spec.problems()))
+    check(spec)
     stage = StageDir(spec.stage)
     data, batch_sizes, grid_per_cluster = spec.data, spec.batch_sizes, spec.grid_per_cluster
     stage.assign_stats.unlink(missing_ok=True)  # the record goes first, is written last
