@@ -39,6 +39,7 @@ made it. `read_sidecar` refuses a sidecar of another stage, model or set of cent
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -65,6 +66,15 @@ def shard_stem(url: str) -> str:
 
 
 def file_fingerprint(path: str | os.PathLike, extra: str = "") -> str:
+    """A hash of the file's bytes and `extra`; a file seen unchanged (same inode, size and
+    modification time) is not read again in this process: launch's plan and a training's
+    done test fingerprint the same stage weights several times."""
+    st = os.stat(path)
+    return _file_fingerprint(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, extra)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_fingerprint(path: str, inode: int, size: int, mtime_ns: int, extra: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
