@@ -18,7 +18,8 @@ spec is where each default is written); the run sets the others (paths, K, the t
     clusters: 10                       # K after each stage (a number, or a list per stage)
     stage_init: scratch                # scratch (new seed per stage) | previous (init from the last stage)
     embed: {tower: image, batch_size: 256}  # pipeline.embed's spec fields (tower: what to cluster on)
-    cluster: {niter: 20, sample_size: 200000}  # pipeline.cluster's spec fields
+    cluster: {niter: 20, sample_size: 200000}  # pipeline.cluster's spec fields; mode: split cuts each
+                                       # group into children sized for the global batch
     reduce: {grid_per_cluster: 8}      # pipeline.reduce's spec fields
     merge: {per_stage_norm: true}      # pipeline.merge's spec fields
     train: {...}                       # pipeline.train keys shared by every stage (model, batch_size, steps, ...)
@@ -34,6 +35,7 @@ spec is where each default is written); the run sets the others (paths, K, the t
       array_parallelism: 8
       slurm:                         # shared by every step unless a step says otherwise
         partition: ...                 # also account, qos, constraint, cpus_per_task, mem_gb
+        cpu_partition: ...             # the steps that need no GPU (save, assign, reduce, merge) go here
         nodes: 1                       # the training step's nodes
         gpus_per_node: 8               # the training step's GPUs per node (one task per GPU);
                                        # embed (per array task), cluster and eval take one GPU;
@@ -90,6 +92,7 @@ class StepResources:
 @dataclass
 class SlurmConfig:
     partition: str | None = None
+    cpu_partition: str | None = None  # the partition of the steps that need no GPU (save, assign, reduce, merge)
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
@@ -122,8 +125,9 @@ class SlurmConfig:
         gpus = 0
         if kind in GPU_STEPS and self.gpus_per_node:
             gpus = self.gpus_per_node if kind == "train" else 1
+        partition = self.cpu_partition if kind not in GPU_STEPS and self.cpu_partition else self.partition
         res = StepResources(nodes=(self.nodes or 1) if kind == "train" else 1, gpus_per_node=gpus,
-                            cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb, partition=self.partition,
+                            cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb, partition=partition,
                             additional_parameters=dict(self.additional_parameters))
         override = self.steps.get(kind, StepResources())
         for f in dataclasses.fields(StepResources):
@@ -156,8 +160,8 @@ class ExecutorConfig:
 # run config section -> (the job's spec class, the fields the run sets for each step)
 JOB_SECTIONS = {
     "embed": ("pipeline.embed:EmbedSpec", ("model", "data", "out", "pretrained", "task", "tasks")),
-    "cluster": ("pipeline.cluster:ClusterSpec", ("stage", "k")),
-    "reduce": ("pipeline.reduce:ReduceSpec", ("stage", "data")),
+    "cluster": ("pipeline.cluster:ClusterSpec", ("stage", "k", "parent", "global_batch")),
+    "reduce": ("pipeline.reduce:ReduceSpec", ("stage", "data", "global_batch", "fallback_below", "max_fallback")),
     "merge": ("pipeline.merge:MergeSpec", ("stages", "out", "names")),
 }
 # keys of earlier run configs -> (section, field)
@@ -249,9 +253,59 @@ def stage_train_config(cfg: RunConfig, stage: int) -> TrainConfig:
                  labels=run.stage(previous).label_source if previous is not None else "none")
     if cfg.stage_init == "previous" and previous is not None:
         train["pretrained"] = str(run.stage(previous).model_dir)
+    elif cfg.has_stage0:  # the saved stage 0, not the tag: compute nodes need no download cache
+        train["pretrained"] = str(run.stage(0).model_dir)
+        train.pop("quick_gelu", None)  # the saved folder records it
     elif not cfg.has_stage0:  # scratch: a new seed per stage (with a stage 0, every stage fine-tunes it)
         train["seed"] = int(train.get("seed", 0)) + stage - 1
     return train_config(train, f"stage {stage}")
+
+
+def train_world_size(cfg: RunConfig) -> int:
+    """The ranks of a training step: nodes x tasks per node on Slurm, one process locally."""
+    if cfg.executor.name != "slurm":
+        return 1
+    res = cfg.executor.slurm.resources("train")
+    return int(res.nodes or 1) * int(res.tasks_per_node or 1)
+
+
+@dataclass(frozen=True)
+class LabelBatch:
+    """How the stage trained on a stage's labels batches them."""
+    stage: int                 # the stage trained on them
+    global_batch: int
+    fallback_below: float      # groups below this many samples fall back
+    max_fallback: float
+
+
+def label_batch(cfg: RunConfig, labels_of: int, train: TrainConfig | None = None) -> LabelBatch | None:
+    """The batching of the stage trained on stage `labels_of`'s labels (None: no stage is)."""
+    from pipeline.trainer.config import batching
+
+    trained = next((s for s in cfg.stage_numbers if s >= 1 and cfg.parent(s) == labels_of), None)
+    if trained is None:
+        return None
+    train = train or stage_train_config(cfg, trained)
+    g = train.batch_size * train_world_size(cfg)
+    slots = max(1, train.workers) if batching(train) == "slot" else 1
+    return LabelBatch(trained, g, train.fallback_min_batches * g * slots, train.max_fallback)
+
+
+def forecasts(cfg: RunConfig, samples: int) -> list[tuple[LabelBatch, tuple, object]]:
+    """(batching, Ks, forecast Shares) of every stage trained on clustered labels, before any
+    clustering exists (pipeline.group_sizing)."""
+    from pipeline.group_sizing import forecast
+
+    out = []
+    numbers = cfg.stage_numbers
+    for position, number in enumerate(numbers[:-1]):
+        lb = label_batch(cfg, number)
+        if lb is None:
+            continue
+        ks = tuple(cfg.k(p) for p in range(position + 1))
+        target = cfg.cluster.get("target_batches", 4.0) if cfg.cluster.get("mode") == "split" else None
+        out.append((lb, ks, forecast(samples, ks, lb.global_batch, lb.fallback_below, target)))
+    return out
 
 
 def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
@@ -346,7 +400,8 @@ def _section_problems(cfg: RunConfig, section: str) -> list[str]:
 
     cls = spec_class(section)
     placeholders = {f.name: f.type for f in dataclasses.fields(cls) if f.name in JOB_SECTIONS[section][1]}
-    values = {name: (("-",) if "tuple" in str(t) else 1 if str(t) == "int" else "-") for name, t in placeholders.items()}
+    values = {name: (("-",) if "tuple" in str(t) else 1 if "int" in str(t) or "float" in str(t) else "-")
+              for name, t in placeholders.items()}
     chosen = {k: v for k, v in getattr(cfg, section).items() if k not in values}
     spec = cls(**{**values, **chosen})
     from common.spec import problems
@@ -413,18 +468,15 @@ def validate(cfg: RunConfig) -> list[str]:
             break
     clustered = [s for s in trained if cfg.parent(s) is not None]
     if urls and not errors and clustered:
+        from pipeline.group_sizing import fallback_refusal
         from shards.reader import count_samples
 
-        sections = stage_sections(cfg, clustered[0])  # the stage trained on the first clustering
-        keys = section_keys(cfg, sections)
-        name = next((s for s in reversed(sections) if "batch_size" in getattr(cfg, s)), "train")
         try:
-            n = keys.get("train_num_samples") or count_samples(urls)
-            batch = int(keys.get("batch_size", TrainConfig.batch_size))
-            first_k = cfg.k(0)
-            if n / first_k < batch:
-                errors.append(f"{name}.batch_size: {batch} is larger than an average cluster can fill "
-                              f"({n} samples / K={first_k})")
+            n = int(cfg.train.get("train_num_samples") or count_samples(urls))
+            for lb, ks, found in forecasts(cfg, n):
+                if found.fallback > lb.max_fallback:
+                    errors.append(fallback_refusal(f"stage {lb.stage} (N={n}, K={list(ks)})", found, lb.global_batch,
+                                                   lb.max_fallback, forecast=True))
         except UsageError as exc:
             errors.append(str(exc))
     return errors

@@ -26,7 +26,7 @@ from typing import Callable
 
 from common.io import write_json
 from launch import steps as S
-from launch.config import RunConfig, job_spec, stage_train_config
+from launch.config import RunConfig, forecasts, job_spec, label_batch, stage_train_config
 from pipeline.stage import RunDir
 from pipeline.trainer.config import TrainConfig
 
@@ -72,10 +72,15 @@ def plan(cfg: RunConfig) -> list[Step]:
         path = str(stage.path)
         out.append(Step(f"stage{number}/embed", [job_spec(cfg, "embed", model=str(stage.model_dir), data=cfg.data,
                                                           out=path, task=t, tasks=tasks) for t in range(tasks)]))
-        out.append(Step(f"stage{number}/cluster", [job_spec(cfg, "cluster", stage=path, k=cfg.k(position))]))
+        lb = label_batch(cfg, number)
+        g = lb.global_batch if lb else None
+        out.append(Step(f"stage{number}/cluster", [job_spec(cfg, "cluster", stage=path, k=cfg.k(position),
+                                                            parent=parent, global_batch=g)]))
         out.append(Step(f"stage{number}/assign", [AssignSpec(stage=path, stage_index=number, parent=parent, task=t,
                                                              tasks=tasks) for t in range(tasks)]))
-        out.append(Step(f"stage{number}/reduce", [job_spec(cfg, "reduce", stage=path, data=cfg.data)]))
+        out.append(Step(f"stage{number}/reduce", [job_spec(
+            cfg, "reduce", stage=path, data=cfg.data, global_batch=g, fallback_below=lb.fallback_below if lb else None,
+            max_fallback=lb.max_fallback if lb else None)]))
     model_dirs = tuple(str(stages[s].model_dir) for s in names)
     out.append(Step("merge", [job_spec(cfg, "merge", stages=model_dirs, out=str(run.merged),
                                        names=tuple(f"stage{s}" for s in names))]))
@@ -182,6 +187,8 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict
         raise UsageError(first)
     if not dry_run:
         write_json(RunDir(run_dir).config, dataclasses.asdict(cfg), if_changed=True)
+    for line in forecast_lines(cfg):
+        say(line)
     state = StateFile(run_dir)
     result = {}
     chain: list[str] = []  # detach: the jobs of the step before, which the next one depends on
@@ -219,8 +226,40 @@ def _run(cfg: RunConfig, dry_run: bool, label: str | None, detach: bool) -> dict
             raise StepFailed(f"step {step.name} failed: {reason}; log: {jobs[0].paths.stderr}") from exc
         state.set(step.name, state="done", output=outputs if len(outputs) > 1 else outputs[0])
         say(f"{step.name:<20} finished in {time.monotonic() - started:.0f} s")
+        if step.name.endswith("/reduce"):
+            say(f"{step.name:<20} {measured_line(step.calls[0])}")
         result[step.name] = "done"
     return result
+
+
+def forecast_lines(cfg: RunConfig) -> list[str]:
+    """One line per stage trained on clustered labels: its forecast pure / mixed / fallback
+    shares (launch.config.forecasts); nothing when the data cannot be counted yet."""
+    from common.cli import UsageError
+    from shards.reader import count_samples, expand_urls
+
+    try:
+        n = int(cfg.train.get("train_num_samples") or count_samples(expand_urls(cfg.data)))
+    except UsageError:
+        return []
+    mode = cfg.cluster.get("mode", "flat")
+    return [f"{'forecast':<20} stage {lb.stage} on K={list(ks)} ({mode}) at global batch {lb.global_batch}: "
+            f"{found.line()}" for lb, ks, found in forecasts(cfg, n)]
+
+
+def measured_line(spec) -> str:
+    """The reduce step's measured shares of the next stage's samples (pipeline.reduce)."""
+    from pipeline.stage import StageDir
+
+    try:
+        found = json.loads(StageDir(spec.stage).groups.read_text()).get("batch_shares")
+    except (OSError, ValueError):
+        found = None
+    if not found:
+        return "labels measured: no global batch to measure them against"
+    return (f"labels measured at global batch {found['global_batch']}: {found['groups']} groups, "
+            f"{100 * found['pure']:.1f}% of samples in pure steps, {100 * found['mixed']:.1f}% mixed, "
+            f"{100 * found['fallback']:.1f}% fall back to a coarser label")
 
 
 class StepFailed(RuntimeError):

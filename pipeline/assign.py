@@ -25,6 +25,7 @@ import numpy as np
 
 from common.cli import UsageError, run_main, setup_logging
 from common.spec import from_args, param, parser
+from pipeline import split_clusters
 from pipeline.artifacts import (StaleSidecarError, check_sidecar, read_embeddings, read_sidecar, read_skipped,
                                 write_sidecar)
 from pipeline.stage import StageDir, check_sidecars, expected_record, read_record, write_record
@@ -74,6 +75,7 @@ def assign(spec: AssignSpec) -> list[Path]:
     centroids = load_centroids(stage).astype(np.float32)
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(centroids)
+    children = split_clusters.load(stage.children) if stage.children.is_file() else None
     write_record(stage, record)
     files = stage.embedding_files()[task::tasks]
     out, written = [], 0
@@ -93,12 +95,7 @@ def assign(spec: AssignSpec) -> list[Path]:
             raise StaleSidecarError(f"{f}: embedded by another model than the one {stage.cluster_stats} "
                                     "clustered; rerun pipeline.cluster")
         keys = z["keys"].tolist()
-        if len(keys):
-            _, nearest = index.search(np.ascontiguousarray(z["embeddings"], dtype=np.float32), 1)
-            clusters = nearest[:, 0].astype(np.int64)
-        else:
-            clusters = np.zeros(0, np.int64)
-        labels = clusters.copy()
+        parents = np.zeros(len(keys), np.int64)
         if parent_stage is not None:
             parent_path = parent_stage.sidecar(f.stem)
             if not parent_path.exists():
@@ -107,7 +104,15 @@ def assign(spec: AssignSpec) -> list[Path]:
             missing = [k for k in keys if k not in parent_labels]
             if missing:
                 raise UsageError(f"{parent_path}: no entry for key {missing[0]} ({len(missing)} keys missing)")
-            labels = np.array([parent_labels[k] for k in keys], dtype=np.int64) * meta.k + clusters
+            parents = np.array([parent_labels[k] for k in keys], dtype=np.int64)
+        x = np.ascontiguousarray(z["embeddings"], dtype=np.float32)
+        if not len(keys):
+            clusters = np.zeros(0, np.int64)
+        elif children is not None:
+            clusters = split_clusters.assign(x, parents, centroids, *children)
+        else:
+            clusters = index.search(x, 1)[1][:, 0].astype(np.int64)
+        labels = parents * meta.k + clusters if parent_stage is not None else clusters.copy()
         write_sidecar(path, keys, clusters, labels, meta, skipped=read_skipped(f), spans=z["spans"])
         written += 1
     log.info("task %d of %d: %d sidecars written, %d current", task, tasks, written, len(files) - written)

@@ -23,6 +23,7 @@ from common.io import atomic_output, write_json
 from common.spec import fingerprint, check, from_args, param, parser
 from pipeline.artifacts import (StaleSidecarError, read_embeddings, read_sidecar_columns, shard_stem,
                                 sidecar_meta)
+from pipeline.group_sizing import fallback_refusal, shares
 from pipeline.metrics import attribute_nmi, attribute_purity
 from pipeline.stage import StageDir, current_record
 from shards.reader import expand_urls
@@ -37,10 +38,18 @@ class ReduceSpec:
     data: str | None = param(None, "shard spec, to draw the cluster grid PNG")
     batch_sizes: tuple[int, ...] = param((64, 256, 1024), "batch sizes to count the groups smaller than")
     grid_per_cluster: int = param(8, "sample images per cluster in the grid")
+    global_batch: int | None = param(None, "the global batch of the stage trained on these labels: its shares of "
+                                     "samples in pure steps, mixed steps and fallback are measured")
+    fallback_below: float | None = param(None, "groups below this many samples fall back in that training "
+                                         "(default: one global batch)")
+    max_fallback: float | None = param(None, "refuse the labels when a larger share of samples falls back "
+                                       "(the training's max_fallback)")
 
     def problems(self) -> list[str]:
         return ([f"grid_per_cluster: must be >= 1, got {self.grid_per_cluster}"] if self.grid_per_cluster < 1 else []) + \
-            [f"batch_sizes: must be >= 1, got {b}" for b in self.batch_sizes if b < 1]
+            [f"batch_sizes: must be >= 1, got {b}" for b in self.batch_sizes if b < 1] + \
+            ([f"global_batch: must be >= 1, got {self.global_batch}"]
+             if self.global_batch is not None and self.global_batch < 1 else [])
 
 
 def is_done(spec: ReduceSpec) -> bool:
@@ -94,7 +103,15 @@ def reduce(spec: ReduceSpec) -> dict:
         "groups_smaller_than": {str(b): sum(1 for s in sizes if s < b) for b in batch_sizes},
         "samples_in_groups_smaller_than": {str(b): int(sum(s for s in sizes if s < b)) for b in batch_sizes},
     }
+    measured = None
+    if spec.global_batch:
+        measured = shares(dict(groups), meta.ks, spec.global_batch, spec.fallback_below)
+        summary["batch_shares"] = {**measured.to_json(), "global_batch": spec.global_batch}
     write_json(stage.groups, {**summary, "sizes": {str(k): v for k, v in groups.items()}})
+    if measured is not None:
+        log.info("stage %d labels at global batch %d: %s", stage_index, spec.global_batch, measured.line())
+        if spec.max_fallback is not None and measured.fallback > spec.max_fallback:
+            raise UsageError(fallback_refusal(f"{stage.path} labels", measured, spec.global_batch, spec.max_fallback))
     top_words = {str(c): [w for w, _ in words[c].most_common(5)] for c in range(meta.k)}
     stats = {"stage": stage_index, "k": meta.k, "cluster_sizes": cluster_sizes.tolist(),
              "nmi": attribute_nmi(np.concatenate(assignments), attributes) if assignments else {},

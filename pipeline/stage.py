@@ -44,7 +44,8 @@ import numpy as np
 
 from common.cli import UsageError
 from common.io import write_json
-from pipeline.artifacts import SidecarMeta, StaleSidecarError, array_fingerprint, check_sidecar, shard_stem
+from pipeline.artifacts import (SidecarMeta, StaleSidecarError, array_fingerprint, check_sidecar, file_fingerprint,
+                                shard_stem)
 
 SIDECAR_LABELS = "sidecars:"  # TrainConfig.labels of a stage trained on another stage's sidecars
 MAX_LABEL = 2 ** 56 - 1  # the loaders keep a coarse group's level in the bits above (pipeline.loader.groups)
@@ -115,6 +116,11 @@ class StageDir(_Folder):
     @property
     def cluster_stats(self) -> Path:
         return self.clusters_dir / "stats.json"
+
+    @property
+    def children(self) -> Path:
+        """The split clustering's parent, child and offset of each centroid (pipeline.split_clusters)."""
+        return self.clusters_dir / "children.npz"
 
     # assignment
     @property
@@ -221,15 +227,20 @@ def expected_record(stage: StageDir, index: int, parent: StageDir | None) -> Sta
     if not stage.centroids.is_file() or not stage.cluster_stats.is_file():
         raise UsageError(f"{stage.centroids}: no centroids; run pipeline.cluster first")
     centroids = np.load(stage.centroids)
-    model_fp = json.loads(stage.cluster_stats.read_text()).get("params", {}).get("model_fp")
+    stats = json.loads(stage.cluster_stats.read_text())
+    model_fp = stats.get("params", {}).get("model_fp")
     if not model_fp:
         raise StaleSidecarError(f"{stage.cluster_stats}: records no embedding model; rerun pipeline.cluster")
     parent_meta = current_record(parent).meta if parent is not None else None
-    k = int(centroids.shape[0])
+    k = int(stats["k"]) if stats.get("mode") == "split" else int(centroids.shape[0])
     ks = (parent_meta.ks if parent_meta else ()) + (k,)
     if np.prod([float(x) for x in ks]) > MAX_LABEL:
         raise UsageError(f"pseudo-labels of K = {ks} do not fit in 56 bits (the product of the Ks must stay below 2^56)")
-    meta = SidecarMeta(stage=index, k=k, ks=ks, model_fp=model_fp, centroids_fp=array_fingerprint(centroids),
+    centroids_fp = array_fingerprint(centroids)
+    if stats.get("mode") == "split":  # the offsets and parents decide the assignment too
+        centroids_fp = array_fingerprint(np.frombuffer((centroids_fp + file_fingerprint(stage.children)).encode(),
+                                                       np.uint8))
+    meta = SidecarMeta(stage=index, k=k, ks=ks, model_fp=model_fp, centroids_fp=centroids_fp,
                        parent_fp=parent_meta.centroids_fp if parent_meta else "")
     return StageRecord(index, parent.path if parent is not None else None, meta)
 

@@ -112,10 +112,13 @@ def test_the_paper_recipe_plans_each_step_with_its_own_resources(tmp_path, tiny_
                           [f"run_dir={tmp_path / 'r'}", f"data={tiny_shards}", "mmvp=",
                            "train.train_num_samples=10000000"])
     stage2 = stage_train_config(cfg, 2)
+    # from stage 0's saved folder (not the tag: compute nodes need no download cache), which holds
+    # the tag's QuickGELU
     assert (stage2.pretrained, stage2.lock_image_unlocked_groups, stage2.lock_text, stage2.local_loss) == \
-        ("openai", 6, True, True)
+        (str(tmp_path / "r" / "stage0" / "model"), 6, True, True)
     assert stage2.labels == f"sidecars:{tmp_path / 'r' / 'stage1'}" and stage2.lr == 5e-4
-    assert models.model_config(stage2.model, stage2.pretrained, stage2.quick_gelu)["quick_gelu"] is True
+    assert stage2.quick_gelu is None and stage2.augment is True
+    assert models.quick_gelu_for(stage2.model, cfg.train["pretrained"]) is True
 
 
 def test_later_keys_reach_every_stage_after_the_first_and_finetune_keys_win_over_them(tmp_path, tiny_shards):
@@ -137,10 +140,12 @@ def test_later_keys_reach_every_stage_after_the_first_and_finetune_keys_win_over
                             [f"run_dir={tmp_path / 'p'}", f"data={tiny_shards}", "mmvp=", "train.steps=7",
                              "train.train_num_samples=10000000", "later.steps=11", "finetune.wd=0.1"])
     stages = [stage_train_config(paper, s) for s in (1, 2)]
-    assert [(c.steps, c.wd, c.pretrained) for c in stages] == [(7, 0.1, "openai"), (11, 0.1, "openai")]
-    # the stage trained on the first clustering takes later's batch size: checked against K's clusters
+    stage0 = str(tmp_path / "p" / "stage0" / "model")
+    assert [(c.steps, c.wd, c.pretrained) for c in stages] == [(7, 0.1, stage0), (11, 0.1, stage0)]
+    # the stage trained on the first clustering takes later's batch size: its groups are forecast against it
     from common.cli import UsageError
-    with pytest.raises(UsageError, match=r"later\.batch_size: 512 is larger than an average cluster can fill"):
+    with pytest.raises(UsageError, match=r"stage 2 \(N=600, K=\[4\]\): 100.0% of samples would fall back to a "
+                                         r"coarser label at global batch 512"):
         load_run_config(str(REPO / "configs" / "tiny_mcl.yaml"), common + ["later.batch_size=512"])
     with pytest.raises(UsageError, match=r"later\.pretrained: an ensemble trains every stage from scratch"):
         load_run_config(str(REPO / "configs" / "tiny_mcl.yaml"), common + ["method=ensemble", "later.pretrained=openai"])

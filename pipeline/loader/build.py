@@ -37,6 +37,8 @@ def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, to
                              f"sample counts {sorted({s[0] for s in seen})}); is assign still running?")
         stream = GlobalBatchStream(index, transform, tokenizer, cfg.batch_size, cfg.seed,
                                    info.rank, info.world_size, cfg.fallback_min_batches)
+        check_fallback(cfg, stage, int(stream.fell.sum()), len(stream.index), len(np.unique(stream.index.label)),
+                       stream.global_batch)
         if info.is_main:
             fell = int(stream.fell.sum())
             log.info("%s: %d pseudo-labels, %d samples; %d samples in groups below %d fall back to a parent label; "
@@ -52,6 +54,16 @@ def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, to
                          info.world_size, cfg.shuffle_buffer, labeler,
                          bucket_cap=(cfg.bucket_cap or 16 * cfg.batch_size) if mode == "slot" else None, sizes=sizes)
     return stream, mode, num_samples, steps_per_epoch
+
+
+def check_fallback(cfg: TrainConfig, stage: StageDir, fell: int, samples: int, groups: int, global_batch: int) -> None:
+    """Refuse (UsageError, one line) labels that send more than `max_fallback` of the samples
+    to a coarser label: that part of the stage would train as the stage before."""
+    from pipeline.group_sizing import Shares, fallback_refusal
+
+    if samples and fell / samples > cfg.max_fallback:
+        found = Shares(samples, groups, 0.0, 0.0, fell / samples)
+        raise UsageError(fallback_refusal(f"{stage.path} labels", found, global_batch, cfg.max_fallback))
 
 
 def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
@@ -71,8 +83,9 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
             sizes[lab] = sizes.get(lab, 0) + 1
     min_size = cfg.fallback_min_batches * cfg.batch_size * info.world_size * max(1, cfg.workers)
     table = label_table(sizes, expect.ks, min_size)
+    fell = sum(n for lab, n in sizes.items() if table[lab][2])
+    check_fallback(cfg, stage, fell, sum(sizes.values()), len(sizes), cfg.batch_size * info.world_size)
     if info.is_main:
-        fell = sum(n for lab, n in sizes.items() if table[lab][2])
         log.info("%s: %d pseudo-labels, %d samples; %d samples in groups below %d fall back to a parent label",
                  stage.path, len(sizes), sum(sizes.values()), fell, int(min_size))
     return SidecarLabeler(stage, expect, table, cfg.missing_labels)

@@ -45,6 +45,7 @@ class TrainConfig:
                                      # stream, pipeline.loader.buckets) | off; default: global for sidecar labels
     bucket_cap: int | None = None    # slot: buffered samples per DataLoader worker (default 16 x batch_size)
     fallback_min_batches: float = 1.0  # groups below this many global batches (slot: x workers) use their parent's
+    max_fallback: float = 0.1        # refuse labels whose groups send a larger share of samples to a coarser label
     missing_labels: str = "error"    # slot: error | own: a sample without a sidecar entry gets a label of its own
     # loss
     caption_dedup: bool = False      # identical captions are not negatives of each other
@@ -103,6 +104,8 @@ class TrainConfig:
             errors.append(f"bucket: must be one of ['global', 'slot', 'off'], got {self.bucket!r}")
         elif self.bucket == "global" and not self.labels.startswith("sidecars:"):
             errors.append(f"bucket: global needs labels=sidecars:<stage dir>, got labels={self.labels!r}")
+        if not 0 <= self.max_fallback <= 1:
+            errors.append(f"max_fallback: must be between 0 and 1, got {self.max_fallback}")
         if self.missing_labels not in ("error", "own"):
             errors.append(f"missing_labels: must be 'error' or 'own', got {self.missing_labels!r}")
         errors += check_trackers(self.report_to)
