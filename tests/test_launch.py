@@ -341,3 +341,4 @@ def test_a_rerun_waits_for_the_job_a_killed_launcher_left_running(tmp_path, tiny
     out = check_a_rerun_waits_for_the_job_of_a_killed_launcher(args, run_dir, "local", steps=30)
     assert "stage1/train         finished by the earlier launch's job(s)" in out
     assert (run_dir / "merged.pt").is_file()
+
