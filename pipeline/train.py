@@ -12,6 +12,8 @@ GPU). Writes to the stage folder `out`:
     model/                           the final model, a plain open_clip artifact
     done.json                        written last: the stage is complete
 
+On Slurm's warning before the time limit (SIGUSR2) or SIGTERM every rank writes a
+checkpoint of the step it is at before the job is requeued (pipeline.trainer.preemption).
 A rerun resumes from the latest checkpoint exactly (step, optimiser, schedule, RNG and
 each data worker's position and counters), so a run killed with SIGKILL and restarted ends
 where an uninterrupted one does, with the same loader and data-problem counts; a finished
@@ -41,6 +43,7 @@ from pipeline.loader.workers import start_batches
 from pipeline.trainer.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed, node_name
 from pipeline.trainer.engine import Engine, create_engine
 from pipeline.trainer.loss import MaskedClipLoss
+from pipeline.trainer.preemption import StopSignals
 from pipeline.stage import StageDir
 from pipeline.trainer.config import TrainConfig, batching, load_train_config, recorded_batching, to_dict
 from pipeline.trainer.log import MetricsLog, keep_records
@@ -201,6 +204,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                                           {**to_dict(cfg), "world_size": info.world_size, "batching": mode},
                                           cfg.wandb_project, cfg.wandb_entity))
     step, epoch, data_problems, failed = at.step, at.epoch, dict(at.data_problems), True
+    stop = StopSignals(info).__enter__()
     try:
         while step < total_steps or epoch == at.epoch:  # resumed at its last step: that epoch still reports
             start = at.workers if epoch == at.epoch else {}  # only a resumed epoch starts part-way
@@ -215,10 +219,15 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                     step += 1
                     metrics.step(step, epoch, loss, lr, loss_fn.last_effective_negatives, engine.unwrap().logit_scale,
                                  _main_label(batch) if mode != "off" else None)
-                    if step % cfg.save_every == 0 or step == total_steps:
+                    saved = step % cfg.save_every == 0 or step == total_steps
+                    if saved:
                         ckpts.save(step, epoch, loader.positions, loader.counters(), data_problems)
                     if step == total_steps:
                         break  # inside the epoch: the checkpoint knows where
+                    if stop.agreed():  # a requeue is coming: this step is not redone
+                        if not saved:
+                            ckpts.save(step, epoch, loader.positions, loader.counters(), data_problems)
+                        stop.leave(step)
             stats = None
             if mode != "off":
                 whole = step < total_steps or (mode == "global" and sum(loader.positions.values()) == steps_per_epoch)
@@ -231,6 +240,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
             epoch += 1
         failed = False
     finally:
+        stop.__exit__()
         metrics.close(failed)
 
     record = {"steps": step, "final_loss": metrics.last.get("loss"), "model_dir": str(out / "model"),

@@ -154,6 +154,41 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_shards):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, list(zip(a, b))
 
 
+def test_a_stop_signal_checkpoints_the_step_it_arrives_at_and_the_rerun_ends_as_an_uninterrupted_run(
+        tmp_path, tiny_shards):
+    """Slurm's warning before the time limit (USR2) or a preemption (TERM), sent to the whole
+    process group as Slurm does (DataLoader workers too), with save_every beyond the stage: the
+    checkpoint written at the signal is the only one, and the rerun loses no step."""
+    args = [f"data={tiny_shards}", "steps=24", "workers=2", "save_every=1000", *COMMON]
+    clean = tmp_path / "clean"
+    r = run_cli("pipeline.train", f"out={clean}", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for sig, after in ((signal.SIGUSR2, 6), (signal.SIGTERM, 14)):
+        stopped = tmp_path / signal.Signals(sig).name
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", f"out={stopped}", *args], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 300
+        while not (stopped / "metrics.jsonl").is_file() or len(_losses(stopped)) < after:
+            assert proc.poll() is None and time.time() < deadline, "training ended before the signal"
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        err = proc.communicate(timeout=300)[1]
+        assert proc.returncode == -sig, err[-3000:]
+        saved = sorted((stopped / "checkpoints").glob("step_*.pt"))
+        assert len(saved) == 1, saved
+        step = int(saved[0].stem.split("_")[1])
+        assert after <= step < 24 and len(_losses(stopped)) == step
+        assert f"{signal.Signals(sig).name}: checkpoint of step {step} written; stopping" in err
+        assert not (stopped / "done.json").exists()
+
+        r = run_cli("pipeline.train", f"out={stopped}", *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"resumed from {saved[0]} at step {step}" in r.stderr
+        a, b = _losses(clean), _losses(stopped)
+        assert len(a) == len(b) == 24
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, list(zip(a, b))
+
+
 def test_broken_samples_are_skipped_and_counted_across_workers(tmp_path, tiny_shards):
     import tarfile
     data = tmp_path / "shards"

@@ -33,6 +33,12 @@ WORKER_START_TIMEOUT_S = 60
 
 
 def _mark_started(counter, worker_id: int) -> None:
+    import signal
+
+    # a stop signal is the trainer's to handle (pipeline.trainer.preemption): a worker it killed
+    # would end the rank before its checkpoint is written
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     with counter.get_lock():
         counter.value += 1
 
