@@ -3,9 +3,12 @@
     python -m pipeline.reduce --stage runs/r/stage2 [--data SPEC]
 
 Records the size of every pseudo-label group in `STAGE/sidecars/_groups.json` (how many
-groups cannot fill a batch), the clusters' sizes, NMI and purity per attribute over all
-samples in `STAGE/clusters/assign_stats.json` and, with `--data`, a PNG grid of sample
-images per cluster with its most frequent caption words (`STAGE/clusters/grid.png`).
+groups cannot fill a batch; with --global-batch, the shares of samples the next stage trains
+in pure steps, mixed steps and fallback: refused past --max-fallback), the stage's index of
+labels and byte spans that every training rank maps (pipeline.loader.stage_index), the
+clusters' sizes, NMI and purity per attribute over all samples in
+`STAGE/clusters/assign_stats.json` and, with `--data`, a PNG grid of sample images per cluster
+with its most frequent caption words (`STAGE/clusters/grid.png`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from common.io import atomic_output, write_json
 from common.spec import fingerprint, check, from_args, param, parser
 from pipeline.artifacts import (StaleSidecarError, read_embeddings, read_sidecar_columns, shard_stem,
                                 sidecar_meta)
+from pipeline.loader.stage_index import write as write_index
 from pipeline.group_sizing import fallback_refusal, shares
 from pipeline.metrics import attribute_nmi, attribute_purity
 from pipeline.stage import StageDir, current_record
@@ -120,6 +124,8 @@ def reduce(spec: ReduceSpec) -> dict:
     if data:
         urls = [u for u in expand_urls(data) if shard_stem(u) in grid_shards]
         cluster_grid(urls, key_cluster, top_words, cluster_sizes, stage.grid, grid_per_cluster)
+    index = write_index(stage, record, [f.stem for f in stage.embedding_files()])
+    stats["index"] = index and {k: index[k] for k in ("samples", "skipped")}
     write_json(stage.assign_stats, stats)  # last: is_done reads it
     log.info("stage %d: %d samples in %d groups (smallest %d, largest %d); groups below batch sizes %s; NMI %s",
              stage_index, summary["samples"], summary["groups"], summary["smallest_group"],

@@ -123,3 +123,39 @@ def test_shards_that_cannot_be_read_by_offset_are_refused_up_front(tmp_path):
         load_index(StageDir(tmp_path), [str(tmp_path / "00000.tar.gz")])
     with pytest.raises(UsageError, match="local or mounted"):
         load_index(StageDir(tmp_path), ["s3://bucket/00000.tar"])
+
+
+def test_every_rank_maps_one_stage_index_instead_of_reading_every_sidecar(tmp_path, quick_demo, monkeypatch):
+    """The reduce step writes the stage's index once; the loader then reads no sidecar, and
+    maps the same samples, spans, key hashes and labels the sidecars hold. A stage clustered
+    anew makes the index stale: the loader reads the sidecars again."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.loader import global_stream, stage_index
+    from pipeline.reduce import ReduceSpec, reduce
+    from pipeline.stage import StageDir, current_record
+
+    demo = quick_demo[0] / "seed0" / "mcl"
+    urls = expand_urls(json.loads((demo / "run_config.json").read_text())["data"])
+    stage = StageDir(tmp_path / "stage1")
+    shutil.copytree(demo / "stage1", stage.path, ignore=shutil.ignore_patterns("checkpoints", "superseded"))
+    shutil.rmtree(stage_index.index_dir(stage), ignore_errors=True)
+    from_sidecars = global_stream.read_index(stage, urls, current_record(stage).meta.ks)
+    reduce(ReduceSpec(stage=str(stage.path)))
+
+    def no_sidecar_reads(*args, **kwargs):
+        raise AssertionError(f"a sidecar was read: {args[0]}")
+    monkeypatch.setattr(pq, "read_table", no_sidecar_reads)
+    monkeypatch.setattr(pq, "read_schema", no_sidecar_reads)
+    mapped = load_index(stage, urls)
+    assert isinstance(mapped.label, np.memmap) or isinstance(getattr(mapped.label, "base", None), np.memmap)
+    for column in ("shard", "offset", "length", "key_hash", "label"):
+        assert np.array_equal(np.asarray(getattr(mapped, column)), getattr(from_sidecars, column)), column
+    assert mapped.urls == urls and mapped.ks == from_sidecars.ks and mapped.skipped == from_sidecars.skipped
+    monkeypatch.undo()
+
+    np.save(stage.centroids, np.load(stage.centroids)[::-1].copy())  # the stage record changes
+    assert stage_index.read(stage, urls) is None

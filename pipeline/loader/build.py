@@ -14,6 +14,7 @@ from common.cli import UsageError
 from pipeline.artifacts import array_fingerprint
 from pipeline.loader.global_stream import GlobalBatchStream, load_index
 from pipeline.loader.groups import label_table
+from pipeline.loader.stage_index import group_sizes
 from pipeline.loader.labels import JsonLabeler, SidecarLabeler, no_labels
 from pipeline.loader.slot import TrainStream, epoch_plan
 from pipeline.stage import SIDECAR_LABELS, StageDir
@@ -77,10 +78,12 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
 
     stage = StageDir.from_label_source(cfg.labels)
     expect = labels_for_training(stage, urls)
-    sizes: dict[int, int] = {}
-    for url in urls:
-        for lab in read_sidecar_columns(stage.sidecar(url))[2].tolist():
-            sizes[lab] = sizes.get(lab, 0) + 1
+    sizes = group_sizes(stage)  # the reduce step's count, else every sidecar's
+    if sizes is None:
+        sizes = {}
+        for url in urls:
+            for lab in read_sidecar_columns(stage.sidecar(url))[2].tolist():
+                sizes[lab] = sizes.get(lab, 0) + 1
     min_size = cfg.fallback_min_batches * cfg.batch_size * info.world_size * max(1, cfg.workers)
     table = label_table(sizes, expect.ks, min_size)
     fell = sum(n for lab, n in sizes.items() if table[lab][2])

@@ -40,6 +40,7 @@ from torch.utils.data import IterableDataset
 
 from common.cli import UsageError
 from pipeline.artifacts import sidecar_skipped
+from pipeline.loader import stage_index
 from pipeline.loader.batch import BatchInfo
 from pipeline.loader.buckets import BucketStats
 from pipeline.loader.decode import blank_image, decode_batch
@@ -103,6 +104,11 @@ def load_index(stage: StageDir, urls: Sequence[str]) -> SampleIndex:
     if packed:
         raise UsageError(f"bucket=global reads samples by their byte offsets and needs uncompressed .tar "
                          f"shards, not {packed[0]}; use bucket=slot for compressed shards")
+    index = stage_index.read(stage, urls)
+    if index is not None:
+        log.info("%s: %d samples mapped from the stage index", stage.path, len(index))
+        return index
+    log.warning("%s: no current stage index (the reduce step writes it); reading %d sidecars", stage.path, len(urls))
     return read_index(stage, urls, tuple(labels_for_training(stage, urls).ks))
 
 
