@@ -147,6 +147,7 @@ def test_the_persistent_world_is_the_default_and_its_mcl_stages_start_from_scrat
     assert len(load_spec(cfg["data"]["world"]).attribute("background").values) == 64
     data = quick_demo[0] / "data"  # any valid shards: only the configs are built here
     cfg["run"]["train"]["batch_size"] = 8  # the quick world's 600 samples fill 64 clusters of 8
+    cfg["run"]["train"]["max_fallback"] = 1.0  # about 9 samples a cluster: a fifth of them would fall back
     paths = {"train": data / "train", "probe": data / "probe", "mmvp": data / "mmvp", "benchmarks": []}
     runs = method_configs(cfg["run"], paths, tmp_path / "seed3", 3)
     mcl = [stage_train_config(runs["mcl"], s) for s in (1, 2)]

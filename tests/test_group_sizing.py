@@ -90,7 +90,7 @@ def test_labels_too_fine_for_the_batch_are_refused_up_front_and_the_split_cluste
     from common.cli import UsageError
 
     args = ["launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={tmp_path / 'r'}",
-            f"data={tiny_shards}", "mmvp=", "stages=3"]
+            f"data={tiny_shards}", "mmvp=", "stages=3", "train.max_fallback=0.1"]
     refused = run_cli(*args, "--dry-run")
     assert refused.returncode == 2, refused.stderr
     line = refused.stderr.strip().splitlines()[-1]

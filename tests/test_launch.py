@@ -73,7 +73,7 @@ def test_dry_run_prints_the_slurm_plan_without_submitting(tmp_path, tiny_shards,
     r = run_cli("launch", "run", *_args(run_dir, tiny_shards, bench), "--dry-run", "method=ensemble", "stages=3")
     assert r.returncode == 0, r.stderr[-3000:]
     assert [line.split()[0] for line in r.stdout.splitlines()] == [
-        "stage1/train", "stage2/train", "stage3/train", "merge", "eval"]
+        "stage1/train", "stage2/train", "stage3/train", "merge", "eval"]  # no clustering: nothing to forecast
 
     r = run_cli("launch", "run", *_args(run_dir, tiny_shards, bench), "--detach")  # the local executor
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
@@ -86,8 +86,10 @@ def test_the_paper_recipe_plans_each_step_with_its_own_resources(tmp_path, tiny_
                 f"data={tiny_shards}", "mmvp=", "train.train_num_samples=10000000", "executor.slurm.partition=gpu",
                 "--dry-run")
     assert r.returncode == 0, r.stderr[-3000:]
+    forecast = [line for line in r.stdout.splitlines() if line.startswith("forecast")]
+    assert len(forecast) == 3 and all("(split) at global batch 8000" in line for line in forecast), forecast
     plan = {line.split()[0]: (int(line.split()[3]), ast.literal_eval(line.split(": ", 1)[1]))
-            for line in r.stdout.splitlines()}
+            for line in r.stdout.splitlines() if line not in forecast}
     assert list(plan)[:6] == ["stage0/save", "stage0/embed", "stage0/cluster", "stage0/assign", "stage0/reduce",
                               "stage1/train"] and list(plan)[-1] == "merge" and len(plan) == 17
     for name, (tasks, params) in plan.items():
@@ -102,7 +104,8 @@ def test_the_paper_recipe_plans_each_step_with_its_own_resources(tmp_path, tiny_
     r = run_cli("launch", "run", "--config", str(REPO / "configs" / "paper_vitl14.yaml"), f"run_dir={tmp_path / 'r'}",
                 f"data={tiny_shards}", "mmvp=", "train.train_num_samples=10000000", "executor.slurm.nodes=2",
                 "--dry-run")
-    nodes = {line.split()[0]: ast.literal_eval(line.split(": ", 1)[1])["slurm_nodes"] for line in r.stdout.splitlines()}
+    nodes = {line.split()[0]: ast.literal_eval(line.split(": ", 1)[1])["slurm_nodes"] for line in r.stdout.splitlines()
+             if not line.startswith("forecast")}
     assert {n for s, n in nodes.items() if s.endswith("/train")} == {2}
     assert {n for s, n in nodes.items() if not s.endswith("/train")} == {1}
     # every stage fine-tunes the OpenAI weights, with QuickGELU from the tag

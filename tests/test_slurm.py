@@ -63,7 +63,8 @@ def test_the_dag_runs_detached_and_two_node_training_matches_one_node(slurm, tmp
 
     r = run_cli("launch", "run", *args, "--detach")
     assert r.returncode == 0, r.stderr[-4000:]
-    lines = r.stdout.splitlines()
+    forecast, *lines = r.stdout.splitlines()
+    assert forecast.startswith("forecast") and "stage 2 on K=[4] (flat) at global batch 64" in forecast, forecast
     assert len(lines) == 8 and all(" submitted job(s) " in line for line in lines), r.stdout
     assert " after " not in lines[0] and all(" after " in line for line in lines[1:])
     state = json.loads((run_dir / "launch_state.json").read_text())
