@@ -114,8 +114,8 @@ def forecast(n: int, ks: Sequence[int], global_batch: int, min_size: float | Non
     alphas by fallback): flat k-means, or with `target_batches` the split clustering."""
     if not ks:
         return Shares(n, 1, (n // global_batch * global_batch) / max(n, 1), 0.0, 0.0)
-    runs = [shares(simulate_sizes(n, ks, a, seed, global_batch, target_batches, sample_fraction), ks, global_batch, min_size)
-            for a in FORECAST_ALPHAS]
+    runs = [shares(simulate_sizes(n, ks, a, seed, global_batch, target_batches, sample_fraction), ks, global_batch,
+                   min_size) for a in FORECAST_ALPHAS]
     return max(runs, key=lambda s: (s.fallback, -s.pure))
 
 
