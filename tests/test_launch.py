@@ -108,6 +108,17 @@ def test_the_paper_recipe_plans_each_step_with_its_own_resources(tmp_path, tiny_
              if not line.startswith("forecast")}
     assert {n for s, n in nodes.items() if s.endswith("/train")} == {2}
     assert {n for s, n in nodes.items() if not s.endswith("/train")} == {1}
+    # the steps that need no GPU off the GPU partition, in one key
+    r = run_cli("launch", "run", "--config", str(REPO / "configs" / "paper_vitl14.yaml"), f"run_dir={tmp_path / 'r'}",
+                f"data={tiny_shards}", "mmvp=", "train.train_num_samples=10000000", "executor.slurm.partition=gpu",
+                "executor.slurm.cpu_partition=cpu", "executor.slurm.steps.merge.partition=big", "--dry-run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    partitions = {line.split()[0]: ast.literal_eval(line.split(": ", 1)[1])["slurm_partition"]
+                  for line in r.stdout.splitlines() if not line.startswith("forecast")}
+    kinds = {kind: {p for s, p in partitions.items() if s.rsplit("/", 1)[-1] == kind} for kind in
+             ("save", "assign", "reduce", "merge", "train", "embed", "cluster")}
+    assert kinds == {"save": {"cpu"}, "assign": {"cpu"}, "reduce": {"cpu"}, "merge": {"big"}, "train": {"gpu"},
+                     "embed": {"gpu"}, "cluster": {"gpu"}}, partitions
     # every stage fine-tunes the OpenAI weights, with QuickGELU from the tag
     from launch.config import load_run_config, stage_train_config
     from pipeline import models
