@@ -124,7 +124,7 @@ def is_done(spec: EmbedSpec) -> bool:
     """Every shard of the data (all tasks') is embedded by this model and tower."""
     try:
         fp = models.model_fingerprint(spec.model, spec.pretrained, spec.tower)
-        return all(embeddings_model_fp(StageDir(spec.out).embeddings(u)) == fp for u in expand_urls(spec.data))
+        return all(embeddings_model_fp(p) == fp for p in StageDir(spec.out).embedding_paths(expand_urls(spec.data)))
     except (OSError, UsageError):
         return False
 
@@ -137,10 +137,12 @@ def embed(spec: EmbedSpec, progress: bool = True) -> list[Path]:
         raise UsageError(f"--tower must be one of {TOWERS}, got {tower!r}")
     if not 0 <= task < tasks:
         raise UsageError(f"--task must be in [0, {tasks}), got {task}")
-    urls = expand_urls(spec.data)[task::tasks]
+    all_urls = expand_urls(spec.data)
+    named = dict(zip(all_urls, StageDir(spec.out).embedding_paths(all_urls)))  # names from the whole data set
+    urls = all_urls[task::tasks]
     fp = models.model_fingerprint(spec.model, spec.pretrained, tower)
     out = spec.out
-    paths = {u: StageDir(out).embeddings(u) for u in urls}
+    paths = {u: named[u] for u in urls}
     todo = [u for u in urls if embeddings_model_fp(paths[u]) != fp]
     if len(todo) < len(urls):
         log.info("%d of %d shards already embedded by this model, skipped", len(urls) - len(todo), len(urls))
