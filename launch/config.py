@@ -380,10 +380,13 @@ def _train_section(raw, section: str, errors: list[str]) -> dict:
 def _shards_gone(cfg: RunConfig, urls: list[str]) -> list[str]:
     """A shard that a stage of this run was embedded from must still be in the data (a folder
     spec would otherwise just drop it, and the run go on with clusters made with it)."""
-    from pipeline.artifacts import shard_stem
+    from pipeline.artifacts import shard_names
     from pipeline.stage import RunDir
 
-    stems = {shard_stem(u) for u in urls}
+    try:
+        stems = set(shard_names(urls))
+    except UsageError as exc:  # a shard listed twice
+        return [f"data: {exc}"]
     run = RunDir(cfg.run_dir)
     for number in range(cfg.stages + 1):
         embeddings = run.stage(number).embeddings_dir

@@ -43,15 +43,18 @@ import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.cli import UsageError
 from common.io import atomic_output, atomic_path
-from shards.reader import shard_basename
+from shards.reader import is_local, local_path, shard_basename
 
 SIDECAR_META_KEY = b"mcl.sidecar"
 SKIPPED_META_KEY = b"mcl.skipped"
@@ -63,6 +66,53 @@ class StaleSidecarError(ValueError):
 
 def shard_stem(url: str) -> str:
     return shard_basename(url).split(".", 1)[0]
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+
+
+def _name_parts(url: str) -> list[str]:
+    """The path components of a shard URL, last first, the last one without its extensions:
+    a local shard's absolute path (so `a/0.tar` and `./a/0.tar` are the same file), a
+    remote one's host and path; characters unsafe in a file name become `_`."""
+    if is_local(url):
+        parts = os.path.abspath(local_path(url)).replace("\\", "/").split("/")
+    else:
+        rest = url.split(":", 1)[1] if ":" in url else url
+        parts = re.split(r"[/\\\s]+", rest)
+    parts = [p for p in parts if p]
+    if not parts:
+        return [_UNSAFE.sub("_", url)]
+    parts[-1] = parts[-1].split(".", 1)[0] or parts[-1]
+    return [_UNSAFE.sub("_", p) for p in reversed(parts)]
+
+
+def shard_names(urls: Sequence[str]) -> list[str]:
+    """The file name (without extension) of each shard's embeddings and sidecar: the bare
+    stem (`00000` for `.../00000.tar`) when the stems are unique, as in one img2dataset
+    folder; else the shortest path suffix, the same depth for every shard, that tells them
+    apart, joined with `__` (`a__00000`, `b__00000` for two img2dataset folders `a/` and
+    `b/` joined with `::`). A shard listed twice is refused (UsageError naming it): its
+    samples would count twice."""
+    urls = list(urls)
+    parts = [_name_parts(u) for u in urls]
+    seen: dict[str, str] = {}
+    for url in urls:
+        ident = os.path.abspath(local_path(url)) if is_local(url) else url
+        if ident in seen:
+            raise UsageError(f"shard {url} is listed twice in the data spec"
+                             + (f" (also as {seen[ident]})" if seen[ident] != url else "")
+                             + "; each shard may appear once")
+        seen[ident] = url
+    depth = max((len(p) for p in parts), default=1)
+    for n in range(1, depth + 1):
+        names = ["__".join(reversed(p[:n])) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    names = ["__".join(reversed(p)) for p in parts]  # suffixes of different lengths that coincide
+    dup = next(u for u, name in zip(urls, names) if names.count(name) > 1)
+    raise UsageError(f"shard {dup}: cannot be given a file name apart from another shard of the data spec; "
+                     "rename one of them")
 
 
 def file_fingerprint(path: str | os.PathLike, extra: str = "") -> str:

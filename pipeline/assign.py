@@ -56,7 +56,8 @@ def is_done(spec: AssignSpec) -> bool:
         expect = expected_record(stage, spec.stage_index, StageDir(spec.parent) if spec.parent else None)
         if read_record(stage) != expect:
             return False
-        check_sidecars(stage, [f.stem for f in stage.embedding_files()], expect.meta)
+        files = stage.embedding_files()
+        check_sidecars(stage, [f.stem for f in files], expect.meta, paths=[stage.sidecar_of(f) for f in files])
         return True
     except (UsageError, StaleSidecarError, OSError, ValueError):
         return False
@@ -80,7 +81,7 @@ def assign(spec: AssignSpec) -> list[Path]:
     files = stage.embedding_files()[task::tasks]
     out, written = [], 0
     for f in files:
-        path = stage.sidecar(f.stem)
+        path = stage.sidecar_of(f)
         out.append(path)
         for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # a write cut short by a kill
             leftover.unlink(missing_ok=True)  # only this task writes this shard's sidecar
@@ -97,7 +98,7 @@ def assign(spec: AssignSpec) -> list[Path]:
         keys = z["keys"].tolist()
         parents = np.zeros(len(keys), np.int64)
         if parent_stage is not None:
-            parent_path = parent_stage.sidecar(f.stem)
+            parent_path = parent_stage.sidecar_of(f)
             if not parent_path.exists():
                 raise UsageError(f"{parent_path}: missing parent sidecar for shard {f.stem}")
             parent_labels = read_sidecar(parent_path, parent_meta)

@@ -205,7 +205,7 @@ def _split(spec: ClusterSpec, x: np.ndarray, keys: list, total: int, gpu: bool):
         sizes = _parent_sizes(spec)
         labels: dict = {}
         for f in dict.fromkeys(f for f, _ in keys):
-            labels[f] = read_sidecar(StageDir(spec.parent).sidecar(f.stem))
+            labels[f] = read_sidecar(StageDir(spec.parent).sidecar_of(f))
         parents = np.array([labels[f][key] for f, key in keys], dtype=np.int64)
     else:
         sizes, parents = {0: total}, np.zeros(len(x), np.int64)

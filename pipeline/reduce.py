@@ -24,7 +24,7 @@ import numpy as np
 from common.cli import UsageError, run_main, setup_logging
 from common.io import atomic_output, write_json
 from common.spec import fingerprint, check, from_args, param, parser
-from pipeline.artifacts import (StaleSidecarError, read_embeddings, read_sidecar_columns, shard_stem,
+from pipeline.artifacts import (StaleSidecarError, read_embeddings, read_sidecar_columns, shard_names,
                                 sidecar_meta)
 from pipeline.loader.stage_index import write as write_index
 from pipeline.group_sizing import fallback_refusal, shares
@@ -78,10 +78,10 @@ def reduce(spec: ReduceSpec) -> dict:
     cluster_sizes = np.zeros(meta.k, np.int64)
     assignments, attributes = [], []
     words: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
-    key_cluster: dict[str, int] = {}
+    key_cluster: dict[tuple[str, str], int] = {}  # (shard's file name, key): keys repeat across shards
     grid_shards: set[str] = set()  # the grid reads only these shards' samples
     for f in stage.embedding_files():
-        path = stage.sidecar(f.stem)
+        path = stage.sidecar_of(f)
         if not path.exists():
             raise UsageError(f"{path}: missing; run every assign task before the reduce step")
         got = sidecar_meta(path)
@@ -98,7 +98,7 @@ def reduce(spec: ReduceSpec) -> dict:
         for c, caption in zip(clusters.tolist(), z["captions"].tolist()):
             words[c].update(w for w in caption.lower().split() if w not in _STOPWORDS)
         if len(key_cluster) < 50 * meta.k * grid_per_cluster:
-            key_cluster.update(zip(keys, clusters.tolist()))
+            key_cluster.update(zip(((f.stem, k) for k in keys), clusters.tolist()))
             grid_shards.add(f.stem)
     sizes = sorted(groups.values())
     summary = {
@@ -122,8 +122,10 @@ def reduce(spec: ReduceSpec) -> dict:
              "purity": attribute_purity(np.concatenate(assignments), attributes) if assignments else {},
              "top_words": top_words, "groups": summary, "record": record.to_json(), "spec_fp": fingerprint(spec)}
     if data:
-        urls = [u for u in expand_urls(data) if shard_stem(u) in grid_shards]
-        cluster_grid(urls, key_cluster, top_words, cluster_sizes, stage.grid, grid_per_cluster)
+        all_urls = expand_urls(data)
+        names = dict(zip(all_urls, shard_names(all_urls)))
+        urls = [u for u in all_urls if names[u] in grid_shards]
+        cluster_grid(urls, key_cluster, top_words, cluster_sizes, stage.grid, grid_per_cluster, names)
     index = write_index(stage, record, [f.stem for f in stage.embedding_files()])
     stats["index"] = index and {k: index[k] for k in ("samples", "skipped")}
     write_json(stage.assign_stats, stats)  # last: is_done reads it
@@ -136,17 +138,22 @@ def reduce(spec: ReduceSpec) -> dict:
 _STOPWORDS = {"a", "an", "the", "of", "on", "in", "photo", "some", "at", "and", "with", "background", "pointing"}
 
 
-def cluster_grid(data: str | Sequence[str], key_cluster: dict[str, int], top_words: dict, sizes: np.ndarray, path: Path,
-                 per_cluster: int) -> Path:
-    """One row per cluster: its size, its top caption words and `per_cluster` sample images."""
+def cluster_grid(data: str | Sequence[str], key_cluster: dict[tuple[str, str], int], top_words: dict, sizes: np.ndarray,
+                 path: Path, per_cluster: int, names: dict[str, str] | None = None) -> Path:
+    """One row per cluster: its size, its top caption words and `per_cluster` sample images;
+    `key_cluster` maps (shard file name, key) to a cluster, `names` each URL to its shard's
+    file name (default: shard_names of the data)."""
     from PIL import Image, ImageDraw
 
     from shards.reader import ProblemLog, read_samples
 
     k = len(sizes)
+    if names is None:
+        urls = expand_urls(data)
+        names = dict(zip(urls, shard_names(urls)))
     chosen: dict[int, list] = collections.defaultdict(list)
     for s in read_samples(data, ProblemLog(logger=None)):
-        c = key_cluster.get(s["__key__"])
+        c = key_cluster.get((names.get(s["__url__"], ""), s["__key__"]))
         if c is not None and len(chosen[c]) < per_cluster:
             chosen[c].append(s["image"])
         if sum(len(v) for v in chosen.values()) >= k * per_cluster or len(key_cluster) == 0:

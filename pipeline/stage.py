@@ -45,7 +45,7 @@ import numpy as np
 from common.cli import UsageError
 from common.io import write_json
 from pipeline.artifacts import (SidecarMeta, StaleSidecarError, array_fingerprint, check_sidecar, file_fingerprint,
-                                shard_stem)
+                                shard_names, shard_stem)
 
 SIDECAR_LABELS = "sidecars:"  # TrainConfig.labels of a stage trained on another stage's sidecars
 MAX_LABEL = 2 ** 56 - 1  # the loaders keep a coarse group's level in the bits above (pipeline.loader.groups)
@@ -96,7 +96,13 @@ class StageDir(_Folder):
         return self.path / "embeddings"
 
     def embeddings(self, url: str) -> Path:
+        """The embeddings of one shard named by its bare stem (a data set whose stems are
+        unique); a data set's files: `embedding_paths`."""
         return self.embeddings_dir / f"{shard_stem(url)}.npz"
+
+    def embedding_paths(self, urls) -> list[Path]:
+        """The embeddings file of each shard of a data set (names: pipeline.artifacts.shard_names)."""
+        return [self.embeddings_dir / f"{name}.npz" for name in shard_names(urls)]
 
     def embedding_files(self) -> list[Path]:
         files = sorted(self.embeddings_dir.glob("*.npz"))
@@ -128,7 +134,17 @@ class StageDir(_Folder):
         return self.path / "sidecars"
 
     def sidecar(self, url_or_stem: str) -> Path:
+        """The sidecar of one shard named by its bare stem (a data set whose stems are unique);
+        a data set's sidecars: `sidecar_paths`; the one of an embeddings file: `sidecar_of`."""
         return self.sidecars_dir / f"{shard_stem(url_or_stem)}.parquet"
+
+    def sidecar_paths(self, urls) -> list[Path]:
+        """The sidecar of each shard of a data set (names: pipeline.artifacts.shard_names)."""
+        return [self.sidecars_dir / f"{name}.parquet" for name in shard_names(urls)]
+
+    def sidecar_of(self, embeddings: Path) -> Path:
+        """The sidecar (of this stage) of the shard an embeddings file was made from."""
+        return self.sidecars_dir / f"{Path(embeddings).stem}.parquet"
 
     @property
     def record(self) -> Path:
@@ -268,11 +284,11 @@ def labels_for_training(stage: StageDir, urls) -> SidecarMeta:
     return meta
 
 
-def check_sidecars(stage: StageDir, urls, meta: SidecarMeta) -> None:
-    """Every shard's sidecar exists and carries `meta` (footers only); UsageError or
-    StaleSidecarError naming the first that does not."""
-    for url in urls:
-        path = stage.sidecar(url)
+def check_sidecars(stage: StageDir, urls, meta: SidecarMeta, paths=None) -> None:
+    """Every shard's sidecar (`paths`, default the data set's `sidecar_paths`) exists and
+    carries `meta` (footers only); UsageError or StaleSidecarError naming the first that does not."""
+    urls = list(urls)
+    for url, path in zip(urls, stage.sidecar_paths(urls) if paths is None else paths):
         if not path.exists():
             raise UsageError(f"{path}: no sidecar for shard {url}; run the assign step of {stage.path}")
         check_sidecar(path, meta)

@@ -44,6 +44,7 @@ from pipeline.trainer.distributed import DistInfo, all_gather_object, barrier, c
 from pipeline.trainer.engine import Engine, create_engine
 from pipeline.trainer.loss import MaskedClipLoss
 from pipeline.trainer.preemption import StopSignals
+from pipeline.trainer.problem_rate import ProblemRate
 from pipeline.stage import StageDir
 from pipeline.trainer.config import TrainConfig, batching, load_train_config, recorded_batching, to_dict
 from pipeline.trainer.log import MetricsLog, keep_records
@@ -204,21 +205,26 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                                           {**to_dict(cfg), "world_size": info.world_size, "batching": mode},
                                           cfg.wandb_project, cfg.wandb_entity))
     step, epoch, data_problems, failed = at.step, at.epoch, dict(at.data_problems), True
+    rate = ProblemRate(cfg.max_problem_rate, info)
     stop = StopSignals(info).__enter__()
     try:
         while step < total_steps or epoch == at.epoch:  # resumed at its last step: that epoch still reports
             start = at.workers if epoch == at.epoch else {}  # only a resumed epoch starts part-way
             loader = LoaderProgress(start, at.counters if epoch == at.epoch else None)
+            rate.start_epoch(loader)
             if step < total_steps:
                 stream.set_epoch(epoch, start)
                 engine.model.train()
                 for batch in _batches(stream, cfg, epoch, info, pad=mode == "slot" and info.distributed):
                     loader.update(batch.info)
+                    rate.add(batch)
                     lr = schedule(step)
                     loss = _step(engine, loss_fn, batch.to(info.device), cfg)
                     step += 1
                     metrics.step(step, epoch, loss, lr, loss_fn.last_effective_negatives, engine.unwrap().logit_scale,
                                  _main_label(batch) if mode != "off" else None)
+                    if step % cfg.log_every == 0 or step == total_steps:
+                        rate.check()  # every rank alike: past max_problem_rate all stop with one line
                     saved = step % cfg.save_every == 0 or step == total_steps
                     if saved:
                         ckpts.save(step, epoch, loader.positions, loader.counters(), data_problems)
@@ -228,6 +234,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                         if not saved:
                             ckpts.save(step, epoch, loader.positions, loader.counters(), data_problems)
                         stop.leave(step)
+            rate.end_epoch()
             stats = None
             if mode != "off":
                 whole = step < total_steps or (mode == "global" and sum(loader.positions.values()) == steps_per_epoch)

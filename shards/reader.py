@@ -10,7 +10,8 @@ sample is skipped; a job never dies in the middle of a shard:
 
 | kind              | what                                                          |
 |-------------------|---------------------------------------------------------------|
-| unreadable_shard  | the shard cannot be opened (missing file, failed command)     |
+| unreadable_shard  | the shard cannot be opened or read (missing file, failed      |
+|                   | command, an I/O error midway: the samples before it count)    |
 | empty_tar         | zero bytes                                                    |
 | corrupt_tar       | not a tar archive                                             |
 | truncated_tar     | the archive stops early; the complete samples before it count |
@@ -212,8 +213,9 @@ def tar_members(url: str, problems: ProblemLog) -> Iterator[tuple[str, bytes, in
             getattr(stream, "close", lambda: None)()
         except Exception as exc:  # noqa: BLE001 - e.g. a pipe: command that exited non-zero
             close_error = exc
-        if close_error is not None and n == 0:
-            problems.add("unreadable_shard", url, detail=_short(close_error))
+        if close_error is not None:  # e.g. a pipe: command that failed, at once or after some output
+            detail = _short(close_error) + (f"; {n} files read before it" if n else "")
+            problems.add("unreadable_shard", url, detail=detail)
         elif error is not None:
             detail = _short(error) + (f"; {n} files read before it" if n else "")
             problems.add(_classify(error, n), url, detail=detail)
@@ -222,7 +224,7 @@ def tar_members(url: str, problems: ProblemLog) -> Iterator[tuple[str, bytes, in
 def _classify(exc: Exception, files_read: int) -> str:
     msg = str(exc)
     if not isinstance(exc, (tarfile.TarError, EOFError)):
-        return "unreadable_shard" if files_read == 0 else "truncated_tar"  # the stream itself failed
+        return "unreadable_shard"  # the stream itself failed (an I/O error), at the start or midway: not the tar
     if files_read == 0 and "empty file" in msg:
         return "empty_tar"
     if files_read == 0 and ("invalid header" in msg or "checksum" in msg):
@@ -385,7 +387,9 @@ def count_samples(urls: Sequence[str]) -> int:
 
 def shard_sizes(urls: Sequence[str]) -> list[int]:
     """Samples in each shard, from the sizes.json beside them (as open_clip reads it), or
-    else from img2dataset's `<shard>_stats.json` (its `successes`: the samples it wrote)."""
+    else from img2dataset's `<shard>_stats.json` (its `successes`: the samples it wrote),
+    or else (img2dataset interrupted in its last shard writes the tar but no stats) counted
+    by reading the tar, with a warning naming the shard."""
     sizes, cache = [], {}
     for url in urls:
         shard = local_sibling(url, ".tar")
@@ -404,8 +408,11 @@ def shard_sizes(urls: Sequence[str]) -> list[int]:
         try:
             sizes.append(int(json.loads(stats_file.read_text())["successes"]))
         except FileNotFoundError:
-            raise UsageError(f"{url}: neither sizes.json nor {stats_file.name} beside the shard; run "
-                             "`python -m shards.validate` or set train_num_samples") from None
+            quiet = ProblemLog(logger=None)
+            n = sum(1 for _ in _check_samples(_tar_samples([url], quiet), quiet))
+            log.warning("%s: neither sizes.json nor %s beside the shard (img2dataset interrupted?): "
+                        "%d samples counted by reading it", url, stats_file.name, n)
+            sizes.append(n)
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{stats_file}: no img2dataset 'successes' count ({exc}); run "
                              "`python -m shards.validate` or set train_num_samples") from None

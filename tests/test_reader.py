@@ -163,20 +163,48 @@ def test_a_tar_cut_anywhere_is_reported_and_keeps_its_complete_samples(tmp_path,
         assert keys == full[: len(keys)], cut
 
 
-def test_sample_counts_from_sizes_json_or_else_img2dataset_stats(tmp_path, world):
+def test_an_io_error_midway_is_an_unreadable_shard_and_keeps_the_samples_before_it(world, monkeypatch):
+    import io
+
+    import shards.reader as reader
+
+    data = (world / "00000.tar").read_bytes()
+    full = [s["__key__"] for s in read_samples(str(world / "00000.tar"), decode=False)]
+
+    class Failing(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > len(data) // 2:
+                raise OSError(5, "Input/output error")
+            return super().read(n)
+
+    monkeypatch.setattr(reader, "open_stream", lambda url: Failing(data))
+    problems = ProblemLog(logger=None)
+    keys = [s["__key__"] for s in read_samples(str(world / "00000.tar"), problems, decode=False)]
+    assert problems.counts["unreadable_shard"] == 1 and problems.counts["truncated_tar"] == 0
+    assert "Input/output error" in problems.items[0]["detail"]
+    assert 0 < len(keys) < len(full) and keys == full[:len(keys)]
+
+
+def test_sample_counts_from_sizes_json_or_else_img2dataset_stats(tmp_path, world, caplog):
     import json
     import shutil
 
-    from shards.reader import count_samples
+    from shards.reader import count_samples, shard_sizes
 
     for name in ("00000.tar", "00001.tar"):
         shutil.copy(world / name, tmp_path / name)
     urls = expand_urls(str(tmp_path))
-    with pytest.raises(UsageError, match="neither sizes.json nor 00000_stats.json beside the shard"):
-        count_samples(urls)
+    read = [sum(1 for _ in read_samples(u, decode=False)) for u in urls]
+    with caplog.at_level("WARNING", logger="shards.reader"):  # img2dataset cut off in its last shard: counted
+        assert shard_sizes(urls) == read
+    lines = [r.getMessage() for r in caplog.records if "counted by reading it" in r.getMessage()]
+    assert len(lines) == 2 and "00000.tar" in lines[0] and "00000_stats.json" in lines[0]
     for stem, n in (("00000", 97), ("00001", 98)):
         (tmp_path / f"{stem}_stats.json").write_text(json.dumps({"count": 100, "successes": n}))
     assert count_samples(urls) == 97 + 98
+    (tmp_path / "00001_stats.json").unlink()  # only the last shard lacks its stats
+    assert shard_sizes(urls) == [97, read[1]]
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"count": 100, "successes": 98}))
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 100, "00001.tar": 100}))
     assert count_samples(urls) == 200  # exact counts (shards.validate) come first
     (tmp_path / "sizes.json").unlink()

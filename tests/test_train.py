@@ -217,6 +217,28 @@ def test_broken_samples_are_skipped_and_counted_across_workers(tmp_path, tiny_sh
     assert json.loads((stage / "done.json").read_text())["data_problems"] == done["data_problems"]
 
 
+def test_training_stops_past_max_problem_rate(tmp_path, tiny_shards):
+    import tarfile
+    data = tmp_path / "shards"
+    data.mkdir()
+    for shard in ("00000", "00001", "00002"):  # every 5th image garbled: 20% of the samples are corrupt
+        with tarfile.open(tiny_shards / f"{shard}.tar") as tf:
+            members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+        write_raw_tar(data / f"{shard}.tar", [(n, os.urandom(200) if n.endswith(("0.jpg", "5.jpg")) else b)
+                                              for n, b in members])
+    args = [f"data={data}", "steps=40", "workers=1", "save_every=100", "train_num_samples=600", *COMMON,
+            "log_every=8"]
+    r = run_cli("pipeline.train", *args, f"out={tmp_path / 'strict'}")
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "data problem rate 0.2" in errors[0] and "past max_problem_rate=0.01" in errors[0] \
+        and "corrupt_image=" in errors[0], errors
+    assert "Traceback" not in r.stderr and not (tmp_path / "strict" / "done.json").exists()
+    r = run_cli("pipeline.train", *args, f"out={tmp_path / 'lenient'}", "max_problem_rate=0.25")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "lenient" / "done.json").read_text())["data_problems"]["corrupt_image"] > 100
+
+
 def test_bad_config_is_one_line(tmp_path, tiny_shards):
     r = run_cli("pipeline.train", f"data={tiny_shards}", f"out={tmp_path}", "engine=horovod")
     assert r.returncode == 2 and "engine: must be one of ['ddp', 'deepspeed']" in r.stderr

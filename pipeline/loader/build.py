@@ -81,8 +81,8 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
     sizes = group_sizes(stage)  # the reduce step's count, else every sidecar's
     if sizes is None:
         sizes = {}
-        for url in urls:
-            for lab in read_sidecar_columns(stage.sidecar(url))[2].tolist():
+        for path in stage.sidecar_paths(urls):
+            for lab in read_sidecar_columns(path)[2].tolist():
                 sizes[lab] = sizes.get(lab, 0) + 1
     min_size = cfg.fallback_min_batches * cfg.batch_size * info.world_size * max(1, cfg.workers)
     table = label_table(sizes, expect.ks, min_size)
@@ -91,4 +91,4 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
     if info.is_main:
         log.info("%s: %d pseudo-labels, %d samples; %d samples in groups below %d fall back to a parent label",
                  stage.path, len(sizes), sum(sizes.values()), fell, int(min_size))
-    return SidecarLabeler(stage, expect, table, cfg.missing_labels)
+    return SidecarLabeler(stage, expect, table, cfg.missing_labels, paths=paths)

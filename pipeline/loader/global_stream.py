@@ -115,8 +115,7 @@ def load_index(stage: StageDir, urls: Sequence[str]) -> SampleIndex:
 def read_index(stage: StageDir, urls: Sequence[str], ks: tuple) -> SampleIndex:
     """The index columns of the sidecars of `urls` (unchecked: `load_index` checks first)."""
     shards, offsets, lengths, keys, labels, skipped = [], [], [], [], [], collections.Counter()
-    for i, url in enumerate(urls):
-        path = stage.sidecar(url)
+    for i, (url, path) in enumerate(zip(urls, stage.sidecar_paths(urls))):
         table = pq.read_table(path, columns=["key", "label", "offset", "length"])
         n = table.num_rows
         length = table.column("length").to_numpy()

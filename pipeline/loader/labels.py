@@ -65,14 +65,15 @@ class SidecarLabeler(Labeler):
     `missing="own"` joins one label of its own and is counted.
     """
 
-    def __init__(self, stage, expect, table: dict, missing: str = "error"):
+    def __init__(self, stage, expect, table: dict, missing: str = "error", paths: dict | None = None):
         self.stage, self.expect, self.table, self.missing = StageDir(stage), expect, table, missing
+        self.paths = paths  # {url: sidecar} of the data set (StageDir.sidecar_paths); None: bare stems
         self._url, self._labels, self._skipped = None, {}, {}
 
     def __call__(self, sample: dict) -> tuple[int, int] | None:
         url = sample["__url__"]
         if url != self._url:
-            path = self.stage.sidecar(url)
+            path = self._path(url)
             self._url, self._labels, self._skipped = url, read_sidecar(path, self.expect), sidecar_skipped(path)
         packed = self._labels.get(sample["__key__"])
         if packed is None and sample["__key__"] in (self._skipped or {}):
@@ -83,7 +84,7 @@ class SidecarLabeler(Labeler):
             if self.missing != "own":
                 why = ("; the sidecar predates skip records: rerun the stage's embed and assign steps"
                        if self._skipped is None else "")
-                raise KeyError(f"{self.stage.sidecar(url)}: no pseudo-label for key {sample['__key__']} "
+                raise KeyError(f"{self._path(url)}: no pseudo-label for key {sample['__key__']} "
                                f"of shard {url} (set missing_labels=own to give such samples a label of their own)"
                                + why)
             if self.stats is not None:
@@ -93,6 +94,9 @@ class SidecarLabeler(Labeler):
         if fell_back and self.stats is not None:
             self.stats.fallback_samples += 1
         return label, parent
+
+    def _path(self, url: str):
+        return self.paths[url] if self.paths is not None else self.stage.sidecar(url)
 
 
 def seed_of(*parts) -> int:

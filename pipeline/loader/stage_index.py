@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from common.io import atomic_output, write_json
-from pipeline.artifacts import shard_stem, sidecar_skipped
+from pipeline.artifacts import shard_names, sidecar_skipped
 from pipeline.loader.labels import stable_hash64
 from pipeline.stage import StageDir, StageRecord, current_record
 
@@ -36,14 +36,14 @@ def index_dir(stage: StageDir):
 
 
 def write(stage: StageDir, record: StageRecord, names: Sequence[str]) -> dict | None:
-    """Write the index of the sidecars of shards `names` (their file names); returns its
+    """Write the index of the sidecars of shards `names` (their file names: shard_names); returns its
     summary, or None when a shard has no byte spans (compressed shards: the slot loader's)."""
     folder = index_dir(stage)
     (folder / "index.json").unlink(missing_ok=True)  # the record goes first, is written last
     parts: dict[str, list] = {c: [] for c in COLUMNS}
     skipped: collections.Counter = collections.Counter()
     for i, name in enumerate(names):
-        path = stage.sidecar(name)
+        path = stage.sidecars_dir / f"{name}.parquet"
         table = pq.read_table(path, columns=["key", "label", "offset", "length"])
         n = table.num_rows
         if n and (table.column("length").to_numpy() <= 0).any():
@@ -79,8 +79,10 @@ def read(stage: StageDir, urls: Sequence[str]):
             return None
     except Exception:  # noqa: BLE001 - none, unreadable, or no current record: reading the sidecars says why
         return None
-    position = {shard_stem(u): i for i, u in enumerate(urls)}
-    missing = [u for u in urls if shard_stem(u) not in set(meta["names"])]
+    names = shard_names(urls)
+    position = {name: i for i, name in enumerate(names)}
+    held = set(meta["names"])
+    missing = [u for u, name in zip(urls, names) if name not in held]
     if missing:
         log.warning("%s: holds no entry for shard %s; reading the sidecars", folder, missing[0])
         return None

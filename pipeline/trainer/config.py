@@ -47,6 +47,8 @@ class TrainConfig:
     fallback_min_batches: float = 1.0  # groups below this many global batches (slot: x workers) use their parent's
     max_fallback: float = 0.1        # refuse labels whose groups send a larger share of samples to a coarser label
     missing_labels: str = "error"    # slot: error | own: a sample without a sidecar entry gets a label of its own
+    max_problem_rate: float = 0.01   # stop when the loaders skip a larger share of what they read (corrupt samples,
+                                     # unreadable shards; checked at log steps from 1000 samples on, over all ranks)
     # loss
     caption_dedup: bool = False      # identical captions are not negatives of each other
     local_loss: bool = False
@@ -106,6 +108,8 @@ class TrainConfig:
             errors.append(f"bucket: global needs labels=sidecars:<stage dir>, got labels={self.labels!r}")
         if not 0 <= self.max_fallback <= 1:
             errors.append(f"max_fallback: must be between 0 and 1, got {self.max_fallback}")
+        if not 0 <= self.max_problem_rate <= 1:
+            errors.append(f"max_problem_rate: must be between 0 and 1, got {self.max_problem_rate}")
         if self.missing_labels not in ("error", "own"):
             errors.append(f"missing_labels: must be 'error' or 'own', got {self.missing_labels!r}")
         errors += check_trackers(self.report_to)
