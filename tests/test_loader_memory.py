@@ -122,3 +122,17 @@ def test_throughput_figures():
     cpu = Throughput(100, None, None)
     cpu.step_done()
     assert cpu.summary()["mfu"] is None and "MFU unknown" in cpu.describe()
+
+
+def test_launch_forecasts_with_the_workers_a_training_task_will_run():
+    """`workers: null` in a run config: the slot forecast counts the workers of a training
+    task's CPUs (Slurm's cpus_per_task), not the login node's."""
+    from types import SimpleNamespace
+
+    from launch.config import SlurmConfig, train_workers
+
+    slurm = SimpleNamespace(name="slurm", slurm=SlurmConfig(cpus_per_task=6))
+    assert train_workers(SimpleNamespace(executor=slurm), TrainConfig()) == 5
+    assert train_workers(SimpleNamespace(executor=slurm), TrainConfig(workers=3)) == 3
+    local = SimpleNamespace(name="local", slurm=SlurmConfig())
+    assert train_workers(SimpleNamespace(executor=local), TrainConfig()) == auto_workers()
