@@ -136,3 +136,16 @@ def test_launch_forecasts_with_the_workers_a_training_task_will_run():
     assert train_workers(SimpleNamespace(executor=slurm), TrainConfig(workers=3)) == 3
     local = SimpleNamespace(name="local", slurm=SlurmConfig())
     assert train_workers(SimpleNamespace(executor=local), TrainConfig()) == auto_workers()
+
+
+def test_counting_flops_leaves_the_model_and_the_rng_as_they_were():
+    from pipeline.trainer.throughput import flops_per_sample
+
+    model, _, pre_val, tokenizer = models.create("mcl-tiny-vit", None)
+    model.train()
+    to_uint8, normalize = split_transform(pre_val)
+    from pipeline.loader.decode import blank_image
+
+    state = torch.get_rng_state()
+    flops = flops_per_sample(model, normalize(blank_image(to_uint8).unsqueeze(0)), tokenizer(["a photo"]))
+    assert flops > 0 and model.training and torch.equal(torch.get_rng_state(), state)

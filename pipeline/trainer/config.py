@@ -74,6 +74,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     peak_tflops: float | None = None  # the device's peak for the MFU estimate; None: known GPUs' bf16 dense peak
+                                     # (set it for fp32 training)
     report_to: list[str] | str = field(default_factory=list)  # dashboards: tensorboard, wandb (pipeline.trainer.trackers)
     wandb_project: str | None = None  # default: $WANDB_PROJECT, else "mcl"
     wandb_entity: str | None = None

@@ -53,9 +53,14 @@ def flops_per_sample(model: torch.nn.Module, image: torch.Tensor, tokens: torch.
     normalised, `tokens` [1, L]) counted by torch's FlopCounterMode, x 3 (forward + backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(image, tokens)
+    counter, was_training = FlopCounterMode(display=False), model.training
+    devices = [image.device] if image.device.type == "cuda" else []
+    model.eval()  # a train-mode forward would move batch-norm statistics
+    try:  # nor may it draw from the RNGs a resumed run restored
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), counter:
+            model(image, tokens)
+    finally:
+        model.train(was_training)
     return 3.0 * counter.get_total_flops()
 
 
