@@ -481,7 +481,7 @@ def test_metrics_show_data_wait_throughput_and_mfu(tmp_path, tiny_shards):
     r = run_cli("pipeline.train", f"data={tiny_shards}", f"out={stage}", "steps=4", "log_every=2", "workers=1",
                 "peak_tflops=0.5", *[a for a in COMMON if not a.startswith("log_every")])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "loader: 1 workers (of " in r.stderr and "GB host memory for batches" in r.stderr
+    assert "loader: 1 workers (of " in r.stderr and " MB host memory for batches" in r.stderr  # 4 x 32 x 3 x 32 x 32
     records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     logged = [rec for rec in records if "data_wait_share" in rec]
     assert [rec["step"] for rec in logged] == [2, 4]

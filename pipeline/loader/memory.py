@@ -69,8 +69,9 @@ class LoaderPlan(NamedTuple):
         return self.batch_bytes * (self.workers * self.prefetch if self.workers else 1)
 
     def describe(self) -> str:
+        held = f"{self.held_bytes / GB:.1f} GB" if self.held_bytes >= 0.1 * GB else f"{self.held_bytes / 1e6:.1f} MB"
         return (f"loader: {self.workers} workers (of {self.cpus} CPUs), prefetch {self.prefetch or 0} batches each: "
-                f"{self.held_bytes / GB:.1f} GB host memory for batches")
+                f"{held} host memory for batches")
 
 
 def plan_loader(workers: int | None, prefetch: int | None, memory_gb: float, per_batch: int,
