@@ -134,7 +134,8 @@ def main() -> None:
     per = {name: med[name] / n * scale for name in med}
     old = per["float32"] * 16 * PREFETCH
     print(f"B=1000, 224 px, per rank: float32 with 16 workers x prefetch 4 (before): {old / GB:.1f} GB; uint8 with "
-          f"16 workers x prefetch 4: {per['uint8'] * 16 * PREFETCH / GB:.1f} GB ({old / (per['uint8'] * 64):.2f}x less)")
+          f"16 workers x prefetch 4: {per['uint8'] * 16 * PREFETCH / GB:.1f} GB "
+          f"({old / (per['uint8'] * 16 * PREFETCH):.2f}x less)")
     computed = batch_bytes(1000, (3, 224, 224), 77)
     for workers, cpus, what in ((16, 12, "workers: 16"), (None, 12, "workers: auto on 12 CPUs per task")):
         plan = plan_loader(workers, None, 4.0, computed, cpus)
