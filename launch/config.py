@@ -287,8 +287,20 @@ def label_batch(cfg: RunConfig, labels_of: int, train: TrainConfig | None = None
         return None
     train = train or stage_train_config(cfg, trained)
     g = train.batch_size * train_world_size(cfg)
-    slots = max(1, train.workers) if batching(train) == "slot" else 1
+    slots = max(1, train_workers(cfg, train)) if batching(train) == "slot" else 1
     return LabelBatch(trained, g, train.fallback_min_batches * g * slots, train.max_fallback)
+
+
+def train_workers(cfg: RunConfig, train: TrainConfig) -> int:
+    """The DataLoader workers per rank the training step will run: the config's, or the
+    automatic count (pipeline.loader.memory) for the CPUs of a training task (Slurm's
+    cpus_per_task for train, else this machine's)."""
+    from pipeline.loader.memory import auto_workers
+
+    if train.workers is not None:
+        return train.workers
+    cpus = cfg.executor.slurm.resources("train").cpus_per_task if cfg.executor.name == "slurm" else None
+    return auto_workers(cpus)
 
 
 def forecasts(cfg: RunConfig, samples: int) -> list[tuple[LabelBatch, tuple, object]]:

@@ -8,7 +8,8 @@ GPU). Writes to the stage folder `out`:
 
     checkpoints/step_NNNNNNNN.pt     every `save_every` steps and at the end (atomic; the
                                      DeepSpeed engine writes a folder + a .json record)
-    metrics.jsonl                    one line per step: loss, lr, samples/s, effective negatives
+    metrics.jsonl                    one line per step: loss, lr, samples/s, effective negatives;
+                                     at log steps data wait share, samples/s per device, MFU
     model/                           the final model, a plain open_clip artifact
     done.json                        written last: the stage is complete
 
@@ -36,7 +37,9 @@ import torch
 from pipeline import models
 from pipeline.loader.batch import Batch
 from pipeline.trainer.checkpoints import Checkpoints, Position
-from pipeline.loader.build import make_stream
+from pipeline.loader.build import make_stream, resolve_loader
+from pipeline.loader.decode import blank_image
+from pipeline.loader.images import DeviceNormalize, split_transform
 from pipeline.loader.labels import seed_of
 from pipeline.loader.progress import LoaderProgress
 from pipeline.loader.workers import start_batches
@@ -48,6 +51,7 @@ from pipeline.trainer.problem_rate import ProblemRate
 from pipeline.stage import StageDir
 from pipeline.trainer.config import TrainConfig, batching, load_train_config, recorded_batching, to_dict
 from pipeline.trainer.log import MetricsLog, keep_records
+from pipeline.trainer.throughput import Throughput, flops_per_sample, peak_tflops
 from pipeline.trainer.trackers import Trackers, missing_packages, tracker_names
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import write_json
@@ -171,8 +175,11 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
         lock_text_unlocked_layers=cfg.lock_text_unlocked_layers, quick_gelu=cfg.quick_gelu)
     model_cfg = models.model_config(cfg.model, cfg.pretrained, cfg.quick_gelu)
 
-    stream, mode, num_samples, steps_per_epoch = make_stream(cfg, urls, info, pre_train if cfg.augment else pre_val,
-                                                             tokenizer)
+    # the workers make uint8 images; the step normalises them on the device (pipeline.loader.images)
+    to_uint8, normalize = split_transform(pre_train if cfg.augment else pre_val)
+    normalize = normalize.to(info.device)
+    cfg, _ = resolve_loader(cfg, tuple(blank_image(to_uint8).shape), tokenizer, info)
+    stream, mode, num_samples, steps_per_epoch = make_stream(cfg, urls, info, to_uint8, tokenizer)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     hosts = all_gather_object(node_name(), info)
     if info.is_main:
@@ -204,6 +211,7 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
                          lambda: Trackers(tracker_names(cfg.report_to), out, at.step,
                                           {**to_dict(cfg), "world_size": info.world_size, "batching": mode},
                                           cfg.wandb_project, cfg.wandb_entity))
+    throughput = _throughput(cfg, engine, normalize, to_uint8, tokenizer, info)
     step, epoch, data_problems, failed = at.step, at.epoch, dict(at.data_problems), True
     rate = ProblemRate(cfg.max_problem_rate, info)
     stop = StopSignals(info).__enter__()
@@ -215,14 +223,17 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
             if step < total_steps:
                 stream.set_epoch(epoch, start)
                 engine.model.train()
-                for batch in _batches(stream, cfg, epoch, info, pad=mode == "slot" and info.distributed):
+                throughput.epoch_start()
+                for batch in throughput.timed(_batches(stream, cfg, epoch, info,
+                                                       pad=mode == "slot" and info.distributed)):
                     loader.update(batch.info)
                     rate.add(batch)
                     lr = schedule(step)
-                    loss = _step(engine, loss_fn, batch.to(info.device), cfg)
+                    loss = _step(engine, loss_fn, batch.to(info.device), cfg, normalize)
                     step += 1
+                    throughput.step_done()
                     metrics.step(step, epoch, loss, lr, loss_fn.last_effective_negatives, engine.unwrap().logit_scale,
-                                 _main_label(batch) if mode != "off" else None)
+                                 _main_label(batch) if mode != "off" else None, throughput)
                     if step % cfg.log_every == 0 or step == total_steps:
                         rate.check()  # every rank alike: past max_problem_rate all stop with one line
                     saved = step % cfg.save_every == 0 or step == total_steps
@@ -252,8 +263,9 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
 
     record = {"steps": step, "final_loss": metrics.last.get("loss"), "model_dir": str(out / "model"),
               "architecture": cfg.model, "data_problems": data_problems, "config": to_dict(cfg), "batching": mode,
-              "inputs": current}
+              "inputs": current, "throughput": throughput.summary()}
     if info.is_main:
+        log.info("%s", throughput.describe())
         models.save_model(engine.unwrap(), cfg.model, model_cfg, out / "model")
         write_json(out / "done.json", record)
         log.info("%s: stage done, model in %s", out, out / "model")
@@ -279,7 +291,7 @@ def _resume(ckpts: Checkpoints, cfg: TrainConfig, info: DistInfo) -> Position:
 def _batches(stream, cfg: TrainConfig, epoch: int, info: DistInfo, pad: bool) -> Iterator[Batch]:
     """This rank's batches of `epoch`. With `pad` (ranks that run out at different steps),
     padding batches follow until every rank has run out."""
-    batches = start_batches(stream, cfg.workers, seed_of(cfg.seed, epoch))
+    batches = start_batches(stream, cfg.workers, seed_of(cfg.seed, epoch), prefetch=cfg.prefetch_factor)
     while True:
         batch = next(batches, None)
         if pad:
@@ -304,15 +316,32 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
-def _step(engine: Engine, loss_fn: MaskedClipLoss, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
-    """One optimisation step on `batch` (on the device); returns its loss."""
+def _step(engine: Engine, loss_fn: MaskedClipLoss, batch: Batch, cfg: TrainConfig,
+          normalize: DeviceNormalize) -> torch.Tensor:
+    """One optimisation step on `batch` (on the device, its images uint8); returns its loss."""
+    images = normalize(batch.images)
     with engine.autocast():
-        image_f, text_f, scale = _features(engine.model(batch.images, batch.tokens))
+        image_f, text_f, scale = _features(engine.model(images, batch.tokens))
         loss = loss_fn(image_f, text_f, scale, batch.labels if cfg.labels != "none" else None,
                        batch.caption_ids if cfg.caption_dedup else None, batch.valid)
     engine.backward(loss)
     engine.step()
     return loss
+
+
+def _throughput(cfg: TrainConfig, engine: Engine, normalize: DeviceNormalize, to_uint8, tokenizer,
+                info: DistInfo) -> Throughput:
+    """The stage's throughput meter; with a known peak (`peak_tflops`, or the GPU's) the main
+    rank counts the model's FLOPs per sample once, for the MFU estimate."""
+    peak = peak_tflops(cfg.peak_tflops, info.device)
+    flops = None
+    if peak and info.is_main:
+        image = normalize(blank_image(to_uint8).unsqueeze(0).to(info.device))
+        try:
+            flops = flops_per_sample(engine.unwrap(), image, tokenizer(["a photo"]).to(info.device))
+        except Exception as exc:  # noqa: BLE001 - an estimate: the run goes on without it
+            log.warning("could not count the model's FLOPs (%s): no MFU estimate", exc)
+    return Throughput(cfg.batch_size, flops, peak)
 
 
 def _features(out):

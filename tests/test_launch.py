@@ -99,7 +99,11 @@ def test_the_paper_recipe_plans_each_step_with_its_own_resources(tmp_path, tiny_
         assert params.get("slurm_gpus_per_node") == gpus, name
         assert params.get("slurm_tasks_per_node") == (8 if kind == "train" else None), name
         assert tasks == (32 if kind in ("embed", "assign") else 1), name
-    assert plan["stage1/train"][1]["slurm_mem_gb"] == 900 and plan["stage1/assign"][1]["slurm_cpus_per_task"] == 4
+    assert plan["stage1/train"][1]["slurm_mem_gb"] == 144 and plan["stage1/assign"][1]["slurm_cpus_per_task"] == 4
+    # the node's memory covers 8 ranks' prefetched uint8 batches (11 workers on 12 CPUs) many times over
+    from pipeline.loader.memory import batch_bytes, plan_loader
+    loader = plan_loader(None, None, 4.0, batch_bytes(1000, (3, 224, 224)), cpus=12)
+    assert (loader.workers, loader.prefetch) == (11, 2) and 8 * loader.held_bytes / 1e9 < 144 / 4
     # two nodes for training alone
     r = run_cli("launch", "run", "--config", str(REPO / "configs" / "paper_vitl14.yaml"), f"run_dir={tmp_path / 'r'}",
                 f"data={tiny_shards}", "mmvp=", "train.train_num_samples=10000000", "executor.slurm.nodes=2",

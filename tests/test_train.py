@@ -460,6 +460,12 @@ def test_dashboards_mirror_the_metrics_and_an_unreachable_wandb_does_not_stop_tr
         got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
         assert got == [(rec["step"], pytest.approx(rec[key], rel=1e-5)) for rec in records], key
     assert [(e.step, e.value) for e in events.Scalars("loader/pure_batches")] == [(6, loader["pure_batches"])]
+    for key in ("data_wait_share", "samples_per_s_per_device"):  # at log steps (COMMON: log_every=5) and the last
+        got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert got == [(rec["step"], pytest.approx(rec[key], rel=1e-5)) for rec in records if key in rec], key
+        assert [step for step, _ in got] == [5, 6]
+    assert "train/mfu" not in tags  # no peak known on the CPU: null in metrics.jsonl, no scalar
+    assert all(rec["mfu"] is None for rec in records if "data_wait_share" in rec)
     assert {"loader/mixed_batches", "loader/fallback_samples"} <= tags and "train/time" not in tags
 
     logs = list((stage / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -487,3 +493,26 @@ def test_dashboards_mirror_the_metrics_and_an_unreachable_wandb_does_not_stop_tr
     r = run_cli("pipeline.train", *args[:-len(COMMON) - 1], "report_to=[tensorboard,comet]", *COMMON,
                 f"out={tmp_path / 'bad'}")
     assert r.returncode == 2 and "report_to: unknown tracker 'comet'" in r.stderr.strip().splitlines()[-1]
+
+
+def test_metrics_show_data_wait_throughput_and_mfu(tmp_path, tiny_shards):
+    """Log steps record data_wait_share, samples_per_s_per_device and mfu (here against a
+    stated peak: on the CPU there is none); the loader line names workers, prefetch and
+    memory; done.json holds the stage's means."""
+    stage = tmp_path / "stage1"
+    r = run_cli("pipeline.train", f"data={tiny_shards}", f"out={stage}", "steps=4", "log_every=2", "workers=1",
+                "peak_tflops=0.5", *[a for a in COMMON if not a.startswith("log_every")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "loader: 1 workers (of " in r.stderr and " MB host memory for batches" in r.stderr  # 4 x 32 x 3 x 32 x 32
+    records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    logged = [rec for rec in records if "data_wait_share" in rec]
+    assert [rec["step"] for rec in logged] == [2, 4]
+    for rec in logged:
+        assert 0 <= rec["data_wait_share"] <= 1 and rec["samples_per_s_per_device"] > 0
+        assert 0 < rec["mfu"] < 1
+    done = json.loads((stage / "done.json").read_text())
+    tp = done["throughput"]
+    assert tp["steps"] == 4 and tp["peak_tflops"] == 0.5 and tp["flops_per_sample"] > 0
+    assert 0 < tp["mfu"] < 1 and 0 <= tp["data_wait_share"] <= 1 and tp["samples_per_s_per_device"] > 0
+    assert done["config"]["workers"] == 1 and done["config"]["prefetch_factor"] >= 1
+    assert "throughput over 4 steps:" in r.stderr and "MFU" in r.stderr

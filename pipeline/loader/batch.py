@@ -28,7 +28,7 @@ class BatchInfo(NamedTuple):
 
 @dataclass(frozen=True)
 class Batch:
-    images: torch.Tensor       # float [B, 3, H, W]
+    images: torch.Tensor       # uint8 [B, 3, H, W] (normalised on the device: pipeline.loader.images)
     tokens: torch.Tensor       # int [B, context length]
     labels: torch.Tensor       # int64 [B] pseudo-labels; -1 for padding
     caption_ids: torch.Tensor  # int64 [B] caption hashes; 0 for padding

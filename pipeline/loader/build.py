@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -16,6 +17,7 @@ from pipeline.loader.global_stream import GlobalBatchStream, load_index
 from pipeline.loader.groups import label_table
 from pipeline.loader.stage_index import group_sizes
 from pipeline.loader.labels import JsonLabeler, SidecarLabeler, no_labels
+from pipeline.loader.memory import LoaderPlan, auto_workers, batch_bytes, plan_loader
 from pipeline.loader.slot import TrainStream, epoch_plan
 from pipeline.stage import SIDECAR_LABELS, StageDir
 from pipeline.trainer.config import TrainConfig, batching
@@ -25,10 +27,25 @@ from shards.reader import shard_sizes
 log = logging.getLogger("pipeline.train")  # its lines are the training's
 
 
+def resolve_loader(cfg: TrainConfig, image_shape: tuple[int, ...], tokenizer=None, info: DistInfo | None = None,
+                   cpus: int | None = None) -> tuple[TrainConfig, LoaderPlan]:
+    """(`cfg` with `workers` and `prefetch_factor` set, the plan they come from) for batches of
+    `cfg.batch_size` uint8 images of `image_shape` (C, H, W): automatic values where the config
+    leaves them None (pipeline.loader.memory), its own values where it sets them. The main
+    rank logs the plan in one line."""
+    per_batch = batch_bytes(cfg.batch_size, image_shape, int(getattr(tokenizer, "context_length", None) or 77))
+    plan = plan_loader(cfg.workers, cfg.prefetch_factor, cfg.loader_memory_gb, per_batch, cpus)
+    if info is None or info.is_main:
+        log.info("%s", plan.describe())
+    return dataclasses.replace(cfg, workers=plan.workers, prefetch_factor=plan.prefetch), plan
+
+
 def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, tokenizer):
     """(the rank's batch stream, its batching mode: global | slot | off, samples per epoch,
     steps per epoch) for the config's `labels` and `bucket`."""
     mode = batching(cfg)
+    if cfg.workers is None:  # not resolved by the caller (resolve_loader): the automatic count
+        cfg = dataclasses.replace(cfg, workers=auto_workers())
     if mode == "global":
         stage = StageDir.from_label_source(cfg.labels)
         index = load_index(stage, urls)
@@ -84,7 +101,8 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
         for path in stage.sidecar_paths(urls):
             for lab in read_sidecar_columns(path)[2].tolist():
                 sizes[lab] = sizes.get(lab, 0) + 1
-    min_size = cfg.fallback_min_batches * cfg.batch_size * info.world_size * max(1, cfg.workers)
+    workers = auto_workers() if cfg.workers is None else cfg.workers
+    min_size = cfg.fallback_min_batches * cfg.batch_size * info.world_size * max(1, workers)
     table = label_table(sizes, expect.ks, min_size)
     fell = sum(n for lab, n in sizes.items() if table[lab][2])
     check_fallback(cfg, stage, fell, sum(sizes.values()), len(sizes), cfg.batch_size * info.world_size)

@@ -23,9 +23,11 @@ def stream_role(start: dict[int, int]) -> tuple[int, int]:
     return (process + sum(start.values())) % workers, workers
 
 
-def make_loader(stream, workers: int, seed: int, worker_init_fn=None) -> DataLoader:
+def make_loader(stream, workers: int, seed: int, worker_init_fn=None, prefetch: int | None = 4) -> DataLoader:
+    """The DataLoader of a batch stream: `workers` processes, each keeping `prefetch` batches
+    ready (pipeline.loader.memory sizes both)."""
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=(prefetch or 1) if workers else None,
                       generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init_fn)
 
 
@@ -43,7 +45,7 @@ def _mark_started(counter, worker_id: int) -> None:
         counter.value += 1
 
 
-def start_batches(stream, workers: int, seed: int, timeout: float = WORKER_START_TIMEOUT_S):
+def start_batches(stream, workers: int, seed: int, timeout: float = WORKER_START_TIMEOUT_S, prefetch: int | None = 4):
     """`iter(make_loader(...))`, once every worker process has started. A worker forked while
     another thread of the rank held CPython's runtime lock never starts: Python 3.11 takes that
     lock in the child before it re-creates it (seen here: a worker stuck in PyOS_AfterFork_Child
@@ -52,10 +54,10 @@ def start_batches(stream, workers: int, seed: int, timeout: float = WORKER_START
     import multiprocessing
 
     if not workers:
-        return iter(make_loader(stream, workers, seed))
+        return iter(make_loader(stream, workers, seed, prefetch=prefetch))
     for _ in range(3):
         started = multiprocessing.get_context("fork").Value("i", 0)
-        batches = iter(make_loader(stream, workers, seed, functools.partial(_mark_started, started)))
+        batches = iter(make_loader(stream, workers, seed, functools.partial(_mark_started, started), prefetch))
         deadline = time.monotonic() + timeout
         while started.value < workers and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -33,7 +33,9 @@ class TrainConfig:
     # data
     seed: int = 0
     batch_size: int = 64             # per rank
-    workers: int = 1                 # DataLoader workers per rank
+    workers: int | None = None       # DataLoader workers per rank; None: the rank's CPUs less one, at most 16
+    prefetch_factor: int | None = None  # batches each worker keeps ready; None: what loader_memory_gb holds (1-4)
+    loader_memory_gb: float = 4.0    # host memory per rank for prefetched batches (prefetch_factor: None)
     shuffle_buffer: int = 1000
     augment: bool = False            # open_clip's train transform instead of the eval one
     train_num_samples: int | None = None  # samples per epoch (default: the shards' sizes.json)
@@ -73,6 +75,8 @@ class TrainConfig:
     save_every: int = 100            # steps between checkpoints
     keep_checkpoints: int = 2
     log_every: int = 10
+    peak_tflops: float | None = None  # the device's peak for the MFU estimate; None: known GPUs' bf16 dense peak
+                                     # (set it for fp32 training)
     report_to: list[str] | str = field(default_factory=list)  # dashboards: tensorboard, wandb (pipeline.trainer.trackers)
     wandb_project: str | None = None  # default: $WANDB_PROJECT, else "mcl"
     wandb_entity: str | None = None
@@ -90,8 +94,13 @@ class TrainConfig:
         if self.steps is not None and self.steps < 1:
             errors.append(f"steps: must be >= 1, got {self.steps}")
         for name in ("workers", "warmup"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 errors.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            errors.append(f"prefetch_factor: must be >= 1, got {self.prefetch_factor}")
+        for name in ("loader_memory_gb", "peak_tflops"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                errors.append(f"{name}: must be > 0, got {getattr(self, name)}")
         choices = {"lr_scheduler": ("cosine", "const"), "engine": ("ddp", "deepspeed"),
                    "precision": ("auto", "fp32", "bf16"), "dist_backend": ("auto", "gloo", "nccl")}
         for name, allowed in choices.items():

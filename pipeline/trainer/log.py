@@ -1,7 +1,9 @@
 """What a training run reports: each step's metrics and log line, each epoch's loader counters.
 
     metrics.jsonl        one line per step (rank 0), trimmed back to the resumed step on a
-                         resume; mirrored to the config's `report_to` trackers (pipeline.trainer.trackers)
+                         resume; mirrored to the config's `report_to` trackers (pipeline.trainer.trackers);
+                         log steps add data_wait_share, samples_per_s_per_device and mfu
+                         (pipeline.trainer.throughput)
     loader_stats.jsonl   one line per epoch of the cluster-bucketed loader
                          (pipeline.loader.progress)
 """
@@ -43,9 +45,11 @@ class MetricsLog:
         self.file = open(self.path, "a")
 
     def step(self, step: int, epoch: int, loss: torch.Tensor, lr: float, effective_negatives: float,
-             logit_scale: torch.Tensor, label: int | None = None) -> None:
+             logit_scale: torch.Tensor, label: int | None = None, throughput=None) -> None:
         """Record step `step` (just taken); `logit_scale` is the model's log-scale parameter,
-        `label` the pseudo-label most of this rank's batch carried (None: unlabelled)."""
+        `label` the pseudo-label most of this rank's batch carried (None: unlabelled);
+        `throughput` (pipeline.trainer.throughput.Throughput) adds its figures since the last
+        log step to the records of log steps."""
         elapsed = time.time() - self.t_start
         sps = (step - self.start_step) * self.samples_per_step / max(elapsed, 1e-9)
         self.last = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "samples_per_s": sps,
@@ -53,12 +57,20 @@ class MetricsLog:
                      "time": time.time()}
         if label is not None:
             self.last["label"] = label
+        logged = step % self.log_every == 0 or step == self.total_steps
+        if throughput is not None and logged:
+            self.last.update(throughput.take_window())
         self._write(self.last)
-        if self.enabled and (step % self.log_every == 0 or step == self.total_steps):
+        if self.enabled and logged:
             eta = (self.total_steps - step) * elapsed / max(step - self.start_step, 1)
-            log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s eta %s eff_neg %.1f scale %.1f",
+            seen = ""
+            if "data_wait_share" in self.last:
+                seen = f" data wait {100 * self.last['data_wait_share']:.0f}%"
+                if self.last.get("mfu") is not None:
+                    seen += f" mfu {100 * self.last['mfu']:.1f}%"
+            log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s eta %s eff_neg %.1f scale %.1f%s",
                      step, self.total_steps, epoch, self.last["loss"], lr, sps, _hms(eta),
-                     effective_negatives, self.last["logit_scale"])
+                     effective_negatives, self.last["logit_scale"], seen)
 
     def _write(self, record: dict) -> None:
         if not self.enabled:

@@ -12,7 +12,8 @@ trackers its main rank writes to, besides metrics.jsonl:
                  entity from `wandb_project` / `wandb_entity` (or WANDB_PROJECT / WANDB_ENTITY)
 
 Scalars: train/<key> for each step's record (loss, lr, logit_scale, samples_per_s,
-effective_negatives, epoch), loader/<counter> at the end of each epoch (pure, mixed and
+effective_negatives, epoch; at log steps data_wait_share, samples_per_s_per_device and mfu
+where known: pipeline.trainer.throughput), loader/<counter> at the end of each epoch (pure, mixed and
 early batches, fallback samples, data problems skipped). A tracker never stops training:
 one that cannot start (a W&B that cannot be reached or is not logged in: after
 WANDB_INIT_TIMEOUT, 90 s by default, or a 30 s login prompt) is reported in one warning and
