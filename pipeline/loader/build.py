@@ -95,10 +95,11 @@ def make_labeler(cfg: TrainConfig, urls: list[str], info: DistInfo):
 
     stage = StageDir.from_label_source(cfg.labels)
     expect = labels_for_training(stage, urls)
+    paths = dict(zip(urls, stage.sidecar_paths(urls)))
     sizes = group_sizes(stage)  # the reduce step's count, else every sidecar's
     if sizes is None:
         sizes = {}
-        for path in stage.sidecar_paths(urls):
+        for path in paths.values():
             for lab in read_sidecar_columns(path)[2].tolist():
                 sizes[lab] = sizes.get(lab, 0) + 1
     workers = auto_workers() if cfg.workers is None else cfg.workers
