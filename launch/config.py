@@ -482,6 +482,14 @@ def validate(cfg: RunConfig) -> list[str]:
             errors.append(str(exc))
             break
     clustered = [s for s in trained if cfg.parent(s) is not None]
+    if urls and not errors and clustered:  # before stage 1 and a whole embedding pass are spent
+        from pipeline.loader.global_stream import random_access_refusal
+        from pipeline.trainer.config import batching
+
+        problem = random_access_refusal(urls)
+        wanting = [s for s in clustered if batching(stage_train_config(cfg, s)) == "global"]
+        if problem and wanting:
+            errors.append(f"stage {wanting[0]}: {problem}")
     if urls and not errors and clustered:
         from pipeline.group_sizing import fallback_refusal
         from shards.reader import count_samples

@@ -385,16 +385,56 @@ def count_samples(urls: Sequence[str]) -> int:
     return sum(shard_sizes(urls))
 
 
+def _read_remote_json(url: str):
+    """A small JSON file at a URL (fsspec: http(s), s3, gs, ...); None when there is none."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{url}: cannot read ({_short(exc)})") from None
+
+
+def _remote_size(url: str, cache: dict) -> int:
+    """Samples in a remote shard: its folder's sizes.json, else its img2dataset stats, at
+    the same URL (a remote tar is not read whole to count it)."""
+    folder, name = url.rsplit("/", 1)
+    sizes_url = f"{folder}/sizes.json"
+    if sizes_url not in cache:
+        cache[sizes_url] = _read_remote_json(sizes_url)
+    if cache[sizes_url] is not None:
+        if name not in cache[sizes_url]:
+            raise UsageError(f"{sizes_url}: has no entry for {name}; rerun shards.validate")
+        return int(cache[sizes_url][name])
+    stats_url = f"{folder}/{name.split('.', 1)[0]}_stats.json"
+    stats = _read_remote_json(stats_url)
+    try:
+        return int(stats["successes"])
+    except TypeError:
+        raise UsageError(f"{url}: neither {sizes_url} nor {stats_url} exists; write sizes.json beside the "
+                         f"shards (python -m shards.validate --sizes) or set train_num_samples") from None
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"{stats_url}: no img2dataset 'successes' count ({exc}); run "
+                         "`python -m shards.validate` or set train_num_samples") from None
+
+
 def shard_sizes(urls: Sequence[str]) -> list[int]:
     """Samples in each shard, from the sizes.json beside them (as open_clip reads it), or
     else from img2dataset's `<shard>_stats.json` (its `successes`: the samples it wrote),
-    or else (img2dataset interrupted in its last shard writes the tar but no stats) counted
-    by reading the tar, with a warning naming the shard."""
+    local or at the shards' URL (http(s), s3, gs: fsspec), or else, for a local shard
+    (img2dataset interrupted in its last shard writes the tar but no stats), counted by
+    reading the tar, with a warning naming the shard."""
     sizes, cache = [], {}
     for url in urls:
         shard = local_sibling(url, ".tar")
         if shard is None:
-            raise UsageError(f"{url}: remote shards need train_num_samples (no sizes.json to read)")
+            if url.startswith("pipe:") or "/" not in url:
+                raise UsageError(f"{url}: the sample count of a pipe: shard is unknown; set train_num_samples")
+            sizes.append(_remote_size(url, cache))
+            continue
         sizes_file = shard.parent / "sizes.json"
         name = shard_basename(url)
         if sizes_file.exists():

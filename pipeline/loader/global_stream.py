@@ -94,16 +94,25 @@ class SampleIndex:
         return len(self.label)
 
 
-def load_index(stage: StageDir, urls: Sequence[str]) -> SampleIndex:
-    """The random-access index of `urls` from the stage's sidecars (checked current first)."""
+def random_access_refusal(urls: Sequence[str]) -> str | None:
+    """Why `bucket=global` cannot read these shards (one line), or None: it reads samples by
+    byte offset, so the shards must be local (or mounted) uncompressed tars."""
     remote = [u for u in urls if not is_local(u)]
     if remote:
-        raise UsageError(f"bucket=global reads samples by random access and needs local or mounted shards, "
-                         f"not {remote[0]}; mount the data or use bucket=slot (streams each shard)")
+        return (f"bucket=global reads samples by random access and needs local or mounted shards, not "
+                f"{remote[0]}; mount the data or use bucket=slot (train.bucket in a run config: streams each shard)")
     packed = [u for u in urls if not local_path(u).name.endswith(".tar")]
     if packed:
-        raise UsageError(f"bucket=global reads samples by their byte offsets and needs uncompressed .tar "
-                         f"shards, not {packed[0]}; use bucket=slot for compressed shards")
+        return (f"bucket=global reads samples by their byte offsets and needs uncompressed .tar shards, not "
+                f"{packed[0]}; use bucket=slot for compressed shards")
+    return None
+
+
+def load_index(stage: StageDir, urls: Sequence[str]) -> SampleIndex:
+    """The random-access index of `urls` from the stage's sidecars (checked current first)."""
+    problem = random_access_refusal(urls)
+    if problem:
+        raise UsageError(problem)
     index = stage_index.read(stage, urls)
     if index is not None:
         log.info("%s: %d samples mapped from the stage index", stage.path, len(index))
