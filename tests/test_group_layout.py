@@ -62,3 +62,21 @@ def test_batches_change_between_epochs_as_a_reshuffled_group_s_do_for_groups_of_
     # the same epoch twice is the same steps (resume, every rank alike)
     again = epoch_steps(layout, 1, 0, 2)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(again, epoch_steps(layout, 1, 0, 2)))
+
+
+def test_a_resumed_epoch_goes_on_in_the_uninterrupted_order_when_streams_end_unevenly():
+    from pipeline.loader.group_layout import epoch_bundles, merged_order, stream_roles
+
+    dealt = epoch_bundles([7, 3, 9, 4, 4, 8, 2], epoch=0, seed=1, workers=3)
+    assert sorted(b for d in dealt for b in d) == list(range(7))
+    lengths = [sum([7, 3, 9, 4, 4, 8, 2][b] for b in d) for d in dealt]
+    assert max(lengths) - min(lengths) <= 9
+    order = merged_order(lengths)
+    for consumed in range(len(order) + 1):
+        done = {w: order[:consumed].count(w) for w in range(3)}
+        roles = stream_roles(lengths, done)
+        assert sorted(roles) == [0, 1, 2]
+        left = {w: lengths[w] - done[w] for w in range(3)}
+        # the DataLoader's rotation over its processes, each playing roles[p] from where it stopped
+        resumed = merged_order([left[roles[p]] for p in range(3)])
+        assert [roles[p] for p in resumed] == order[consumed:], consumed

@@ -54,9 +54,17 @@ from shards.reader import ProblemLog, check_samples, is_local, local_path, read_
 log = logging.getLogger("pipeline.loader")
 
 
+def open_seekable(url: str):
+    """A remote shard opened for reads at byte offsets (fsspec: one range request a read)."""
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
 class OpenShards:
     """A worker's open shard files, the `size` most recently used (random access touches
-    every shard: 10,000 open files would pass the usual limit of 1,024)."""
+    every shard: 10,000 open files would pass the usual limit of 1,024); local paths, or
+    remote URLs read by range (the regroup job's reads)."""
 
     def __init__(self, size: int = 64):
         self.size, self.files = size, collections.OrderedDict()
@@ -64,7 +72,7 @@ class OpenShards:
     def get(self, url: str):
         f = self.files.pop(url, None)
         if f is None:
-            f = open(local_path(url), "rb")
+            f = open(local_path(url), "rb") if is_local(url) else open_seekable(url)
             if len(self.files) >= self.size:
                 self.files.popitem(last=False)[1].close()
         self.files[url] = f

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -94,6 +95,10 @@ class Layout:
         parts = self.part_sizes()
         return np.stack([parts[members].sum(0) for members in self.bundles]) if self.bundles else parts[:0]
 
+    def bundle_steps(self) -> list[int]:
+        """The global steps of each bundle."""
+        return [sum(self.chunks[c].steps for c in members) for members in self.bundles]
+
 
 def lay_out(group: np.ndarray, parent: np.ndarray, world: int, batch: int, chunk_steps: int,
             bundle_steps: int, seed: int) -> Layout:
@@ -138,10 +143,47 @@ def lay_out(group: np.ndarray, parent: np.ndarray, world: int, batch: int, chunk
     return layout
 
 
-def epoch_bundles(layout: Layout, epoch: int, seed: int, workers: int) -> list[list[int]]:
-    """The bundles each DataLoader worker reads this epoch, in order (the same on every rank)."""
-    order = _rng(seed, "epoch", epoch).permutation(len(layout.bundles)).tolist()
-    return [order[w::max(1, workers)] for w in range(max(1, workers))]
+def epoch_bundles(bundle_steps: Sequence[int], epoch: int, seed: int, workers: int) -> list[list[int]]:
+    """The bundles each DataLoader worker (stream) reads this epoch, in order, the same on
+    every rank: the bundles in the epoch's order, each to the stream with the fewest steps
+    so far (the streams end within about one bundle of each other)."""
+    workers = max(1, workers)
+    dealt: list[list[int]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for b in _rng(seed, "epoch", epoch).permutation(len(bundle_steps)).tolist():
+        w = min(range(workers), key=lambda i: (load[i], i))
+        dealt[w].append(b)
+        load[w] += int(bundle_steps[b])
+    return dealt
+
+
+def merged_order(lengths: Sequence[int]) -> list[int]:
+    """The stream of each batch in the order a DataLoader yields them: round-robin over its
+    workers, a worker whose stream has ended leaving the rotation."""
+    out, made = [], [0] * len(lengths)
+    while len(out) < sum(lengths):
+        for w, n in enumerate(lengths):
+            if made[w] < n:
+                out.append(w)
+                made[w] += 1
+    return out
+
+
+def stream_roles(lengths: Sequence[int], done: dict[int, int]) -> list[int]:
+    """The stream each worker process plays in an epoch resumed after `done` ({stream:
+    batches made}): the DataLoader asks its processes in turn, so the streams not ended
+    go to the first processes in the rotation's order from the stream whose batch comes
+    next, the ended ones to the rest (they stop at once). Without a resume: process w plays
+    stream w."""
+    consumed = sum(done.values())
+    order = merged_order(lengths)
+    if consumed >= len(order):
+        return list(range(len(lengths)))
+    nxt = order[consumed]
+    live = [w for w in range(len(lengths)) if done.get(w, 0) < lengths[w]]
+    start = live.index(nxt)
+    live = live[start:] + live[:start]
+    return live + [w for w in range(len(lengths)) if w not in live]
 
 
 def chunk_batches(layout: Layout, chunk: int, rank: int, epoch: int, seed: int) -> np.ndarray:
@@ -165,21 +207,16 @@ def worker_steps(layout: Layout, bundles: list[int], rank: int, epoch: int, seed
 
 def epoch_steps(layout: Layout, epoch: int, seed: int, workers: int) -> list[tuple[int, np.ndarray]]:
     """The epoch's global steps in the order training meets them: (chunk, int64 [W, B]). The
-    DataLoader's round-robin over workers (an exhausted worker leaves the rotation) is the
-    same on every rank, so step t is the same chunk on all of them."""
-    dealt = epoch_bundles(layout, epoch, seed, workers)
+    DataLoader's round-robin over workers (an ended stream leaves the rotation:
+    `merged_order`) is the same on every rank, so step t is the same chunk on all of them."""
+    dealt = epoch_bundles(layout.bundle_steps(), epoch, seed, workers)
     streams = [[list(worker_steps(layout, dealt[w], r, epoch, seed)) for w in range(len(dealt))]
                for r in range(layout.world)]
     steps, position = [], [0] * len(dealt)
-    active = [w for w in range(len(dealt)) if streams[0][w]]
-    while active:
-        for w in list(active):
-            i = position[w]
-            chunk = streams[0][w][i][0]
-            steps.append((chunk, np.stack([streams[r][w][i][1] for r in range(layout.world)])))
-            position[w] += 1
-            if position[w] == len(streams[0][w]):
-                active.remove(w)
+    for w in merged_order([len(s) for s in streams[0]]):
+        i = position[w]
+        steps.append((streams[0][w][i][0], np.stack([streams[r][w][i][1] for r in range(layout.world)])))
+        position[w] += 1
     return steps
 
 
