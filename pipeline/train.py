@@ -248,9 +248,10 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
             rate.end_epoch()
             stats = None
             if mode != "off":
-                whole = step < total_steps or (mode == "global" and sum(loader.positions.values()) == steps_per_epoch)
+                whole = step < total_steps or (mode in ("global", "stream")
+                                               and sum(loader.positions.values()) == steps_per_epoch)
                 stats = loader.report_stats(out, epoch, step, info, complete=whole)
-            known = stream.index.skipped if mode == "global" else None
+            known = stream.index.skipped if mode == "global" else stream.meta["skipped"] if mode == "stream" else None
             problems = loader.report_problems(epoch, info, known)
             for kind, n in problems.items():
                 data_problems[kind] = max(n, data_problems.get(kind, 0))

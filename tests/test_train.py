@@ -319,17 +319,25 @@ def test_masked_stage_on_sidecars_under_ddp(tmp_path, tiny_shards, clustered_sta
     assert "pure and" in r.stderr and (stage2 / "model" / "open_clip_pytorch_model.bin").is_file()
 
 
-def test_global_batches_under_ddp_resume_after_sigkill_to_the_same_steps(tmp_path, tiny_shards, clustered_stage1):
-    """Stage 2 on the global-batch loader (the default for sidecar labels), 2 ranks x 2
-    workers: on pure steps every anchor has all 63 negatives of the gathered batch; each
-    epoch uses every sample once; killed after step 5 (workers at 3 and 2 batches) and
-    resumed, the run makes the same steps: the same labels, losses and loader counts."""
+@pytest.mark.parametrize("bucket", ["global", "stream"])
+def test_global_batches_under_ddp_resume_after_sigkill_to_the_same_steps(tmp_path, tiny_shards, clustered_stage1,
+                                                                        bucket):
+    """Stage 2 on the global-batch loader (the default for sidecar labels: random reads) and
+    on the streamed one (the regroup step's files, read whole), 2 ranks x 2 workers: on pure
+    steps every anchor has all 63 negatives of the gathered batch; each epoch uses every
+    sample once; killed after step 5 and resumed, the run makes the same steps: the same
+    labels, losses and loader counts."""
     args = [f"data={tiny_shards}", "steps=24", "workers=2", "save_every=5", f"labels=sidecars:{clustered_stage1}",
             *COMMON]
+    if bucket == "stream":  # small chunks and files: bundles of uneven steps for the two workers
+        from pipeline.regroup import RegroupSpec, regroup
+        regroup(RegroupSpec(stage=str(clustered_stage1), data=str(tiny_shards), world_size=2, batch_size=32,
+                            out=str(tmp_path / "regrouped"), chunk_steps=2, file_samples=96))
+        args += ["bucket=stream", f"regrouped={tmp_path / 'regrouped'}"]
     clean = tmp_path / "clean"
     r = _torchrun(f"out={clean}", *args)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "batches global" in r.stderr
+    assert f"batches {bucket}" in r.stderr
     records = [json.loads(line) for line in (clean / "metrics.jsonl").read_text().splitlines()]
     epochs = [json.loads(line) for line in (clean / "loader_stats.jsonl").read_text().splitlines()]
     complete = [e for e in epochs if e["complete"]]

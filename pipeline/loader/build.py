@@ -64,6 +64,8 @@ def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, to
                      len(stream.index), fell, int(cfg.fallback_min_batches * stream.global_batch),
                      sum(stream.index.skipped.values()))
         return stream, mode, len(stream.index), stream.steps_per_epoch()
+    if mode == "stream":
+        return regrouped_stream(cfg, info, transform, tokenizer)
     labeler = make_labeler(cfg, urls, info)
     sizes = None if cfg.train_num_samples else shard_sizes(urls)
     num_samples = cfg.train_num_samples or sum(sizes)
@@ -72,6 +74,29 @@ def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, to
                          info.world_size, cfg.shuffle_buffer, labeler,
                          bucket_cap=(cfg.bucket_cap or 16 * cfg.batch_size) if mode == "slot" else None, sizes=sizes)
     return stream, mode, num_samples, steps_per_epoch
+
+
+def regrouped_stream(cfg: TrainConfig, info: DistInfo, transform, tokenizer):
+    """The `bucket=stream` loader over the regroup step's files, checked against the stage
+    whose labels it was laid out by."""
+    from pipeline.loader.regrouped import RegroupedStream
+    from pipeline.stage import current_record
+
+    stage = StageDir.from_label_source(cfg.labels)
+    stream = RegroupedStream(cfg.regrouped, transform, tokenizer, cfg.batch_size, cfg.seed, info.rank,
+                             info.world_size)
+    if stream.meta["record"] != current_record(stage).to_json():
+        raise UsageError(f"{cfg.regrouped}: regrouped from other labels than {stage.path}'s current ones; "
+                         "run the regroup step again")
+    meta = stream.meta
+    check_fallback(cfg, stage, meta["fallback_samples"], meta["samples"], meta["stats"]["chunks"],
+                   stream.global_batch)
+    if info.is_main:
+        log.info("%s: %d samples regrouped in %d files per rank (%d pure steps, %d mixed); %d samples fall back "
+                 "to a parent label; %d samples earlier jobs skipped", cfg.regrouped, meta["samples"],
+                 len(meta["files"]), meta["stats"]["pure_steps"], meta["stats"]["mixed_steps"],
+                 meta["fallback_samples"], sum(meta["skipped"].values()))
+    return stream, "stream", stream.samples, stream.steps_per_epoch()
 
 
 def check_fallback(cfg: TrainConfig, stage: StageDir, fell: int, samples: int, groups: int, global_batch: int) -> None:

@@ -46,6 +46,7 @@ class TrainConfig:
                                      # group, pipeline.loader.global_stream) | slot (each rank x worker buckets its own
                                      # stream, pipeline.loader.buckets) | off; default: global for sidecar labels
     bucket_cap: int | None = None    # slot: buffered samples per DataLoader worker (default 16 x batch_size)
+    regrouped: str | None = None     # stream: the regroup step's folder or URL (pipeline.regroup)
     fallback_min_batches: float = 1.0  # groups below this many global batches (slot: x workers) use their parent's
     max_fallback: float = 0.1        # refuse labels whose groups send a larger share of samples to a coarser label
     missing_labels: str = "error"    # slot: error | own: a sample without a sidecar entry gets a label of its own
@@ -111,10 +112,12 @@ class TrainConfig:
         if not (self.labels == "none" or self.labels.startswith(("json:", "sidecars:"))):
             errors.append(f"labels: must be 'none', 'sidecars:<stage dir>' or 'json:<field.path>', "
                           f"got {self.labels!r}")
-        if self.bucket not in (None, "global", "slot", "off"):
-            errors.append(f"bucket: must be one of ['global', 'slot', 'off'], got {self.bucket!r}")
-        elif self.bucket == "global" and not self.labels.startswith("sidecars:"):
-            errors.append(f"bucket: global needs labels=sidecars:<stage dir>, got labels={self.labels!r}")
+        if self.bucket not in (None, "global", "stream", "slot", "off"):
+            errors.append(f"bucket: must be one of ['global', 'stream', 'slot', 'off'], got {self.bucket!r}")
+        elif self.bucket in ("global", "stream") and not self.labels.startswith("sidecars:"):
+            errors.append(f"bucket: {self.bucket} needs labels=sidecars:<stage dir>, got labels={self.labels!r}")
+        elif self.bucket == "stream" and not self.regrouped:
+            errors.append("bucket: stream needs regrouped=<the regroup step's folder or URL>")
         if not 0 <= self.max_fallback <= 1:
             errors.append(f"max_fallback: must be between 0 and 1, got {self.max_fallback}")
         if not 0 <= self.max_problem_rate <= 1:

@@ -1,0 +1,204 @@
+"""Write a stage's samples again, laid out by pseudo-label group, for the next stage to stream.
+
+    python -m pipeline.regroup --stage runs/r/stage1 --data SPEC --world-size 64 --batch-size 256 \\
+        [--out s3://bucket/r/stage1] [--task I --tasks N]
+
+After the reduce step (its index of the stage's labels and byte spans: pipeline.loader.
+stage_index), the samples are laid out by pipeline.loader.group_layout for the next stage's
+W x B: groups below one global batch fall back to their parent, each group's steps are cut
+into chunks, the chunks packed into bundles. Bundle b is written as one webdataset tar per
+rank, `b<b>-r<rank>-<fingerprint>.tar`, holding that rank's parts of the bundle's chunks: each sample's tar
+members copied byte for byte from its shard (no re-encoding, the key kept), followed by a
+`<key>.cls` member, its group. Samples an earlier job could not use are not in the index and
+stay out; their counts go into the layout record. `OUT/layout.json` records the layout (per
+bundle, each chunk's group, steps and the samples of each rank's part), the stage record,
+W x B and a fingerprint of everything the layout depends on.
+
+OUT is a folder or any URL fsspec writes (s3://, gs://, ...); default STAGE/regrouped. Task I
+of N writes bundles I, I + N, ...; a file is written whole (a temporary file renamed, or one
+upload that appears complete), and one already there is kept, so a rerun after a kill writes
+only what is missing; another layout's files (other labels, W x B or seed) have other names. The source shards are read at their byte
+offsets (local, mounted or by HTTP range requests).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from common.cli import UsageError, run_main, setup_logging
+from common.spec import check, fingerprint, from_args, param, parser
+from pipeline.loader.global_stream import OpenShards, load_index
+from pipeline.loader.group_layout import Layout, lay_out
+from pipeline.loader.groups import coarse_groups
+from pipeline.loader.labels import stable_hash64
+from pipeline.stage import StageDir, current_record
+from shards.reader import expand_urls, read_span
+
+log = logging.getLogger("pipeline.regroup")
+LAYOUT = "layout.json"
+
+
+@dataclass(frozen=True)
+class RegroupSpec:
+    """A stage's samples laid out by group for a training of `world_size` x `batch_size`."""
+    stage: str = param(help="stage folder whose labels lay the data out (its reduce step done)", result=False)
+    data: str = param(help="the shard spec the stage was made from", result=False)
+    world_size: int = param(help="ranks of the training that streams the regrouped shards")
+    batch_size: int = param(help="that training's batch per rank")
+    out: str | None = param(None, "where the shards go: a folder or a URL fsspec writes; default STAGE/regrouped",
+                            result=False)
+    fallback_min_batches: float = param(1.0, "groups below this many global batches fall back to their parent")
+    chunk_steps: int = param(8, "global steps of one group a worker shuffles together (its memory: this x B)")
+    file_samples: int = param(10_000, "samples per rank and file, about (fewer requests; the loader reads whole files)")
+    seed: int = param(0, "the layout's seed")
+    task: int = param(0, "this task's index", result=False, env="SLURM_ARRAY_TASK_ID")
+    tasks: int = param(1, "number of tasks", result=False, env="SLURM_ARRAY_TASK_COUNT")
+
+    def problems(self) -> list[str]:
+        return [f"{name}: must be >= 1, got {getattr(self, name)}" for name in
+                ("world_size", "batch_size", "chunk_steps", "file_samples", "tasks")
+                if getattr(self, name) < 1] + \
+            ([f"task: must be in 0..{self.tasks - 1}, got {self.task}"] if not 0 <= self.task < self.tasks else [])
+
+
+def out_url(spec: RegroupSpec) -> str:
+    return (spec.out or str(StageDir(spec.stage).path / "regrouped")).rstrip("/")
+
+
+def file_name(bundle: int, rank: int, fp: str) -> str:
+    """Rank `rank`'s file of bundle `bundle` in the layout of fingerprint `fp` (another
+    layout's files never take its place)."""
+    return f"b{bundle:06d}-r{rank:04d}-{fp[:8]}.tar"
+
+
+def _cls_member(key: str, group: int) -> bytes:
+    data = str(group).encode()
+    info = tarfile.TarInfo(f"{key}.cls")
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    return info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def plan(spec: RegroupSpec):
+    """(layout, the index it was made from, coarse group per sample, the layout record)."""
+    stage = StageDir(spec.stage)
+    urls = expand_urls(spec.data)
+    index = load_index(stage, urls)  # the stage index, else the sidecars; local or mounted shards
+    g = spec.world_size * spec.batch_size
+    group, parent, fell = coarse_groups(index.label, index.ks, spec.fallback_min_batches * g)
+    layout = lay_out(group, parent, spec.world_size, spec.batch_size, spec.chunk_steps,
+                     max(1, spec.file_samples // spec.batch_size), spec.seed)
+    record = current_record(stage).to_json()
+    parts = layout.part_sizes()
+    fp = fingerprint(spec, record=record, samples=len(group))
+    meta = {
+        "fingerprint": fp,
+        "world_size": spec.world_size, "batch_size": spec.batch_size, "seed": spec.seed,
+        "samples": len(group), "fallback_samples": int(fell.sum()), "skipped": index.skipped,
+        "stats": layout.stats, "record": record,
+        "bundles": [[{"group": int(layout.chunks[c].group), "steps": layout.chunks[c].steps,
+                      "parts": parts[c].tolist()} for c in members] for members in layout.bundles],
+        "files": [[file_name(b, r, fp) for r in range(spec.world_size)] for b in range(len(layout.bundles))],
+    }
+    return layout, index, group, meta
+
+
+def _write_file(fs, path: str, data_iter) -> None:
+    """Write a whole file: a temporary name renamed (a folder), or one upload that appears
+    complete when it closes (object storage): a file that exists is complete."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        from common.io import atomic_output
+
+        with atomic_output(path, "wb") as f:
+            for block in data_iter:
+                f.write(block)
+        return
+    with fs.open(path, "wb") as f:
+        for block in data_iter:
+            f.write(block)
+
+
+def _file_blocks(layout: Layout, index, group: np.ndarray, bundle: int, rank: int, files: OpenShards):
+    for i in layout.file(bundle, rank).tolist():
+        url, start = index.urls[int(index.shard[i])], int(index.offset[i])
+        source = files.get(url)
+        source.seek(start)
+        raw = source.read(int(index.length[i]))
+        sample = read_span(io.BytesIO(raw), url, 0, len(raw))
+        if stable_hash64(sample["__key__"]) != index.key_hash[i]:
+            raise UsageError(f"{url}: bytes at {start} hold key {sample['__key__']}, not the sample the stage indexed "
+                             "(the shard changed since embed); rerun the stage's embed and assign steps")
+        yield raw + _cls_member(sample["__key__"], int(group[i]))
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+def regroup(spec: RegroupSpec) -> dict:
+    """Write this task's bundles (and the layout record); returns the record."""
+    import fsspec
+
+    check(spec)
+    layout, index, group, meta = plan(spec)
+    root = out_url(spec)
+    fs, base = fsspec.core.url_to_fs(root)
+    try:
+        fs.makedirs(base, exist_ok=True)
+        _write_file(fs, f"{base}/{LAYOUT}", [json.dumps(meta).encode()])
+    except OSError as exc:
+        raise UsageError(f"{root}: cannot write the regrouped shards ({exc})") from None
+    mine = list(range(spec.task, len(layout.bundles), spec.tasks))
+    files, written, kept, started = OpenShards(), 0, 0, time.perf_counter()
+    try:
+        for n, b in enumerate(mine, start=1):
+            for r in range(layout.world):
+                path = f"{base}/{meta['files'][b][r]}"
+                if fs.exists(path):
+                    kept += 1
+                    continue
+                _write_file(fs, path, _file_blocks(layout, index, group, b, r, files))
+                written += 1
+            if n % 10 == 0 or n == len(mine):
+                rate = n / max(time.perf_counter() - started, 1e-9)
+                log.info("regroup task %d: bundle %d of %d (%.2f/s, ETA %.0f s)", spec.task, n, len(mine), rate,
+                         (len(mine) - n) / max(rate, 1e-9))
+    finally:
+        files.close()
+    log.info("regroup task %d of %d: %d files written, %d kept, to %s (%d bundles x %d ranks in all; %d samples, "
+             "%d fall back)", spec.task, spec.tasks, written, kept, root, len(layout.bundles), layout.world,
+             meta["samples"], meta["fallback_samples"])
+    return meta
+
+
+def is_done(spec: RegroupSpec) -> bool:
+    """Every file of the layout is there (written whole: one that exists is complete), made
+    from the stage's current labels for this W x B (all tasks')."""
+    import fsspec
+
+    try:
+        fs, base = fsspec.core.url_to_fs(out_url(spec))
+        meta = json.loads(fs.cat_file(f"{base}/{LAYOUT}"))
+        record = current_record(StageDir(spec.stage)).to_json()
+        if meta["fingerprint"] != fingerprint(spec, record=record, samples=meta["samples"]):
+            return False
+        present = {name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False)}
+        return all(name in present for row in meta["files"] for name in row)
+    except (OSError, ValueError, KeyError, UsageError):
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    spec = from_args(RegroupSpec, parser(RegroupSpec, "python -m pipeline.regroup", __doc__).parse_args(argv))
+    setup_logging()
+    regroup(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "python -m pipeline.regroup")
