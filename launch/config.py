@@ -68,7 +68,7 @@ def _at_least(section, **bounds) -> list[str]:
             if getattr(section, name) is not None and getattr(section, name) < low]
 
 
-STEP_KINDS = ("save", "train", "embed", "cluster", "assign", "reduce", "merge", "eval")
+STEP_KINDS = ("save", "train", "embed", "cluster", "assign", "reduce", "regroup", "merge", "eval")
 GPU_STEPS = ("train", "embed", "cluster", "eval")  # the others run on the CPU
 MULTI_NODE_STEPS = ("train",)
 
@@ -162,6 +162,8 @@ JOB_SECTIONS = {
     "embed": ("pipeline.embed:EmbedSpec", ("model", "data", "out", "pretrained", "task", "tasks")),
     "cluster": ("pipeline.cluster:ClusterSpec", ("stage", "k", "parent", "global_batch")),
     "reduce": ("pipeline.reduce:ReduceSpec", ("stage", "data", "global_batch", "fallback_below", "max_fallback")),
+    "regroup": ("pipeline.regroup:RegroupSpec", ("stage", "data", "out", "world_size", "batch_size",
+                                                 "fallback_min_batches", "task", "tasks")),
     "merge": ("pipeline.merge:MergeSpec", ("stages", "out", "names")),
 }
 # keys of earlier run configs -> (section, field)
@@ -202,6 +204,9 @@ class RunConfig:
     embed: dict = field(default_factory=dict)
     cluster: dict = field(default_factory=dict)
     reduce: dict = field(default_factory=dict)
+    regroup: dict = field(default_factory=dict)
+    regroup_to: str | None = None    # where bucket=stream stages' regrouped shards go (stage<s>/ under it: a folder
+                                     # or a URL fsspec writes); default each stage folder's regrouped/
     merge: dict = field(default_factory=dict)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
@@ -258,6 +263,10 @@ def stage_train_config(cfg: RunConfig, stage: int) -> TrainConfig:
         train.pop("quick_gelu", None)  # the saved folder records it
     elif not cfg.has_stage0:  # scratch: a new seed per stage (with a stage 0, every stage fine-tunes it)
         train["seed"] = int(train.get("seed", 0)) + stage - 1
+    if previous is not None and train.get("bucket") is None and _remote(cfg.data):
+        train["bucket"] = "stream"  # data behind a URL: the regrouped shards, read whole
+    if previous is not None and train.get("bucket") == "stream":
+        train["regrouped"] = regroup_location(cfg, previous)
     return train_config(train, f"stage {stage}")
 
 
@@ -301,6 +310,40 @@ def train_workers(cfg: RunConfig, train: TrainConfig) -> int:
         return train.workers
     cpus = cfg.executor.slurm.resources("train").cpus_per_task if cfg.executor.name == "slurm" else None
     return auto_workers(cpus)
+
+
+def _remote(data: str | None) -> bool:
+    """Whether the data spec names shards behind a URL (not local or mounted paths)."""
+    from shards.reader import expand_urls, is_local
+
+    try:
+        return any(not is_local(u) for u in expand_urls(data)) if data else False
+    except UsageError:
+        return False
+
+
+def _unwritable(location: str) -> str | None:
+    """Why the regroup steps could not write at `location` (one line), or None."""
+    import fsspec
+
+    try:
+        fs, base = fsspec.core.url_to_fs(location.rstrip("/"))
+        fs.makedirs(base, exist_ok=True)
+        probe = f"{base}/.mcl-write-test"
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as exc:  # noqa: BLE001 - any storage error: the user's to fix before a run starts
+        return f"regroup_to: cannot write to {location} ({type(exc).__name__}: {str(exc)[:160]})"
+    return None
+
+
+def regroup_location(cfg: RunConfig, stage: int) -> str:
+    """Where stage `stage`'s samples are regrouped for the stage trained on its labels."""
+    from pipeline.stage import RunDir
+
+    if cfg.regroup_to:
+        return f"{cfg.regroup_to.rstrip('/')}/stage{stage}"
+    return str(RunDir(cfg.run_dir).stage(stage).path / "regrouped")
 
 
 def forecasts(cfg: RunConfig, samples: int) -> list[tuple[LabelBatch, tuple, object]]:
@@ -477,7 +520,11 @@ def validate(cfg: RunConfig) -> list[str]:
     combos += [c for c in dict.fromkeys(stage_sections(cfg, s) for s in trained) if c not in combos]
     for sections in combos:
         try:  # the same build and checks as every stage's (and the train job's own)
-            train_config({**section_keys(cfg, sections), **placeholder}, prefix=sections[-1])
+            # `later` reaches only stages trained on clusters (in an mcl run): their labels and
+            # regrouped shards are the run's, stand-ins here
+            clustered_keys = {"labels": "sidecars:-", "regrouped": "-"} \
+                if "later" in sections and cfg.method == "mcl" else {}
+            train_config({**section_keys(cfg, sections), **placeholder, **clustered_keys}, prefix=sections[-1])
         except ConfigError as exc:
             errors.append(str(exc))
             break
@@ -487,9 +534,12 @@ def validate(cfg: RunConfig) -> list[str]:
         from pipeline.trainer.config import batching
 
         problem = random_access_refusal(urls)
-        wanting = [s for s in clustered if batching(stage_train_config(cfg, s)) == "global"]
+        batchings = {s: batching(stage_train_config(cfg, s)) for s in clustered}
+        wanting = [s for s, b in batchings.items() if b == "global"]
         if problem and wanting:
             errors.append(f"stage {wanting[0]}: {problem}")
+        if cfg.regroup_to and "stream" in batchings.values() and _unwritable(cfg.regroup_to):
+            errors.append(_unwritable(cfg.regroup_to))
     if urls and not errors and clustered:
         from pipeline.group_sizing import fallback_refusal
         from shards.reader import count_samples

@@ -1,7 +1,7 @@
 """Run the whole MCL DAG of one config through submitit, resumably.
 
-For each stage: train -> embed (array) -> cluster -> assign (array) -> reduce -> next
-stage; then merge -> eval (MMVP-VLM, the attribute probes and CLIP_benchmark sets, when
+For each stage: train -> embed (array) -> cluster -> assign (array) -> reduce (-> regroup
+(array), when the next stage streams its same-group batches: bucket=stream) -> next stage; then merge -> eval (MMVP-VLM, the attribute probes and CLIP_benchmark sets, when
 configured); an ensemble run trains its stages alone. A step whose outputs exist and check
 is skipped, so running the same command again resumes a run (training from its latest
 checkpoint, also when submitit requeues it after a timeout or preemption) and a finished
@@ -26,7 +26,7 @@ from typing import Callable
 
 from common.io import write_json
 from launch import steps as S
-from launch.config import RunConfig, forecasts, job_spec, label_batch, stage_train_config
+from launch.config import RunConfig, forecasts, job_spec, label_batch, stage_train_config, train_world_size
 from pipeline.stage import RunDir
 from pipeline.trainer.config import TrainConfig
 
@@ -81,6 +81,12 @@ def plan(cfg: RunConfig) -> list[Step]:
         out.append(Step(f"stage{number}/reduce", [job_spec(
             cfg, "reduce", stage=path, data=cfg.data, global_batch=g, fallback_below=lb.fallback_below if lb else None,
             max_fallback=lb.max_fallback if lb else None)]))
+        trained = stage_train_config(cfg, lb.stage) if lb else None
+        if trained is not None and trained.bucket == "stream":  # laid out for that stage's W x B
+            out.append(Step(f"stage{number}/regroup", [job_spec(
+                cfg, "regroup", stage=path, data=cfg.data, out=trained.regrouped, world_size=train_world_size(cfg),
+                batch_size=trained.batch_size, fallback_min_batches=trained.fallback_min_batches, task=t, tasks=tasks)
+                for t in range(tasks)]))
     model_dirs = tuple(str(stages[s].model_dir) for s in names)
     out.append(Step("merge", [job_spec(cfg, "merge", stages=model_dirs, out=str(run.merged),
                                        names=tuple(f"stage{s}" for s in names))]))

@@ -21,6 +21,7 @@ JOBS = {
     "ClusterSpec": ("pipeline.cluster", "cluster"),
     "AssignSpec": ("pipeline.assign", "assign"),
     "ReduceSpec": ("pipeline.reduce", "reduce"),
+    "RegroupSpec": ("pipeline.regroup", "regroup"),
     "MergeSpec": ("pipeline.merge", "merge"),
     "EvalSpec": ("eval.suite", "evaluate"),
 }
@@ -44,7 +45,7 @@ def conflict(spec) -> str | None:
 
 # what the state file keeps of a job's returned record (a few numbers, not the whole record)
 SUMMARY_KEYS = {"TrainConfig": ("steps", "final_loss"), "ClusterSpec": ("objective", "nmi_sample"),
-                "ReduceSpec": ("nmi",)}
+                "ReduceSpec": ("nmi",), "RegroupSpec": ("samples", "fallback_samples")}
 
 
 def _small(spec, out):

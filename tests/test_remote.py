@@ -104,17 +104,27 @@ def test_a_plan_that_cannot_read_remote_data_is_refused_before_anything_runs(htt
     data = f"{base}/{{00000..00002}}.tar"
     args = ["launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={tmp_path / 'r'}",
             f"data={data}", "mmvp="]
-    refused = run_cli(*args, "--dry-run")
+    refused = run_cli(*args, "later.bucket=global", "--dry-run")
     assert refused.returncode == 2, refused.stderr
     line = refused.stderr.strip().splitlines()[-1]
     assert line.endswith(f"stage 2: bucket=global reads samples by random access and needs local or mounted "
-                         f"shards, not {base}/00000.tar; mount the data or use bucket=slot (train.bucket in a run "
-                         f"config: streams each shard)"), line
+                         f"shards, not {base}/00000.tar; mount the data or use bucket=stream (train.bucket in a run "
+                         f"config: the regroup step's shards, read whole)"), line
     assert not (tmp_path / "r").exists()
-    # streamed batching reads it; the forecast counts 600 samples from sizes.json at the URL
-    planned = run_cli(*args, "train.bucket=slot", "--dry-run")
+    # by default remote data streams: a regroup step after the reduce; the forecast counts 600
+    # samples from sizes.json at the URL
+    planned = run_cli(*args, "--dry-run")
     assert planned.returncode == 0, planned.stderr[-3000:]
-    assert "forecast" in planned.stdout and "stage1/train" in planned.stdout and "stage2/train" in planned.stdout
+    steps = [line.split()[0] for line in planned.stdout.splitlines() if not line.startswith("forecast")]
+    assert steps[steps.index("stage1/reduce") + 1:][:2] == ["stage1/regroup", "stage2/train"], planned.stdout
+    assert "N=600" not in planned.stdout and "forecast" in planned.stdout
+    assert run_cli(*args, "later.bucket=slot", "--dry-run").returncode == 0
+    # a place the regroup cannot write is one line before anything runs
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    refused = run_cli(*args, f"regroup_to={blocked}/x", "--dry-run")
+    assert refused.returncode == 2 and f"tiny_mcl.yaml: regroup_to: cannot write to {blocked}/x (" in \
+        refused.stderr.strip().splitlines()[-1], refused.stderr
 
 
 def test_shards_on_an_s3_compatible_server_are_counted_and_read(s3_server, tiny_shards):

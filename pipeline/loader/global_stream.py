@@ -108,7 +108,8 @@ def random_access_refusal(urls: Sequence[str]) -> str | None:
     remote = [u for u in urls if not is_local(u)]
     if remote:
         return (f"bucket=global reads samples by random access and needs local or mounted shards, not "
-                f"{remote[0]}; mount the data or use bucket=slot (train.bucket in a run config: streams each shard)")
+                f"{remote[0]}; mount the data or use bucket=stream (train.bucket in a run config: the regroup "
+                f"step's shards, read whole)")
     packed = [u for u in urls if not local_path(u).name.endswith(".tar")]
     if packed:
         return (f"bucket=global reads samples by their byte offsets and needs uncompressed .tar shards, not "
