@@ -142,3 +142,35 @@ def test_the_skip_record_holds_dropped_samples_with_their_first_problem():
     problems.add("missing_caption", "b.tar", "k3")  # another shard
     problems.add("truncated_tar", "a.tar")          # no key
     assert skipped_keys(problems, "a.tar") == {"k1": "corrupt_image", "__shard__:truncated_tar": "truncated_tar"}
+
+
+def test_a_run_on_object_storage_streams_stage_2_from_regrouped_shards_with_every_fault_counted(
+        tmp_path, img2dataset_shards, s3_server):
+    """The img2dataset output (with its faults) on an S3-compatible server and nothing of it on
+    local disk: the launcher counts it from the stats at its URL, stage 2 streams (the default
+    for remote data) from the regrouped shards the regroup step wrote to the same server, and
+    every injected fault is still counted in both stages."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("mcl-cc")
+    data = img2dataset_shards["data"]
+    for p in sorted(data.iterdir()):
+        fs.put_file(str(p), f"mcl-cc/shards/{p.name}")
+    run_dir = tmp_path / "run"
+    r = run_cli("launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={run_dir}",
+                "data=s3://mcl-cc/shards/{00000..00002}.tar", "mmvp=", "clusters=2", "train.steps=", "train.epochs=1",
+                "executor.tasks=1", "regroup_to=s3://mcl-cc/regrouped")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "stage1/regroup" in r.stdout
+    for stage in ("stage1", "stage2"):
+        done = json.loads((run_dir / stage / "done.json").read_text())
+        assert done["data_problems"] == INJECTED, (stage, done["data_problems"])
+    assert json.loads((run_dir / "stage2" / "done.json").read_text())["batching"] == "stream"
+    epochs = [json.loads(line) for line in (run_dir / "stage2" / "loader_stats.jsonl").read_text().splitlines()]
+    assert epochs[0]["complete"] and epochs[0]["samples"] == img2dataset_shards["good"]
+    layout = json.loads(fs.cat_file("mcl-cc/regrouped/stage1/layout.json"))
+    stored = {p.rsplit("/", 1)[-1] for p in fs.ls("mcl-cc/regrouped/stage1", detail=False)}
+    assert {name for row in layout["files"] for name in row} <= stored and layout["samples"] == \
+        img2dataset_shards["good"]
+    assert not (run_dir / "stage1" / "regrouped").exists()

@@ -117,9 +117,11 @@ def random_access_refusal(urls: Sequence[str]) -> str | None:
     return None
 
 
-def load_index(stage: StageDir, urls: Sequence[str]) -> SampleIndex:
-    """The random-access index of `urls` from the stage's sidecars (checked current first)."""
-    problem = random_access_refusal(urls)
+def load_index(stage: StageDir, urls: Sequence[str], for_loader: bool = True) -> SampleIndex:
+    """The random-access index of `urls` from the stage's sidecars (checked current first);
+    `for_loader`: refuse shards this loader cannot read by offset (the regroup job reads
+    remote ones by range requests, in batches)."""
+    problem = random_access_refusal(urls) if for_loader else None
     if problem:
         raise UsageError(problem)
     index = stage_index.read(stage, urls)
