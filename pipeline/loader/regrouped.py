@@ -65,6 +65,19 @@ class RegroupedStream(IterableDataset):
         self.bundle_steps = [sum(c["steps"] for c in chunks) for chunks in self.bundles]
         self.epoch, self.start = 0, {}
         self.problems = ProblemLog()
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """This rank's files are all there (one listing): a vanished one is named, not read
+        as an unreadable shard step after step."""
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(self.root)
+        present = {name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False)}
+        missing = [row[self.rank] for row in self.meta["files"] if row[self.rank] not in present]
+        if missing:
+            raise UsageError(f"{self.root}/{missing[0]}: missing ({len(missing)} of this rank's regrouped files); "
+                             "run the regroup step again (it writes only what is missing)")
 
     @property
     def samples(self) -> int:
