@@ -9,7 +9,7 @@ W x B: groups below one global batch fall back to their parent, each group's ste
 into chunks, the chunks packed into bundles. Bundle b is written as one webdataset tar per
 rank, `b<b>-r<rank>-<fingerprint>.tar`, holding that rank's parts of the bundle's chunks: each sample's tar
 members copied byte for byte from its shard (no re-encoding, the key kept), followed by a
-`<key>.cls` member, its group. Samples an earlier job could not use are not in the index and
+`<key>.cls` member, its group, in mixed chunks (a pure chunk's group is in the record). Samples an earlier job could not use are not in the index and
 stay out; their counts go into the layout record. `OUT/layout.json` records the layout (per
 bundle, each chunk's group, steps and the samples of each rank's part), the stage record,
 W x B and a fingerprint of everything the layout depends on.
@@ -36,7 +36,7 @@ import numpy as np
 from common.cli import UsageError, run_main, setup_logging
 from common.spec import check, fingerprint, from_args, param, parser
 from pipeline.loader.global_stream import OpenShards, load_index
-from pipeline.loader.group_layout import Layout, lay_out
+from pipeline.loader.group_layout import MIXED, Layout, lay_out
 from pipeline.loader.groups import coarse_groups
 from pipeline.loader.labels import stable_hash64
 from pipeline.stage import StageDir, current_record
@@ -156,6 +156,8 @@ def _spans(index, ids: list[int], files: OpenShards) -> list[bytes]:
 def _file_blocks(layout: Layout, index, group: np.ndarray, bundle: int, rank: int, files: OpenShards,
                  batch: int = 256):
     ids = layout.file(bundle, rank).tolist()
+    mixed = set(np.concatenate([layout.part(c, rank) for c in layout.bundles[bundle]
+                                if layout.chunks[c].group == MIXED] or [np.zeros(0, np.int64)]).tolist())
     for begin in range(0, len(ids), batch):
         block = ids[begin:begin + batch]
         for i, raw in zip(block, _spans(index, block, files)):
@@ -165,7 +167,7 @@ def _file_blocks(layout: Layout, index, group: np.ndarray, bundle: int, rank: in
                 raise UsageError(f"{url}: bytes at {int(index.offset[i])} hold key {sample['__key__']}, not the "
                                  "sample the stage indexed (the shard changed since embed); rerun the stage's embed "
                                  "and assign steps")
-            yield raw + _cls_member(sample["__key__"], int(group[i]))
+            yield raw + _cls_member(sample["__key__"], int(group[i])) if i in mixed else raw
     yield b"\0" * (2 * tarfile.BLOCKSIZE)
 
 

@@ -119,7 +119,7 @@ class RegroupedStream(IterableDataset):
                     made += 1
                     if made <= done:
                         continue
-                    samples = self._checked(part[k * self.batch_size:(k + 1) * self.batch_size])
+                    samples = self._checked(part[k * self.batch_size:(k + 1) * self.batch_size], chunk["group"])
                     stats.samples += len(samples)
                     if chunk["group"] != MIXED:
                         stats.pure_batches += 1
@@ -130,11 +130,12 @@ class RegroupedStream(IterableDataset):
                     yield decode_batch(samples, self.transform, self.tokenizer, self.batch_size, blank, self.seed,
                                        self.epoch, self.problems, info)
 
-    def _checked(self, raws: list[dict]) -> list[dict]:
-        """The batch's samples as every reader checks them, labelled with their group."""
+    def _checked(self, raws: list[dict], group: int) -> list[dict]:
+        """The batch's samples as every reader checks them, labelled with their group: the
+        chunk's, or in a mixed chunk each sample's own (its .cls member)."""
         out = []
         for raw in raws:
-            label = raw.pop("cls", None)
+            label = raw.pop("cls", None) if group == MIXED else str(group).encode()
             if label is None:
                 raise UsageError(f"{raw['__url__']}: sample {raw['__key__']} has no .cls member: not a regrouped "
                                  "file (pipeline.regroup writes them)")
