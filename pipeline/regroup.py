@@ -96,18 +96,21 @@ def plan(spec: RegroupSpec):
     layout = lay_out(group, parent, spec.world_size, spec.batch_size, spec.chunk_steps,
                      max(1, spec.file_samples // spec.batch_size), spec.seed)
     record = current_record(stage).to_json()
-    parts = layout.part_sizes()
     fp = fingerprint(spec, record=record, samples=len(group))
-    meta = {
-        "fingerprint": fp,
-        "world_size": spec.world_size, "batch_size": spec.batch_size, "seed": spec.seed,
-        "samples": len(group), "fallback_samples": int(fell.sum()), "skipped": index.skipped,
+    return layout, index, group, layout_record(layout, fp, record, int(fell.sum()), index.skipped, spec.seed)
+
+
+def layout_record(layout: Layout, fp: str, record: dict, fallback_samples: int, skipped: dict, seed: int) -> dict:
+    """OUT/layout.json: what the streamed loader needs of the layout, and what it was made from."""
+    parts = layout.part_sizes()
+    return {
+        "fingerprint": fp, "world_size": layout.world, "batch_size": layout.batch, "seed": seed,
+        "samples": len(layout.order), "fallback_samples": fallback_samples, "skipped": skipped,
         "stats": layout.stats, "record": record,
         "bundles": [[{"group": int(layout.chunks[c].group), "steps": layout.chunks[c].steps,
                       "parts": parts[c].tolist()} for c in members] for members in layout.bundles],
-        "files": [[file_name(b, r, fp) for r in range(spec.world_size)] for b in range(len(layout.bundles))],
+        "files": [[file_name(b, r, fp) for r in range(layout.world)] for b in range(len(layout.bundles))],
     }
-    return layout, index, group, meta
 
 
 def _write_file(fs, path: str, data_iter) -> None:
@@ -173,18 +176,27 @@ def _file_blocks(layout: Layout, index, group: np.ndarray, bundle: int, rank: in
 
 def regroup(spec: RegroupSpec) -> dict:
     """Write this task's bundles (and the layout record); returns the record."""
-    import fsspec
-
     check(spec)
     layout, index, group, meta = plan(spec)
-    root = out_url(spec)
+    written, kept = write(layout, index, group, meta, out_url(spec), spec.task, spec.tasks)
+    log.info("regroup task %d of %d: %d files written, %d kept, to %s (%d bundles x %d ranks in all; %d samples, "
+             "%d fall back)", spec.task, spec.tasks, written, kept, out_url(spec), len(layout.bundles), layout.world,
+             meta["samples"], meta["fallback_samples"])
+    return meta
+
+
+def write(layout: Layout, index, group: np.ndarray, meta: dict, root: str, task: int = 0, tasks: int = 1):
+    """Write the layout record and bundles task, task + tasks, ... at `root` (files already
+    there are kept); (files written, files kept)."""
+    import fsspec
+
     fs, base = fsspec.core.url_to_fs(root)
     try:
         fs.makedirs(base, exist_ok=True)
         _write_file(fs, f"{base}/{LAYOUT}", [json.dumps(meta).encode()])
     except OSError as exc:
         raise UsageError(f"{root}: cannot write the regrouped shards ({exc})") from None
-    mine = list(range(spec.task, len(layout.bundles), spec.tasks))
+    mine = list(range(task, len(layout.bundles), tasks))
     files, written, kept, started = OpenShards(), 0, 0, time.perf_counter()
     try:
         for n, b in enumerate(mine, start=1):
@@ -197,14 +209,11 @@ def regroup(spec: RegroupSpec) -> dict:
                 written += 1
             if n % 10 == 0 or n == len(mine):
                 rate = n / max(time.perf_counter() - started, 1e-9)
-                log.info("regroup task %d: bundle %d of %d (%.2f/s, ETA %.0f s)", spec.task, n, len(mine), rate,
+                log.info("regroup task %d: bundle %d of %d (%.2f/s, ETA %.0f s)", task, n, len(mine), rate,
                          (len(mine) - n) / max(rate, 1e-9))
     finally:
         files.close()
-    log.info("regroup task %d of %d: %d files written, %d kept, to %s (%d bundles x %d ranks in all; %d samples, "
-             "%d fall back)", spec.task, spec.tasks, written, kept, root, len(layout.bundles), layout.world,
-             meta["samples"], meta["fallback_samples"])
-    return meta
+    return written, kept
 
 
 def is_done(spec: RegroupSpec) -> bool:
