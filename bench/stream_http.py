@@ -1,8 +1,8 @@
 """Same-group batches from shards behind a URL: requests, bytes and samples/s at a real server.
 
-    .venv/bin/python bench/stream_http.py [--samples 30000] [--shard-samples 10000] [--latency-ms 20]
+    .venv/bin/python bench/stream_http.py [--samples 29997] [--shard-samples 9999] [--latency-ms 20]
 
-The shards (the default world, 32 px, `--shard-samples` a shard like CC12M's) and random
+The shards (the default world, 32 px, `--shard-samples` a shard: about CC12M's) and random
 pseudo-labels over `--labels` groups are served by an HTTP server on localhost (Python's,
 with byte ranges) that counts the requests and bytes it sends and waits `--latency-ms`
 before each answer. One process reads them, batch `--batch-size`, the same decode, transform
@@ -193,8 +193,8 @@ def measure(make, limit: int, counter: Counter) -> tuple[float, int, int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=30_000)
-    ap.add_argument("--shard-samples", type=int, default=10_000)
+    ap.add_argument("--samples", type=int, default=29_997)
+    ap.add_argument("--shard-samples", type=int, default=9_999)
     ap.add_argument("--labels", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--latency-ms", type=float, default=20.0)

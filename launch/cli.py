@@ -5,7 +5,7 @@ pipeline.cluster --help`):
 
   whole runs   run, status, demo                      (python -m launch ...)
   jobs         train, save, embed, cluster, assign,   (python -m pipeline.<job>;
-               reduce, merge, eval                     eval: python -m eval)
+               reduce, regroup, merge, eval            eval: python -m eval)
   tools        world, validate, from-files,           (python -m shards.generate, .validate,
                mmvp-bench, mmvp, probes, zeroshot      .from_files, .mmvp_writer; eval.mmvp, ...)
 """
@@ -18,7 +18,7 @@ from typing import Sequence
 WHOLE_RUNS = ("run", "status", "demo")
 JOBS = {"train": "pipeline.train", "save": "pipeline.save", "embed": "pipeline.embed",
         "cluster": "pipeline.cluster", "assign": "pipeline.assign", "reduce": "pipeline.reduce",
-        "merge": "pipeline.merge", "eval": "eval.suite"}
+        "regroup": "pipeline.regroup", "merge": "pipeline.merge", "eval": "eval.suite"}
 TOOLS = {"world": "shards.generate", "validate": "shards.validate", "from-files": "shards.from_files",
          "mmvp-bench": "shards.mmvp_writer", "mmvp": "eval.mmvp", "probes": "eval.probes",
          "zeroshot": "eval.zeroshot"}

@@ -35,7 +35,7 @@ spec is where each default is written); the run sets the others (paths, K, the t
       array_parallelism: 8
       slurm:                         # shared by every step unless a step says otherwise
         partition: ...                 # also account, qos, constraint, cpus_per_task, mem_gb
-        cpu_partition: ...             # the steps that need no GPU (save, assign, reduce, merge) go here
+        cpu_partition: ...             # the steps that need no GPU (save, assign, reduce, regroup, merge) go here
         nodes: 1                       # the training step's nodes
         gpus_per_node: 8               # the training step's GPUs per node (one task per GPU);
                                        # embed (per array task), cluster and eval take one GPU;
@@ -92,7 +92,7 @@ class StepResources:
 @dataclass
 class SlurmConfig:
     partition: str | None = None
-    cpu_partition: str | None = None  # the partition of the steps that need no GPU (save, assign, reduce, merge)
+    cpu_partition: str | None = None  # the steps that need no GPU (save, assign, reduce, regroup, merge) go here
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
@@ -205,7 +205,7 @@ class RunConfig:
     cluster: dict = field(default_factory=dict)
     reduce: dict = field(default_factory=dict)
     regroup: dict = field(default_factory=dict)
-    regroup_to: str | None = None    # where bucket=stream stages' regrouped shards go (stage<s>/ under it: a folder
+    regrouped_root: str | None = None    # where bucket=stream stages' regrouped shards go (stage<s>/ under it: a folder
                                      # or a URL fsspec writes); default each stage folder's regrouped/
     merge: dict = field(default_factory=dict)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
@@ -333,7 +333,7 @@ def _unwritable(location: str) -> str | None:
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
     except Exception as exc:  # noqa: BLE001 - any storage error: the user's to fix before a run starts
-        return f"regroup_to: cannot write to {location} ({type(exc).__name__}: {str(exc)[:160]})"
+        return f"regrouped_root: cannot write to {location} ({type(exc).__name__}: {str(exc)[:160]})"
     return None
 
 
@@ -341,8 +341,8 @@ def regroup_location(cfg: RunConfig, stage: int) -> str:
     """Where stage `stage`'s samples are regrouped for the stage trained on its labels."""
     from pipeline.stage import RunDir
 
-    if cfg.regroup_to:
-        return f"{cfg.regroup_to.rstrip('/')}/stage{stage}"
+    if cfg.regrouped_root:
+        return f"{cfg.regrouped_root.rstrip('/')}/stage{stage}"
     return str(RunDir(cfg.run_dir).stage(stage).path / "regrouped")
 
 
@@ -538,8 +538,8 @@ def validate(cfg: RunConfig) -> list[str]:
         wanting = [s for s, b in batchings.items() if b == "global"]
         if problem and wanting:
             errors.append(f"stage {wanting[0]}: {problem}")
-        if cfg.regroup_to and "stream" in batchings.values() and _unwritable(cfg.regroup_to):
-            errors.append(_unwritable(cfg.regroup_to))
+        if cfg.regrouped_root and "stream" in batchings.values() and _unwritable(cfg.regrouped_root):
+            errors.append(_unwritable(cfg.regrouped_root))
     if urls and not errors and clustered:
         from pipeline.group_sizing import fallback_refusal
         from shards.reader import count_samples

@@ -1,7 +1,8 @@
 """Run the whole MCL DAG of one config through submitit, resumably.
 
 For each stage: train -> embed (array) -> cluster -> assign (array) -> reduce (-> regroup
-(array), when the next stage streams its same-group batches: bucket=stream) -> next stage; then merge -> eval (MMVP-VLM, the attribute probes and CLIP_benchmark sets, when
+(array), when the next stage streams its same-group batches: bucket=stream) -> next stage;
+then merge -> eval (MMVP-VLM, the attribute probes and CLIP_benchmark sets, when
 configured); an ensemble run trains its stages alone. A step whose outputs exist and check
 is skipped, so running the same command again resumes a run (training from its latest
 checkpoint, also when submitit requeues it after a timeout or preemption) and a finished

@@ -7,10 +7,11 @@ After the reduce step (its index of the stage's labels and byte spans: pipeline.
 stage_index), the samples are laid out by pipeline.loader.group_layout for the next stage's
 W x B: groups below one global batch fall back to their parent, each group's steps are cut
 into chunks, the chunks packed into bundles. Bundle b is written as one webdataset tar per
-rank, `b<b>-r<rank>-<fingerprint>.tar`, holding that rank's parts of the bundle's chunks: each sample's tar
-members copied byte for byte from its shard (no re-encoding, the key kept), followed by a
-`<key>.cls` member, its group, in mixed chunks (a pure chunk's group is in the record). Samples an earlier job could not use are not in the index and
-stay out; their counts go into the layout record. `OUT/layout.json` records the layout (per
+rank, `b<b>-r<rank>-<fingerprint>.tar`, holding that rank's parts of the bundle's chunks:
+each sample's tar members copied byte for byte from its shard (no re-encoding, the key kept),
+in a mixed chunk followed by a `<key>.cls` member, its group (a pure chunk's group is in the
+record). Samples an earlier job could not use are not in the index and stay out; their counts
+go into the layout record. `OUT/layout.json` records the layout (per
 bundle, each chunk's group, steps and the samples of each rank's part), the stage record,
 W x B and a fingerprint of everything the layout depends on.
 

@@ -160,7 +160,7 @@ def test_a_run_on_object_storage_streams_stage_2_from_regrouped_shards_with_ever
     run_dir = tmp_path / "run"
     r = run_cli("launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={run_dir}",
                 "data=s3://mcl-cc/shards/{00000..00002}.tar", "mmvp=", "clusters=2", "train.steps=", "train.epochs=1",
-                "executor.tasks=1", "regroup_to=s3://mcl-cc/regrouped")
+                "executor.tasks=1", "regrouped_root=s3://mcl-cc/regrouped")
     assert r.returncode == 0, r.stderr[-4000:]
     assert "stage1/regroup" in r.stdout
     for stage in ("stage1", "stage2"):

@@ -87,8 +87,8 @@ def test_a_plan_that_cannot_read_remote_data_is_refused_before_anything_runs(htt
     # a place the regroup cannot write is one line before anything runs
     blocked = tmp_path / "file"
     blocked.write_text("")
-    refused = run_cli(*args, f"regroup_to={blocked}/x", "--dry-run")
-    assert refused.returncode == 2 and f"tiny_mcl.yaml: regroup_to: cannot write to {blocked}/x (" in \
+    refused = run_cli(*args, f"regrouped_root={blocked}/x", "--dry-run")
+    assert refused.returncode == 2 and f"tiny_mcl.yaml: regrouped_root: cannot write to {blocked}/x (" in \
         refused.stderr.strip().splitlines()[-1], refused.stderr
 
 
