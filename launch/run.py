@@ -249,9 +249,21 @@ def forecast_lines(cfg: RunConfig) -> list[str]:
         n = int(cfg.train.get("train_num_samples") or count_samples(expand_urls(cfg.data)))
     except UsageError:
         return []
+    from pipeline.trainer.config import batching
+
     mode = cfg.cluster.get("mode", "flat")
-    return [f"{'forecast':<20} stage {lb.stage} on K={list(ks)} ({mode}) at global batch {lb.global_batch}: "
-            f"{found.line()}" for lb, ks, found in forecasts(cfg, n)]
+    lines = []
+    for lb, ks, found in forecasts(cfg, n):
+        line = (f"{'forecast':<20} stage {lb.stage} on K={list(ks)} ({mode}) at global batch {lb.global_batch}: "
+                f"{found.line()}")
+        train = stage_train_config(cfg, lb.stage)
+        if batching(train) == "slot" and lb.global_batch > train.batch_size:  # what skipping the regroup costs
+            kept = train.batch_size + (lb.global_batch - train.batch_size) / max(found.groups, 1)
+            line += (f"; bucket=slot: each rank's batch is one group, the gathered batch W of them, so an anchor "
+                     f"keeps about {kept:,.0f} of its {lb.global_batch - 1:,} negatives (bucket=stream or global: "
+                     f"all of them on a pure step)")
+        lines.append(line)
+    return lines
 
 
 def measured_line(spec) -> str:

@@ -80,3 +80,14 @@ def test_a_resumed_epoch_goes_on_in_the_uninterrupted_order_when_streams_end_une
         # the DataLoader's rotation over its processes, each playing roles[p] from where it stopped
         resumed = merged_order([left[roles[p]] for p in range(3)])
         assert [roles[p] for p in resumed] == order[consumed:], consumed
+
+
+def test_what_a_worker_holds_does_not_grow_with_the_groups_or_the_data():
+    held = {}
+    for groups in (2_000, 20_000):
+        sizes = [2 * G + 5] * groups  # two pure steps and a remainder each
+        group, parent = _groups(sizes)
+        layout = lay_out(group, parent, W, B, chunk_steps=4, bundle_steps=40, seed=0)
+        held[groups] = int(layout.part_sizes().max())
+        assert layout.stats["pure_steps"] == 2 * groups
+    assert held[2_000] == held[20_000] <= 4 * B

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -83,7 +84,12 @@ def test_a_plan_that_cannot_read_remote_data_is_refused_before_anything_runs(htt
     steps = [line.split()[0] for line in planned.stdout.splitlines() if not line.startswith("forecast")]
     assert steps[steps.index("stage1/reduce") + 1:][:2] == ["stage1/regroup", "stage2/train"], planned.stdout
     assert "N=600" not in planned.stdout and "forecast" in planned.stdout
-    assert run_cli(*args, "later.bucket=slot", "--dry-run").returncode == 0
+    # skipping the regroup (bucket=slot) is said with its cost, before anything runs
+    slot = run_cli(*args, "later.bucket=slot", "executor.name=slurm", "executor.slurm.gpus_per_node=4", "--dry-run")
+    assert slot.returncode == 0, slot.stderr[-2000:]
+    assert re.search(r"bucket=slot: each rank's batch is one group, the gathered batch W of them, so an anchor keeps "
+                     r"about \d+ of its 127 negatives", slot.stdout), slot.stdout
+    assert "stage1/regroup" not in slot.stdout
     # a place the regroup cannot write is one line before anything runs
     blocked = tmp_path / "file"
     blocked.write_text("")

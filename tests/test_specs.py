@@ -85,7 +85,7 @@ def planned(tmp_path, tiny_shards, monkeypatch):
         "train.pretrained=openai", "train.quick_gelu=true", "cluster.niter=7", "cluster.seed=3",
         "embed.batch_size=64", "embed.workers=0", "embed.tower=both", "reduce.grid_per_cluster=3",
         "reduce.batch_sizes=[8, 16]", "merge.per_stage_norm=false", "executor.tasks=2",
-        "train.max_fallback=1"])
+        "train.max_fallback=1", "later.bucket=stream", "regroup.chunk_steps=3"])
     steps = plan(cfg)
     for step in steps:  # what a job's command line checks exists
         if type(step.calls[0]).__name__ == "EmbedSpec":
@@ -99,7 +99,8 @@ def test_the_spec_of_every_step_from_the_run_config_equals_the_one_its_command_l
     cfg, steps = planned
     assert [s.name for s in steps] == [
         "stage0/save", "stage0/embed", "stage0/cluster", "stage0/assign", "stage0/reduce", "stage1/train",
-        "stage1/embed", "stage1/cluster", "stage1/assign", "stage1/reduce", "stage2/train", "merge", "eval"]
+        "stage1/embed", "stage1/cluster", "stage1/assign", "stage1/reduce", "stage1/regroup", "stage2/train", "merge",
+        "eval"]
     seen = set()
     for step in steps:
         for spec in step.calls:
@@ -124,6 +125,10 @@ def test_the_spec_of_every_step_from_the_run_config_equals_the_one_its_command_l
     assert [(e.task, e.tasks, e.batch_size, e.workers, e.tower) for e in embed] == [(0, 2, 64, 0, "both"),
                                                                                    (1, 2, 64, 0, "both")]
     assert by_name["stage1/reduce"][0].batch_sizes == (8, 16) and by_name["stage1/reduce"][0].grid_per_cluster == 3
+    regroup = by_name["stage1/regroup"]  # for stage 2's W x B, where stage 2 reads it
+    assert [(r.task, r.tasks, r.chunk_steps, r.world_size, r.batch_size) for r in regroup] == [(0, 2, 3, 1, 32),
+                                                                                              (1, 2, 3, 1, 32)]
+    assert by_name["stage2/train"][0].regrouped == regroup[0].out == str(cfg.run_dir) + "/stage1/regrouped"
     assert by_name["merge"][0].per_stage_norm is False
     assert by_name["stage0/save"][0].quick_gelu is True
     # no job parameter has a second default in the run config
