@@ -132,7 +132,7 @@ def make_data(root: Path, samples: int, per_shard: int, labels: int, batch: int)
                         np.array([stable_hash64(r[2]) for r in rows], np.int64), label, (labels,), {})
     group, parent, fell = coarse_groups(label, (labels,), batch)
     layout = lay_out(group, parent, 1, batch, 8, max(1, per_shard // batch), seed=0)
-    meta = layout_record(layout, "bench0000", {}, int(fell.sum()), {}, 0)
+    meta = layout_record(layout, "bench0000", {}, int(fell.sum()), {}, 0, 1)
     write(layout, index, group, meta, str(root / "regrouped"))
     return {"index": index, "group": group}
 

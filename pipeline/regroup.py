@@ -98,15 +98,18 @@ def plan(spec: RegroupSpec):
                      max(1, spec.file_samples // spec.batch_size), spec.seed)
     record = current_record(stage).to_json()
     fp = fingerprint(spec, record=record, samples=len(group))
-    return layout, index, group, layout_record(layout, fp, record, int(fell.sum()), index.skipped, spec.seed)
+    return layout, index, group, layout_record(layout, fp, record, int(fell.sum()), index.skipped, spec.seed,
+                                               len(index.ks))
 
 
-def layout_record(layout: Layout, fp: str, record: dict, fallback_samples: int, skipped: dict, seed: int) -> dict:
-    """OUT/layout.json: what the streamed loader needs of the layout, and what it was made from."""
+def layout_record(layout: Layout, fp: str, record: dict, fallback_samples: int, skipped: dict, seed: int,
+                  levels: int) -> dict:
+    """OUT/layout.json: what the streamed loader needs of the layout, and what it was made from
+    (`levels`: the clusterings the labels combine; a group of a lower level fell back)."""
     parts = layout.part_sizes()
     return {
         "fingerprint": fp, "world_size": layout.world, "batch_size": layout.batch, "seed": seed,
-        "samples": len(layout.order), "fallback_samples": fallback_samples, "skipped": skipped,
+        "samples": len(layout.order), "fallback_samples": fallback_samples, "skipped": skipped, "levels": levels,
         "stats": layout.stats, "record": record,
         "bundles": [[{"group": int(layout.chunks[c].group), "steps": layout.chunks[c].steps,
                       "parts": parts[c].tolist()} for c in members] for members in layout.bundles],

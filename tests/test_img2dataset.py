@@ -173,4 +173,28 @@ def test_a_run_on_object_storage_streams_stage_2_from_regrouped_shards_with_ever
     stored = {p.rsplit("/", 1)[-1] for p in fs.ls("mcl-cc/regrouped/stage1", detail=False)}
     assert {name for row in layout["files"] for name in row} <= stored and layout["samples"] == \
         img2dataset_shards["good"]
+    assert epochs[0]["fallback_samples"] == layout["fallback_samples"]  # counted as the samples are read
     assert not (run_dir / "stage1" / "regrouped").exists()
+    # two ranks stream the same labels from the server, regrouped for 2 x 32: every anchor of a
+    # pure step meets all 63 others of its group
+    import os
+    import sys
+
+    from pipeline.regroup import RegroupSpec, regroup
+    regroup(RegroupSpec(stage=str(run_dir / "stage1"), data="s3://mcl-cc/shards/{00000..00002}.tar", world_size=2,
+                        batch_size=32, out="s3://mcl-cc/regrouped/two-ranks"))
+    out = tmp_path / "two_ranks"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "pipeline.train", "data=s3://mcl-cc/shards/{00000..00002}.tar", f"out={out}",
+                        f"labels=sidecars:{run_dir / 'stage1'}", "bucket=stream",
+                        "regrouped=s3://mcl-cc/regrouped/two-ranks", "model=mcl-tiny-vit", "batch_size=32",
+                        "steps=4", "log_every=1", "workers=1", "threads=1", "warmup=1", "max_fallback=0.5"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    layout = json.loads(fs.cat_file("mcl-cc/regrouped/two-ranks/layout.json"))
+    epochs = [json.loads(line) for line in (out / "loader_stats.jsonl").read_text().splitlines()]
+    pure_steps = sum(e["pure_batches"] for e in epochs) // 2  # counted per rank's batch
+    assert layout["stats"]["pure_steps"] > 0 and len(records) == 4 and pure_steps > 0
+    assert sum(rec["effective_negatives"] == 63 for rec in records) == pure_steps, (records, epochs)

@@ -95,3 +95,26 @@ def test_regrouped_files_hold_the_samples_bytes_by_group_and_a_rerun_writes_only
     assert not is_done(other)
     with pytest.raises(UsageError, match="regrouped for 2 ranks x 16, not this training's 1 x 32"):
         RegroupedStream(str(out), None, None, 32, rank=0, world_size=1)
+
+
+def test_a_rank_whose_loader_fails_in_a_worker_exits_with_the_error(tmp_path, quick_demo):
+    """DataLoader workers ignore SIGTERM (a stop signal is the trainer's): a rank that ends on
+    an error while its workers still read must not wait for them at exit."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from pipeline.regroup import RegroupSpec, regroup
+
+    demo = quick_demo[0] / "seed0" / "mcl"
+    data = json.loads((demo / "run_config.json").read_text())["data"]
+    regroup(RegroupSpec(stage=str(demo / "stage1"), data=data, world_size=1, batch_size=32, out=str(tmp_path / "rg")))
+    code = ("import pipeline.loader.regrouped as R\n"
+            "def fail(self, raws, group):\n    raise TypeError('a worker failed')\n"
+            "R.RegroupedStream._checked = fail\n"
+            "from pipeline import train\n"
+            f"raise SystemExit(train.main(['data={data}', 'out={tmp_path / 'out'}', 'labels=sidecars:{demo / 'stage1'}', "
+            f"'bucket=stream', 'regrouped={tmp_path / 'rg'}', 'steps=3', 'batch_size=32', 'workers=2', 'threads=1', "
+            "'model=mcl-tiny-vit']))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "a worker failed" in r.stderr, r.stderr[-2000:]

@@ -26,6 +26,7 @@ from pipeline.loader.batch import BatchInfo
 from pipeline.loader.buckets import BucketStats
 from pipeline.loader.decode import blank_image, decode_batch
 from pipeline.loader.group_layout import MIXED, _rng, epoch_bundles, stream_roles
+from pipeline.loader.groups import LEVEL_SHIFT
 from pipeline.loader.labels import stable_hash64
 from shards.reader import ProblemLog, check_samples, tar_samples
 
@@ -63,6 +64,7 @@ class RegroupedStream(IterableDataset):
         self.global_batch = batch_size * world_size
         self.bundles = self.meta["bundles"]
         self.bundle_steps = [sum(c["steps"] for c in chunks) for chunks in self.bundles]
+        self.levels = int(self.meta.get("levels", 0))  # a group of a lower level fell back to it
         self.epoch, self.start = 0, {}
         self.problems = ProblemLog()
         self._check_files()
@@ -119,8 +121,10 @@ class RegroupedStream(IterableDataset):
                     made += 1
                     if made <= done:
                         continue
-                    samples = self._checked(part[k * self.batch_size:(k + 1) * self.batch_size], chunk["group"])
-                    stats.samples += len(samples)
+                    entries = part[k * self.batch_size:(k + 1) * self.batch_size]
+                    samples = self._checked(entries, chunk["group"])
+                    stats.samples += len(entries)
+                    stats.fallback_samples += sum(int(s["label"]) >> LEVEL_SHIFT < self.levels for s in samples)
                     if chunk["group"] != MIXED:
                         stats.pure_batches += 1
                     else:

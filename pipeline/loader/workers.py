@@ -2,6 +2,7 @@
 starting them safely."""
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import time
@@ -45,6 +46,23 @@ def _mark_started(counter, worker_id: int) -> None:
         counter.value += 1
 
 
+def _kill_workers_at_exit() -> None:
+    """DataLoader workers ignore SIGTERM (`_mark_started`), so the interpreter's join of its
+    child processes at exit would wait for good for one that is still reading (a rank ending
+    on an error in the middle of an epoch): the ones still running are killed first."""
+    import multiprocessing
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's check of its workers has nothing left to report
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(5)
+
+
+_reaper = []
+
+
 def start_batches(stream, workers: int, seed: int, timeout: float = WORKER_START_TIMEOUT_S, prefetch: int | None = 4):
     """`iter(make_loader(...))`, once every worker process has started. A worker forked while
     another thread of the rank held CPython's runtime lock never starts: Python 3.11 takes that
@@ -55,6 +73,9 @@ def start_batches(stream, workers: int, seed: int, timeout: float = WORKER_START
 
     if not workers:
         return iter(make_loader(stream, workers, seed, prefetch=prefetch))
+    if not _reaper:  # registered after multiprocessing's own exit function: runs before it
+        atexit.register(_kill_workers_at_exit)
+        _reaper.append(True)
     for _ in range(3):
         started = multiprocessing.get_context("fork").Value("i", 0)
         batches = iter(make_loader(stream, workers, seed, functools.partial(_mark_started, started), prefetch))
