@@ -157,6 +157,10 @@ def s3_server(monkeypatch):
                 server.kill()
                 raise RuntimeError("moto_server did not start")
             time.sleep(0.2)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps file systems by arguments, not by endpoint
     yield env
+    s3fs.S3FileSystem.clear_instance_cache()
     server.terminate()
     server.wait(timeout=10)
