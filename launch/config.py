@@ -530,7 +530,7 @@ def validate(cfg: RunConfig) -> list[str]:
             break
     clustered = [s for s in trained if cfg.parent(s) is not None]
     if urls and not errors and clustered:  # before stage 1 and a whole embedding pass are spent
-        from pipeline.loader.global_stream import random_access_refusal
+        from pipeline.loader.global_stream import compressed_refusal, random_access_refusal
         from pipeline.trainer.config import batching
 
         problem = random_access_refusal(urls)
@@ -538,6 +538,9 @@ def validate(cfg: RunConfig) -> list[str]:
         wanting = [s for s, b in batchings.items() if b == "global"]
         if problem and wanting:
             errors.append(f"stage {wanting[0]}: {problem}")
+        streaming = [s for s, b in batchings.items() if b == "stream"]
+        if streaming and compressed_refusal(urls, "bucket=stream (its regroup step)"):
+            errors.append(f"stage {streaming[0]}: {compressed_refusal(urls, 'bucket=stream (its regroup step)')}")
         if cfg.regrouped_root and "stream" in batchings.values() and _unwritable(cfg.regrouped_root):
             errors.append(_unwritable(cfg.regrouped_root))
     if urls and not errors and clustered:

@@ -36,7 +36,7 @@ import numpy as np
 
 from common.cli import UsageError, run_main, setup_logging
 from common.spec import check, fingerprint, from_args, param, parser
-from pipeline.loader.global_stream import OpenShards, load_index
+from pipeline.loader.global_stream import OpenShards, compressed_refusal, load_index
 from pipeline.loader.group_layout import MIXED, Layout, lay_out
 from pipeline.loader.groups import coarse_groups
 from pipeline.loader.labels import stable_hash64
@@ -91,6 +91,9 @@ def plan(spec: RegroupSpec):
     """(layout, the index it was made from, coarse group per sample, the layout record)."""
     stage = StageDir(spec.stage)
     urls = expand_urls(spec.data)
+    problem = compressed_refusal(urls, "the regroup step")
+    if problem:
+        raise UsageError(problem)
     index = load_index(stage, urls, for_loader=False)  # the stage index, else the sidecars
     g = spec.world_size * spec.batch_size
     group, parent, fell = coarse_groups(index.label, index.ks, spec.fallback_min_batches * g)

@@ -84,6 +84,10 @@ def test_a_plan_that_cannot_read_remote_data_is_refused_before_anything_runs(htt
     steps = [line.split()[0] for line in planned.stdout.splitlines() if not line.startswith("forecast")]
     assert steps[steps.index("stage1/reduce") + 1:][:2] == ["stage1/regroup", "stage2/train"], planned.stdout
     assert "N=600" not in planned.stdout and "forecast" in planned.stdout
+    packed = run_cli(*args[:-2], f"data={base}/{{00000..00002}}.tar.gz", "mmvp=", "--dry-run")
+    assert packed.returncode == 2 and packed.stderr.strip().splitlines()[-1].endswith(
+        f"stage 2: bucket=stream (its regroup step) reads samples by their byte offsets and needs uncompressed .tar "
+        f"shards, not {base}/00000.tar.gz; use bucket=slot for compressed shards"), packed.stderr
     # skipping the regroup (bucket=slot) is said with its cost, before anything runs
     slot = run_cli(*args, "later.bucket=slot", "executor.name=slurm", "executor.slurm.gpus_per_node=4", "--dry-run")
     assert slot.returncode == 0, slot.stderr[-2000:]

@@ -33,6 +33,7 @@ import collections
 import dataclasses
 import logging
 from typing import Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -110,9 +111,14 @@ def random_access_refusal(urls: Sequence[str]) -> str | None:
         return (f"bucket=global reads samples by random access and needs local or mounted shards, not "
                 f"{remote[0]}; mount the data or use bucket=stream (train.bucket in a run config: the regroup "
                 f"step's shards, read whole)")
-    packed = [u for u in urls if not local_path(u).name.endswith(".tar")]
+    return compressed_refusal(urls, "bucket=global")
+
+
+def compressed_refusal(urls: Sequence[str], who: str) -> str | None:
+    """Why `who` cannot read samples of these shards by byte offset (compressed), or None."""
+    packed = [u for u in urls if not urlparse(u).path.endswith(".tar") and not local_path(u).name.endswith(".tar")]
     if packed:
-        return (f"bucket=global reads samples by their byte offsets and needs uncompressed .tar shards, not "
+        return (f"{who} reads samples by their byte offsets and needs uncompressed .tar shards, not "
                 f"{packed[0]}; use bucket=slot for compressed shards")
     return None
 
