@@ -191,16 +191,22 @@ def measure(make, limit: int, counter: Counter) -> tuple[float, int, int, int]:
     return n / seconds, n, requests, sent
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def data_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the data and the server, shared with bench/stream_s3.py."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--samples", type=int, default=29_997)
     ap.add_argument("--shard-samples", type=int, default=9_999)
     ap.add_argument("--labels", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    return ap
+
+
+def main() -> None:
+    ap = data_arguments(__doc__.split("\n\n")[0])
     ap.add_argument("--global-read", type=int, default=320, help="samples global reads per repeat (plain and "
                     "stream read a whole epoch)")
-    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -14,7 +14,6 @@ Whole epochs, `--repeats` times, alternating. Target: stream's samples/s >= 0.9x
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import http.server
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.stream_http import Counter, make_data, measure  # noqa: E402
+from bench.stream_http import Counter, data_arguments, make_data, measure  # noqa: E402
 
 
 def free_port() -> int:
@@ -75,14 +74,7 @@ def proxy(target_port: int, latency: float) -> tuple[int, Counter]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=29_997)
-    ap.add_argument("--shard-samples", type=int, default=9_999)
-    ap.add_argument("--labels", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--latency-ms", type=float, default=20.0)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    args = data_arguments(__doc__.split("\n\n")[0]).parse_args()
     port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
