@@ -40,11 +40,11 @@ from pipeline.loader.global_stream import OpenShards, compressed_refusal, load_i
 from pipeline.loader.group_layout import MIXED, Layout, lay_out
 from pipeline.loader.groups import coarse_groups
 from pipeline.loader.labels import stable_hash64
+from pipeline.loader.regrouped import LAYOUT, missing_files, read_layout
 from pipeline.stage import StageDir, current_record
 from shards.reader import expand_urls, is_local, read_span
 
 log = logging.getLogger("pipeline.regroup")
-LAYOUT = "layout.json"
 
 
 @dataclass(frozen=True)
@@ -226,16 +226,12 @@ def write(layout: Layout, index, group: np.ndarray, meta: dict, root: str, task:
 def is_done(spec: RegroupSpec) -> bool:
     """Every file of the layout is there (written whole: one that exists is complete), made
     from the stage's current labels for this W x B (all tasks')."""
-    import fsspec
-
     try:
-        fs, base = fsspec.core.url_to_fs(out_url(spec))
-        meta = json.loads(fs.cat_file(f"{base}/{LAYOUT}"))
+        meta = read_layout(out_url(spec))
         record = current_record(StageDir(spec.stage)).to_json()
         if meta["fingerprint"] != fingerprint(spec, record=record, samples=meta["samples"]):
             return False
-        present = {name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False)}
-        return all(name in present for row in meta["files"] for name in row)
+        return not missing_files(out_url(spec), meta)
     except (OSError, ValueError, KeyError, UsageError):
         return False
 

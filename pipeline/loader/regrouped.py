@@ -47,6 +47,17 @@ def read_layout(root: str) -> dict:
         raise UsageError(f"{root}/{LAYOUT}: cannot read ({str(exc)[:200]})") from None
 
 
+def missing_files(root: str, meta: dict, rank: int | None = None) -> list[str]:
+    """The files of the layout record `meta` (of `rank`, or of every rank) not at `root`
+    (one listing)."""
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(root.rstrip("/"))
+    present = {name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False)}
+    wanted = [name for row in meta["files"] for r, name in enumerate(row) if rank is None or r == rank]
+    return [name for name in wanted if name not in present]
+
+
 class RegroupedStream(IterableDataset):
     """This rank's batches from the regrouped files at `root`; like GlobalBatchStream, each
     batch's `info` carries its worker's position, problems and counters."""
@@ -72,11 +83,7 @@ class RegroupedStream(IterableDataset):
     def _check_files(self) -> None:
         """This rank's files are all there (one listing): a vanished one is named, not read
         as an unreadable shard step after step."""
-        import fsspec
-
-        fs, base = fsspec.core.url_to_fs(self.root)
-        present = {name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False)}
-        missing = [row[self.rank] for row in self.meta["files"] if row[self.rank] not in present]
+        missing = missing_files(self.root, self.meta, self.rank)
         if missing:
             raise UsageError(f"{self.root}/{missing[0]}: missing ({len(missing)} of this rank's regrouped files); "
                              "run the regroup step again (it writes only what is missing)")
