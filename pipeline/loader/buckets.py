@@ -46,6 +46,15 @@ class BucketStats:
     def from_list(cls, values: Sequence[int]) -> "BucketStats":
         return cls(*[int(v) for v in values])
 
+    def count_step(self, samples: int, pure: bool, batch_size: int) -> None:
+        """One batch of a global step: its planned samples, pure or mixed (short: not full)."""
+        self.samples += samples
+        if pure:
+            self.pure_batches += 1
+        else:
+            self.mixed_batches += 1
+            self.short_batches += int(samples < batch_size)
+
     def restart(self) -> None:
         """Count from zero on (the high-water mark `max_buffered` stays)."""
         for f in fields(self):

@@ -200,13 +200,8 @@ class GlobalBatchStream(IterableDataset):
                     continue  # consumed before a resume: not read
                 indices = [int(i) for i in self.mine[step] if i != PAD]
                 samples = [s for s in (self._read(i, files) for i in indices) if s is not None]
-                stats.samples += len(indices)
+                stats.count_step(len(indices), bool(self.plan.pure[step]), self.batch_size)
                 stats.fallback_samples += int(self.fell[indices].sum()) if indices else 0
-                if self.plan.pure[step]:
-                    stats.pure_batches += 1
-                else:
-                    stats.mixed_batches += 1
-                    stats.short_batches += int(len(indices) < self.batch_size)
                 info = BatchInfo(worker, made, self.problems.as_list(), dataclasses.replace(stats))
                 yield decode_batch(samples, self.transform, self.tokenizer, self.batch_size, blank, self.seed,
                                    self.epoch, self.problems, info)

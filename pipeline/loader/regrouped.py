@@ -130,13 +130,8 @@ class RegroupedStream(IterableDataset):
                         continue
                     entries = part[k * self.batch_size:(k + 1) * self.batch_size]
                     samples = self._checked(entries, chunk["group"])
-                    stats.samples += len(entries)
+                    stats.count_step(len(entries), chunk["group"] != MIXED, self.batch_size)
                     stats.fallback_samples += sum(int(s["label"]) >> LEVEL_SHIFT < self.levels for s in samples)
-                    if chunk["group"] != MIXED:
-                        stats.pure_batches += 1
-                    else:
-                        stats.mixed_batches += 1
-                        stats.short_batches += int(len(samples) < self.batch_size)
                     info = BatchInfo(worker, made, self.problems.as_list(), dataclasses.replace(stats))
                     yield decode_batch(samples, self.transform, self.tokenizer, self.batch_size, blank, self.seed,
                                        self.epoch, self.problems, info)
