@@ -15,13 +15,21 @@ which is the same on the real file); per-pattern percentages and their average.
 A model is NAME=SPEC (or SPEC; see eval.encoders): a merged artifact (`.pt` from
 pipeline.merge), a stage model folder, a training checkpoint (`checkpoints/step_N.pt`), or
 an open_clip architecture with a pretrained tag or file (`ARCH:TAG`).
-Writes OUT/mmvp_pairs.csv (per pair and model), OUT/mmvp_summary.json and
-OUT/mmvp_patterns.png, each atomically.
+Beside the scores (eval.stats): each pattern's and the average's bootstrap 95% interval
+(pairs resampled within each pattern); with `--compare A B [C ...]`, A's paired difference with
+each other model (its interval from the same pairs resampled for both) and an exact McNemar test
+on the pairs where they disagree, per pattern and overall. Chance is 25%: a pair counts only
+when both of its statements pick their image.
+
+Writes OUT/mmvp_pairs.csv (per pair and model), OUT/mmvp_stats.json (the intervals and
+comparisons), OUT/mmvp_patterns.png (scores, intervals, the chance line) and
+OUT/mmvp_summary.json (the scores; written last), each atomically.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -32,10 +40,13 @@ from PIL import Image
 
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import atomic_output, write_json
+from eval import stats as S
 from eval.encoders import Encoder, load_encoder
 
 log = logging.getLogger("eval.mmvp")
 SUMMARY_NAME = "mmvp_summary.json"  # what launch checks to call the evaluation done
+STATS_NAME = "mmvp_stats.json"
+PAIRS_NAME = "mmvp_pairs.csv"
 IMAGES_DIR = "MLLM_VLM Images"
 
 
@@ -146,7 +157,15 @@ def evaluate(data: str | Path, encoders: list[Encoder], batch_size: int = 64) ->
     return results
 
 
-def write_outputs(results: dict, out: str | Path) -> dict:
+def pair_outcomes(rows: list[dict]) -> OrderedDict:
+    """{pattern: [1 if the pair is right else 0, ...]} in benchmark order."""
+    out: OrderedDict = OrderedDict()
+    for r in rows:
+        out.setdefault(r["type"], []).append(int(r["correct"]))
+    return out
+
+
+def write_outputs(results: dict, out: str | Path, compare: Sequence[str] = ()) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -156,51 +175,37 @@ def write_outputs(results: dict, out: str | Path) -> dict:
         for p in r["pairs"]:
             w.writerow([name, p["type"], p["qid1"], p["qid2"], p["pred1"], p["pred2"], p["gt1"], p["gt2"],
                         p["q1score"], p["q2score"], int(p["correct"])])
-    with atomic_output(out / "mmvp_pairs.csv", "w") as f:
+    with atomic_output(out / PAIRS_NAME, "w") as f:
         f.write(buf.getvalue())
+    stats = S.outcome_stats({name: pair_outcomes(r["pairs"]) for name, r in results.items()}, compare)
+    write_json(out / STATS_NAME, {**stats, "chance": S.CHANCE_MMVP}, sort_keys=False)
+    from eval.plots import plot_intervals
+
+    plot_intervals(stats["models"], out / "mmvp_patterns.png", "MMVP-VLM per pattern", "pairs correct (%)",
+                   S.CHANCE_MMVP)
     summary = {name: r["patterns"] for name, r in results.items()}
-    write_json(out / SUMMARY_NAME, summary, sort_keys=False)  # patterns in benchmark order
-    plot_patterns(summary, out / "mmvp_patterns.png")
+    write_json(out / SUMMARY_NAME, summary, sort_keys=False)  # patterns in benchmark order; last: done
     return summary
-
-
-def plot_patterns(summary: dict, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    from eval.plots import save_png
-    import numpy as np
-
-    patterns = [k for k in next(iter(summary.values()))]
-    x = np.arange(len(patterns))
-    width = 0.8 / max(1, len(summary))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(patterns) + 2), 4))
-    for i, (name, pct) in enumerate(summary.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, [pct.get(p, 0) for p in patterns], width, label=name)
-    ax.set_xticks(x, patterns, rotation=20, ha="right")
-    ax.set_ylabel("pairs correct (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("MMVP-VLM per pattern")
-    ax.legend(fontsize=8)
-    return save_png(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m eval.mmvp", description=__doc__)
     p.add_argument("--data", required=True, help="MMVP_VLM folder (Questions.csv + 'MLLM_VLM Images/')")
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]SPEC", help="a model; repeat")
+    p.add_argument("--compare", nargs="+", default=[], metavar="NAME",
+                   help="model names: the first is compared with each other one (paired difference, McNemar)")
     p.add_argument("--out", required=True, help="folder for the CSV, JSON and PNG")
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
     setup_logging()
+    from eval.encoders import parse_model_arg
+
+    S.comparisons(args.compare, [parse_model_arg(m)[0] for m in args.model])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_images(Path(args.data), read_questions(Path(args.data)))  # bad data fails before models load
     encoders = [load_encoder(m, device) for m in args.model]
-    summary = write_outputs(evaluate(args.data, encoders, args.batch_size), args.out)
-    patterns = list(next(iter(summary.values())))
-    width = max(len(n) for n in summary) + 2
-    print(f"{'pattern':<24}" + "".join(f"{n:>{width}}" for n in summary))
-    for pat in patterns:
-        print(f"{pat:<24}" + "".join(f"{summary[n][pat]:>{width}.1f}" for n in summary))
+    write_outputs(evaluate(args.data, encoders, args.batch_size), args.out, args.compare)
+    print(S.text_table(json.loads((Path(args.out) / STATS_NAME).read_text()), "pattern (% pairs right)"))
     return 0
 
 

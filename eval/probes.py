@@ -8,8 +8,11 @@ For every model and every attribute of the world (read from the shards' world.js
   a random 70% of the samples and scored on the other 30%;
 - zero-shot: each image classified among the prompts "a photo of " + the phrase of each
   value of that attribute alone (e.g. "some triangles", "two shapes").
-This is the paper's unimodal table in our world. Writes OUT/probes.json and
-OUT/probes.png (accuracy per attribute and model, with chance marked) and prints the table.
+This is the paper's unimodal table in our world. Every model is scored on the same test
+samples, so models compare pair by pair. Writes OUT/probes_samples.csv (each test sample's
+outcome per model, attribute and probe), OUT/probes.json (accuracies, chance and each
+accuracy's bootstrap 95% interval over the test samples, eval.stats) and OUT/probes.png
+(accuracy per attribute and model, with chance marked) and prints the table.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from shards.world_samples import labelled_samples, read_world
 
 log = logging.getLogger("eval.probes")
 RECORD_NAME = "probes.json"  # what launch checks to call the evaluation done
+SAMPLES_NAME = "probes_samples.csv"
 
 
 def probe(encoders: list[Encoder], data: str, max_samples: int = 2000, seed: int = 0) -> dict:
@@ -52,9 +56,11 @@ def probe(encoders: list[Encoder], data: str, max_samples: int = 2000, seed: int
             prompts = ["a photo of " + W.describe(spec, {attr.kind: v}, {attr.kind: True}) for v in attr.values]
             text = enc.texts(prompts).numpy()
             zero = np.array([str(v) for v in attr.values])[(feats @ text.T).argmax(1)]
+            outcomes = {"linear": (clf.predict(feats[test]) == y[test]).astype(int).tolist(),
+                        "zero_shot": (zero == y).astype(int).tolist()}
             per_attr[attr.kind] = {"linear": round(100 * linear, 2),
                                    "zero_shot": round(100 * float((zero == y).mean()), 2),
-                                   "chance": round(100 / len(attr.values), 2)}
+                                   "chance": round(100 / len(attr.values), 2), "outcomes": outcomes}
         results[enc.name] = per_attr
         log.info("%s: %s", enc.name,
                  ", ".join(f"{a} {v['linear']:.0f}/{v['zero_shot']:.0f}" for a, v in per_attr.items()))
@@ -85,11 +91,32 @@ def plot(results: dict, path: Path) -> Path:
 
 
 def write_outputs(results: dict, out: str | Path) -> dict:
-    """OUT/probes.json and OUT/probes.png."""
+    """OUT/probes_samples.csv, OUT/probes.png, then OUT/probes.json: `results` with each
+    attribute's "outcomes" replaced by "intervals" ({"linear", "zero_shot"}: eval.stats)."""
+    import csv
+    import io
+
+    from common.io import atomic_output
+    from eval.stats import interval
+
     out = Path(out)
-    write_json(out / RECORD_NAME, results, sort_keys=False)
-    plot(results, out / "probes.png")
-    return results
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "attribute", "probe", "item", "correct"])
+    record: dict = {}
+    for name, per in results.items():
+        for attr, rec in per.items():
+            outcomes = rec.get("outcomes", {})
+            for kind, values in outcomes.items():
+                w.writerows([name, attr, kind, i, v] for i, v in enumerate(values))
+            record.setdefault(name, {})[attr] = {**{k: v for k, v in rec.items() if k != "outcomes"},
+                                                 "intervals": {k: interval([v]) for k, v in outcomes.items()}}
+    with atomic_output(out / SAMPLES_NAME, "w") as f:
+        f.write(buf.getvalue())
+    plot(record, out / "probes.png")
+    write_json(out / RECORD_NAME, record, sort_keys=False)
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,15 @@ EASY are "suppressed", and the verdict compares MCL with the ensemble and the ba
 The attributes that are not easy and that the baseline, trained for all the steps, still gets at
 most SUPPRESSED percent right are "persistent": where suppression is more than slowness, MCL has
 to beat the baseline on them (the default demo's second comparison).
+
+Every score and difference comes with a bootstrap 95% interval and every comparison with a
+p-value (eval.stats): each seed's results.json keeps every model's per-item outcomes (MMVP pairs,
+SugarCrepe samples, zero-shot items, linear-probe test samples), all seeds share the same items,
+and the summary pools them: the mean over seeds, with an interval from resampling items (within
+each pattern or category) and seeds together, and the bootstrap p-value of no difference; each
+seed's exact McNemar test on its pairs stands beside it. The verdict's claims are stated so: a
+gain counts when it is at least GAIN points and its interval lies above 0; the easy attributes
+are kept when the interval of the difference there stays above -MARGIN.
 """
 from __future__ import annotations
 
@@ -17,14 +26,20 @@ import statistics
 from pathlib import Path
 
 from common.io import atomic_output, write_json
+from eval import outcomes as O
+from eval import stats as S
 from eval.mmvp import SUMMARY_NAME
 from eval.probes import RECORD_NAME
+from eval.sugarcrepe import SUMMARY_NAME as SUGARCREPE_NAME
 from eval.zeroshot import SUMMARY_NAME as ZEROSHOT_NAME
 from eval.zeroshot import main_metric
 from pipeline.stage import RunDir, StageDir
 
 SUPPRESSED, EASY = 35.0, 90.0
+GAIN, MARGIN = 10.0, 5.0
 METHODS = ("baseline", "ensemble", "mcl")
+COMPARED = (("mcl", "ensemble"), ("mcl", "baseline"))
+AVERAGED = ("mmvp", "sugarcrepe")  # the evaluations whose benchmark defines an average over its groups
 
 
 def _read(path: Path) -> dict:
@@ -32,19 +47,25 @@ def _read(path: Path) -> dict:
 
 
 def seed_results(runs: dict[str, Path], seed: int, config: dict) -> dict:
-    """{"models": {name: {"mmvp", "probe", "zeroshot"}}, "seeds", "config", "comparison"} of one seed;
-    runs maps each method to its run folder (its eval/ holds mmvp_summary.json, probes.json and
-    zeroshot_summary.json)."""
-    models = {}
+    """{"models": {name: {"mmvp", "sugarcrepe", "probe", "zeroshot"}}, "outcomes": {evaluation:
+    {name: {group: "0110..."}}}, "seeds", "config", "comparison"} of one seed; runs maps each method
+    to its run folder (its eval/ holds the evaluations' summaries and outcome files, eval.outcomes)."""
+    models, outcomes = {}, {}
     for method, run_dir in runs.items():
         evals = RunDir(run_dir).eval_dir
         mmvp, probe, zeroshot = _read(evals / SUMMARY_NAME), _read(evals / RECORD_NAME), _read(evals / ZEROSHOT_NAME)
-        models[method] = {"mmvp": mmvp.get(method, {}), "probe": probe.get(method, {}),
-                          "zeroshot": zeroshot.get(method, {})}
-        if method == "mcl":
-            for name in (n for n in mmvp if n.startswith("stage")):
-                models[name] = {"mmvp": mmvp[name], "probe": probe.get(name, {}), "zeroshot": zeroshot.get(name, {})}
-    return {"models": models, "seeds": [seed], "config": config, "comparison": compare(models)}
+        sugarcrepe = _read(evals / SUGARCREPE_NAME).get("models", {})
+        items = O.read_eval_dir(evals)
+        names = [method] + ([n for n in mmvp if n.startswith("stage")] if method == "mcl" else [])
+        for name in names:
+            models[name] = {"mmvp": mmvp.get(name, {}), "probe": probe.get(name, {}),
+                            "zeroshot": zeroshot.get(name, {}),
+                            "sugarcrepe": {c: r["score"] for c, r in sugarcrepe.get(name, {}).items()}}
+            for kind, per_model in items.items():
+                if name in per_model:
+                    outcomes.setdefault(kind, {})[name] = {g: O.pack(v) for g, v in per_model[name].items()}
+    return {"models": models, "outcomes": outcomes, "seeds": [seed], "config": config,
+            "comparison": compare(models)}
 
 
 def compare(models: dict) -> dict:
@@ -91,28 +112,96 @@ def summarize(per_seed: list[dict]) -> dict:
                                  for p in patterns}}
     keys = dict.fromkeys(k for r in per_seed for k in r["comparison"] if k.startswith("gain_"))
     gains = {k: stats([r["comparison"].get(k) for r in per_seed]) for k in keys}
-    gain = gains.get("gain_vs_ensemble_suppressed")
-    easy = gains.get("gain_vs_ensemble_easy")
-    required = bool(gain and easy and all(r["comparison"]["shows_suppression"] for r in per_seed)
-                    and gain["mean"] >= 10 and easy["mean"] >= -5
-                    and (len(per_seed) < 2 or gain["mean"] - gain["std"] > 5))
+    tests = pooled_tests(per_seed)
+    mmvp_tests = tests.get("mcl - ensemble", {}).get("mmvp", {})
+    required = bool(all(r["comparison"]["shows_suppression"] for r in per_seed)
+                    and claim(mmvp_tests.get("suppressed")) and kept(mmvp_tests.get("easy")))
     return {"seeds": [s for r in per_seed for s in r["seeds"]], "models": models, "gains": gains,
+            "intervals": pooled_intervals(per_seed), "tests": tests,
             "suppressed": {str(r["seeds"][0]): r["comparison"]["suppressed"] for r in per_seed},
             "easy": {str(r["seeds"][0]): r["comparison"]["easy"] for r in per_seed},
             "persistent": {str(r["seeds"][0]): r["comparison"].get("persistent")  # None: no baseline run
                            for r in per_seed},
-            "required_met": required, "beats_baseline": beats_baseline(per_seed, gains), "config": first["config"]}
+            "required_met": required, "beats_baseline": beats_baseline(per_seed, tests), "config": first["config"]}
 
 
-def beats_baseline(per_seed: list[dict], gains: dict) -> bool:
+def claim(test: dict | None) -> bool:
+    """A gain that counts: at least GAIN points, its 95% interval above 0."""
+    return bool(test) and test["diff"] >= GAIN and test["low"] > 0
+
+
+def kept(test: dict | None) -> bool:
+    """No loss beyond MARGIN points: the 95% interval of the difference stays above -MARGIN."""
+    return bool(test) and test["low"] > -MARGIN
+
+
+def beats_baseline(per_seed: list[dict], tests: dict) -> bool:
     """Part two: in every seed the baseline keeps a hard attribute suppressed and MCL keeps the easy
-    ones (>= EASY); over seeds MCL beats the baseline on the persistent ones by >= 10 points with
-    mean - std > 5, and beats the ensemble on the suppressed ones."""
-    gain, vs_ensemble = gains.get("gain_vs_baseline_persistent"), gains.get("gain_vs_ensemble_suppressed")
-    return bool(gain and vs_ensemble and vs_ensemble["mean"] > 0
+    ones (>= EASY); pooled over seeds MCL beats the baseline on the persistent ones (`claim`) and
+    the ensemble on the suppressed ones (its interval above 0)."""
+    persistent = tests.get("mcl - baseline", {}).get("mmvp", {}).get("persistent")
+    vs_ensemble = tests.get("mcl - ensemble", {}).get("mmvp", {}).get("suppressed")
+    return bool(vs_ensemble and vs_ensemble["low"] > 0 and claim(persistent)
                 and all(r["comparison"].get("persistent") and r["comparison"]["easy"]
-                        and r["comparison"]["mcl_easy_min"] >= EASY for r in per_seed)
-                and gain["mean"] >= 10 and (len(per_seed) < 2 or gain["mean"] - gain["std"] > 5))
+                        and r["comparison"]["mcl_easy_min"] >= EASY for r in per_seed))
+
+
+def _seed_outcomes(per_seed: list[dict], kind: str, name: str) -> list[dict] | None:
+    """Every seed's {group: [0/1...]} of one model and evaluation; None unless every seed has them."""
+    found = [r.get("outcomes", {}).get(kind, {}).get(name) for r in per_seed]
+    if not all(found):
+        return None
+    return [{g: O.unpack(bits) for g, bits in f.items()} for f in found]
+
+
+def pooled_intervals(per_seed: list[dict]) -> dict:
+    """{evaluation: {model: {group: {"score", "low", "high", "seeds"}, ["average"]}}}, pooled over seeds."""
+    out: dict = {}
+    kinds = dict.fromkeys(k for r in per_seed for k in r.get("outcomes", {}))
+    for kind in kinds:
+        for name in dict.fromkeys(n for r in per_seed for n in r["outcomes"].get(kind, {})):
+            seeds = _seed_outcomes(per_seed, kind, name)
+            if seeds is None:
+                continue
+            rec = {g: S.pooled_score(seeds, [[g]] * len(seeds)) for g in seeds[0]}
+            if kind in AVERAGED:
+                rec["average"] = S.pooled_score(seeds)
+            out.setdefault(kind, {})[name] = rec
+    return out
+
+
+def _mcnemar(a: dict, b: dict, groups: list[str]) -> dict | None:
+    if not groups:
+        return None
+    return S.mcnemar_exact([v for g in groups for v in a[g]], [v for g in groups for v in b[g]])
+
+
+def pooled_tests(per_seed: list[dict]) -> dict:
+    """{"A - B": {evaluation: {group | "average" | "suppressed" | "easy" | "persistent": {"diff",
+    "low", "high", "p", "seeds", "mcnemar": [each seed's exact test on those items]}}}} for the
+    compared pairs every seed has; the MMVP groups of patterns are each seed's own."""
+    out: dict = {}
+    for a_name, b_name in COMPARED:
+        for kind in dict.fromkeys(k for r in per_seed for k in r.get("outcomes", {})):
+            a, b = _seed_outcomes(per_seed, kind, a_name), _seed_outcomes(per_seed, kind, b_name)
+            if a is None or b is None:
+                continue
+            sets = {g: [[g]] * len(a) for g in a[0]}
+            if kind in AVERAGED:
+                sets["average"] = [list(a[0])] * len(a)
+            if kind == "mmvp":
+                for group in ("suppressed", "easy", "persistent"):
+                    lists = [r["comparison"].get(group) for r in per_seed]
+                    if all(x is not None for x in lists):
+                        sets[group] = lists
+            rec = {}
+            for label, groups in sets.items():
+                test = S.pooled(a, b, groups)
+                if test is not None:
+                    test["mcnemar"] = [_mcnemar(x, y, g) for x, y, g in zip(a, b, groups)]
+                rec[label] = test
+            out.setdefault(f"{a_name} - {b_name}", {})[kind] = rec
+    return out
 
 
 def _fmt(stat) -> str:
@@ -132,51 +221,80 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _test_line(test: dict | None) -> str:
+    """'+18.3 points, 95% interval [6.0, 31.0], p = 0.0004 (McNemar per seed: 0.001, 0.2, 0.03)'."""
+    if not test:
+        return "not measured"
+    seeds = ", ".join("-" if m is None else S.fmt_p(m["p"]) for m in test.get("mcnemar", []))
+    return (f"{test['diff']:+.1f} points, 95% interval [{test['low']:.1f}, {test['high']:.1f}], "
+            f"p = {S.fmt_p(test['p'])} (exact McNemar per seed: {seeds})")
+
+
 def verdict(summary: dict) -> list[str]:
-    g = summary["gains"]
+    g, tests = summary["gains"], summary.get("tests", {})
     lines = [f"suppressed by plain CLIP after one stage (stage1 <= {SUPPRESSED:.0f}): "
              + "; ".join(f"seed {s}: {', '.join(p) or 'none'}" for s, p in summary["suppressed"].items()),
              f"easy (stage1 >= {EASY:.0f}): "
              + "; ".join(f"seed {s}: {', '.join(p) or 'none'}" for s, p in summary["easy"].items())]
     for other in ("ensemble", "baseline"):
         if f"gain_vs_{other}_suppressed" in g:
-            lines.append(f"MCL - {other}: suppressed {_fmt(g[f'gain_vs_{other}_suppressed'])} points, "
-                         f"easy {_fmt(g[f'gain_vs_{other}_easy'])} points")
-    lines.append("required (MCL beats the equal-size ensemble by >= 10 on the suppressed attributes, loses <= 5 "
-                 f"on the easy one, mean gain - std > 5 over seeds): {'met' if summary['required_met'] else 'NOT met'}")
+            mmvp = tests.get(f"mcl - {other}", {}).get("mmvp", {})
+            lines.append(f"MCL - {other} on the suppressed attributes: {_test_line(mmvp.get('suppressed'))}; "
+                         f"on the easy ones: {_test_line(mmvp.get('easy'))} (mean ± std over seeds: "
+                         f"{_fmt(g[f'gain_vs_{other}_suppressed'])} and {_fmt(g[f'gain_vs_{other}_easy'])})")
+    lines.append(f"required (MCL beats the equal-size ensemble on the suppressed attributes by >= {GAIN:.0f} points "
+                 f"with its 95% interval above 0, and the interval of its difference on the easy ones stays above "
+                 f"-{MARGIN:.0f}): {'met' if summary['required_met'] else 'NOT met'}")
     persistent = summary.get("persistent", {})
     lines.append(f"still suppressed by plain CLIP after all the steps (baseline <= {SUPPRESSED:.0f}): "
                  + "; ".join(f"seed {s}: {'no baseline run' if p is None else ', '.join(p) or 'none'}"
                              for s, p in persistent.items()))
     if g.get("gain_vs_baseline_persistent"):
-        lines.append(f"MCL - baseline on those: {_fmt(g['gain_vs_baseline_persistent'])} points")
-    lines.append(f"MCL beats plain CLIP at equal steps (a hard attribute the baseline keeps suppressed, MCL >= 10 "
-                 f"points better there with mean - std > 5, easy ones >= {EASY:.0f}, and better than the ensemble): "
+        test = tests.get("mcl - baseline", {}).get("mmvp", {}).get("persistent")
+        lines.append(f"MCL - baseline on those: {_test_line(test)} "
+                     f"(mean ± std over seeds: {_fmt(g['gain_vs_baseline_persistent'])})")
+    lines.append(f"MCL beats plain CLIP at equal steps (a hard attribute the baseline keeps suppressed, MCL >= "
+                 f"{GAIN:.0f} points better there with its 95% interval above 0, easy ones >= {EASY:.0f}, and better "
+                 f"than the ensemble on the suppressed ones, interval above 0): "
                  f"{'yes' if summary.get('beats_baseline') else 'no'}")
     return lines
 
 
-def plot(summary: dict, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    import numpy as np
+def interval_table(summary: dict, kind: str, names: list[str] | None = None) -> str:
+    """One evaluation's pooled scores with their 95% intervals (a row per model), then the
+    differences of the compared pairs with their intervals and p-values (a row per pair)."""
+    per_model = summary.get("intervals", {}).get(kind, {})
+    if not per_model:
+        return "(not measured)"
+    names = [n for n in (names or per_model) if n in per_model]
+    groups = list(per_model[names[0]])
+    lines = ["| model | " + " | ".join(g.removeprefix("wds/") for g in groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(S.fmt_interval(per_model[n].get(g)) for g in groups) + " |")
+    for label, per_kind in summary.get("tests", {}).items():
+        rec = per_kind.get(kind)
+        if rec:
+            lines.append(f"| **{label}** | " + " | ".join(
+                "-" if not rec.get(g) else f"{S.fmt_interval(rec[g], 'diff', True)} p={S.fmt_p(rec[g]['p'])}"
+                for g in groups) + " |")
+    return "\n".join(lines)
 
-    from eval.plots import save_png
+
+def plot(summary: dict, path: Path) -> Path:
+    """MMVP per pattern and model: the pooled scores with their 95% intervals (mean ± std over
+    seeds when the seeds kept no outcomes), and the chance line."""
+    from eval.plots import plot_intervals
 
     names = [n for n in (*METHODS, "stage1") if n in summary["models"]]
-    patterns = list(summary["models"]["mcl"]["mmvp"])
-    x, width = np.arange(len(patterns)), 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(1.4 * len(patterns) + 2, 4))
-    for i, n in enumerate(names):
-        st = [summary["models"][n]["mmvp"][p] or {"mean": 0, "std": 0} for p in patterns]
-        ax.bar(x + i * width - 0.4 + width / 2, [s["mean"] for s in st], width, yerr=[s["std"] for s in st],
-               capsize=2, label=n)
-    ax.axhline(25, color="black", linestyle="dotted", linewidth=1)
-    ax.set_xticks(x, patterns, rotation=20, ha="right")
-    ax.set_ylabel("MMVP pairs correct (%)  dotted: chance")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"MCL vs plain CLIP, {len(summary['seeds'])} seed(s)")
-    ax.legend(fontsize=8)
-    return save_png(fig, path)
+    title = f"MCL vs plain CLIP, {len(summary['seeds'])} seed(s)"
+    pooled = summary.get("intervals", {}).get("mmvp", {})
+    if all(n in pooled for n in names):
+        models = {n: pooled[n] for n in names}
+    else:
+        models = {n: {p: {"score": st["mean"], "low": st["mean"] - st["std"], "high": st["mean"] + st["std"]}
+                      for p, st in summary["models"][n]["mmvp"].items() if st} for n in names}
+        title = title.replace("seed(s)", "seed(s), mean ± std")
+    return plot_intervals(models, path, title, "MMVP pairs correct (%)", S.CHANCE_MMVP)
 
 
 def _probe_table(per_seed: list[dict]) -> str:
@@ -252,6 +370,12 @@ def _training_table(stage_dirs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+INTERVALS = ("Each cell: the mean over seeds with its bootstrap 95% interval, items (pairs within each pattern) "
+             "and seeds resampled together (eval.stats). Rows in bold: the paired difference of two models on "
+             "the same items with its interval and the bootstrap p-value of no difference; the verdict above "
+             "adds each seed's exact McNemar test. Chance is 25.")
+
+
 def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[int, Path]) -> Path:
     """OUT/summary.json, OUT/mmvp.png and OUT/report.md (links are relative to OUT)."""
     write_json(out / "summary.json", summary, sort_keys=False)
@@ -259,18 +383,32 @@ def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[
     seed, mcl = next(iter(mcl_runs.items()))
     stage_dirs = sorted(p for p in mcl.glob("stage*") if p.is_dir())
     grids = [StageDir(d).grid for d in stage_dirs if StageDir(d).grid.is_file()]
+    names = [n for n in (*METHODS, *sorted(n for n in summary["models"] if n.startswith("stage")))
+             if n in summary["models"]]
+    seeds = f"pooled over {len(summary['seeds'])} seed(s)"
     parts = [
         "# MCL demo report", "",
         f"Seeds: {', '.join(map(str, summary['seeds']))}. MMVP-style pair accuracy (%), mean ± std over seeds; "
         "chance is 25 and a model that cannot tell the two images apart scores near 0.", "",
         table(summary), "", *[f"- {line}" for line in verdict(summary)], "",
+        f"### MMVP with 95% intervals and paired tests ({seeds})", "", INTERVALS, "",
+        interval_table(summary, "mmvp", names), "",
         "![MMVP per pattern](mmvp.png)", "",
+        f"## SugarCrepe-format benchmark: the caption against one with an attribute replaced ({seeds})", "",
+        "Share of samples where the model scores the image higher with its caption than with the negative "
+        "caption (chance 50); one category per attribute; average over the categories.", "",
+        interval_table(summary, "sugarcrepe", names), "",
         "## Attribute probes (held-out shards): linear probe / zero-shot accuracy (%)", "",
         _probe_table(per_seed), "",
+        f"Linear probe with 95% intervals over the test samples ({seeds}):", "",
+        interval_table(summary, "probe", names), "",
         "## Zero-shot on the world's held-out sets (CLIP_benchmark; %, mean over seeds)", "",
         "Classification: one set per attribute, classes named as captions name them, top-1 accuracy; "
         "retrieval (captions): image recall@5. Per-model files: each run's eval/zeroshot.csv and zeroshot.png.", "",
         _zeroshot_table(per_seed), "",
+        f"With 95% intervals over the items ({seeds}): what MCL costs where plain CLIP is good is the rows "
+        "of differences on the easy attributes' sets and on retrieval.", "",
+        interval_table(summary, "zeroshot", names), "",
         f"## Clusters of the MCL stages (seed {seed}): purity per attribute", "",
         "Purity: the share of samples whose attribute value is their cluster's most common one.", "",
         _purity_table(stage_dirs), "",

@@ -1,11 +1,13 @@
-"""The evaluation job of a run: MMVP-VLM, the attribute probes and CLIP_benchmark sets of
-several models, in one job (each model is loaded once).
+"""The evaluation job of a run: MMVP-VLM, SugarCrepe-format sets, the attribute probes and
+CLIP_benchmark sets of several models, in one job (each model is loaded once).
 
     python -m eval --models mcl=runs/r/merged.pt stage1=runs/r/stage1/model --out runs/r/eval \\
-        [--mmvp data/mmvp] [--probes 'data/probe/{00000..00001}.tar'] [--benchmarks wds/cars=/data/cars]
+        [--mmvp data/mmvp] [--sugarcrepe data/sugar_crepe] [--probes 'data/probe/{00000..00001}.tar'] \\
+        [--benchmarks wds/cars=/data/cars] [--compare mcl stage1]
 
-A model is NAME=SPEC (eval.encoders). Writes what eval.mmvp, eval.probes and eval.zeroshot
-write, for the benchmarks given, then OUT/done.json: the spec and the fingerprints of the
+A model is NAME=SPEC (eval.encoders); --compare names models, the first compared with each
+other one on MMVP and SugarCrepe (paired differences, McNemar). Writes what eval.mmvp,
+eval.sugarcrepe, eval.probes and eval.zeroshot write, for the benchmarks given, then OUT/done.json: the spec and the fingerprints of the
 models evaluated. The job is done while they match and its records exist.
 """
 from __future__ import annotations
@@ -31,17 +33,21 @@ class EvalSpec:
                                     result=False)  # their names and content count, not their paths
     out: str = param(help="folder for the evaluations' CSV, JSON and PNG files", result=False)
     mmvp: str | None = param(None, "MMVP-VLM folder (Questions.csv + 'MLLM_VLM Images/')")
+    sugarcrepe: str | None = param(None, "SugarCrepe-format folder (<category>.json + val2017/)")
     probes: str | None = param(None, "held-out shards of the synthetic world, for the attribute probes")
     benchmarks: tuple[str, ...] = param((), "CLIP_benchmark data sets, NAME[=ROOT] (eval.zeroshot)")
+    compare: tuple[str, ...] = param((), "model names: the first compared with each other one (MMVP, SugarCrepe)")
 
 
 def _records(spec: EvalSpec) -> list[Path]:
     from eval import mmvp as M
     from eval import probes as P
+    from eval import sugarcrepe as C
     from eval import zeroshot as Z
 
     return [Path(spec.out) / name for name, wanted in
-            ((M.SUMMARY_NAME, spec.mmvp), (P.RECORD_NAME, spec.probes), (Z.SUMMARY_NAME, spec.benchmarks)) if wanted]
+            ((M.SUMMARY_NAME, spec.mmvp), (C.SUMMARY_NAME, spec.sugarcrepe), (P.RECORD_NAME, spec.probes),
+             (Z.SUMMARY_NAME, spec.benchmarks)) if wanted]
 
 
 def _inputs(spec: EvalSpec) -> dict:
@@ -61,26 +67,32 @@ def is_done(spec: EvalSpec) -> bool:
 
 
 def evaluate(spec: EvalSpec) -> dict:
-    """Run the evaluations the spec names; returns {mmvp|probes|zeroshot: summary}."""
+    """Run the evaluations the spec names; returns {mmvp|sugarcrepe|probes|zeroshot: summary}."""
     import torch
 
     from eval import mmvp as M
     from eval import probes as P
+    from eval import stats as S
+    from eval import sugarcrepe as C
     from eval import zeroshot as Z
-    from eval.encoders import load_encoder
+    from eval.encoders import load_encoder, parse_model_arg
 
-    if not (spec.mmvp or spec.probes or spec.benchmarks):
-        raise UsageError("nothing to evaluate: give --mmvp, --probes or --benchmarks")
+    if not (spec.mmvp or spec.sugarcrepe or spec.probes or spec.benchmarks):
+        raise UsageError("nothing to evaluate: give --mmvp, --sugarcrepe, --probes or --benchmarks")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    S.comparisons(spec.compare, [parse_model_arg(m)[0] for m in spec.models])  # before the models load
     sets = [Z.parse_dataset_arg(b) for b in spec.benchmarks]
     for bench in sets:
-        Z.check(bench)  # before the models load
+        Z.check(bench)
+    compositional = C.read_sets(spec.sugarcrepe) if spec.sugarcrepe else None
     inputs = _inputs(spec)
     (Path(spec.out) / RECORD_NAME).unlink(missing_ok=True)  # the record goes first, is written last
     encoders = [load_encoder(m, device) for m in spec.models]
     result = {}
     if spec.mmvp:
-        result["mmvp"] = M.write_outputs(M.evaluate(spec.mmvp, encoders), spec.out)
+        result["mmvp"] = M.write_outputs(M.evaluate(spec.mmvp, encoders), spec.out, spec.compare)
+    if compositional:
+        result["sugarcrepe"] = C.write_outputs(C.evaluate(compositional, encoders), spec.out, spec.compare)
     if spec.probes:
         result["probes"] = P.write_outputs(P.probe(encoders, spec.probes), spec.out)
     if sets:

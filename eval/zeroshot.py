@@ -18,8 +18,10 @@ type retrieval, classification otherwise. The metrics are CLIP_benchmark's own f
 
 A model is NAME=SPEC (or SPEC; see eval.encoders): a merged MCL artifact, a stage folder, a
 training checkpoint, or an open_clip ARCH:TAG. Writes OUT/zeroshot.csv (model, dataset, task,
-metric, value), OUT/zeroshot_summary.json ({model: {dataset: {"task", "root", metric: value}}}) and
-OUT/zeroshot.png (each dataset's main metric per model), each atomically.
+metric, value), OUT/zeroshot_samples.csv (model, dataset, item, correct: the main metric's outcome
+per image, or per caption for retrieval), OUT/zeroshot_summary.json ({model: {dataset: {"task",
+"root", metric: value, "interval": the main metric's bootstrap 95% interval over those outcomes}}})
+and OUT/zeroshot.png (each dataset's main metric per model, with its interval), each atomically.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from eval.fanout import fan_out
 
 log = logging.getLogger("eval.zeroshot")
 SUMMARY_NAME = "zeroshot_summary.json"  # what launch checks to call the evaluation done
+SAMPLES_NAME = "zeroshot_samples.csv"
 SPLIT = "test"
 RECALL_K = (1, 5, 10)
 MAIN_METRIC = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "image_retrieval_recall@5"}
@@ -138,7 +141,8 @@ def dataloader(bench: Benchmark, transform, batch_size: int, workers: int, downl
 
 def evaluate(benchmarks: list[Benchmark], encoders: list[Encoder], batch_size: int = 64, workers: int = 0,
              download: bool = False) -> dict:
-    """{model: {dataset: {"task": ..., metric: value, ...}}} with CLIP_benchmark's metrics. The
+    """{model: {dataset: {"task": ..., metric: value, ..., "outcomes": [0/1 per item]}}} with
+    CLIP_benchmark's metrics; "outcomes" are the main metric's (eval.zeroshot.MAIN_METRIC). The
     benchmarks are checked with `check` first, before the models load (main and launch's eval step do).
     Models with the same preprocessing share one pass over each data set (eval.fanout)."""
     from tqdm import tqdm
@@ -154,9 +158,10 @@ def evaluate(benchmarks: list[Benchmark], encoders: list[Encoder], batch_size: i
             if len(group) > 1:
                 log.info("%s: one pass for %s", bench.name, ", ".join(enc.name for enc in group))
             scores = fan_out(loader, [functools.partial(_metrics, bench, ds, enc) for enc in group])
-            for enc, metrics in zip(group, scores):
+            for enc, (metrics, outcomes) in zip(group, scores):
                 metrics = {k: round(float(v), 6) for k, v in metrics.items()}
-                results[enc.name][bench.name] = {"task": bench.task, "root": bench.root, **metrics}
+                results[enc.name][bench.name] = {"task": bench.task, "root": bench.root, **metrics,
+                                                 "outcomes": outcomes}
                 log.info("%s on %s: %s", enc.name, bench.name,
                          ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return results
@@ -188,21 +193,53 @@ def preprocess_signature(preprocess) -> str:
     return digest.hexdigest()
 
 
-def _metrics(bench: Benchmark, ds, enc: Encoder, batches) -> dict:
-    """CLIP_benchmark's metrics of `enc` on the data set `ds`, whose batches `batches` yields."""
-    from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+def _metrics(bench: Benchmark, ds, enc: Encoder, batches) -> tuple[dict, list[int]]:
+    """CLIP_benchmark's metrics of `enc` on the data set `ds`, whose batches `batches` yields, and
+    the main metric's outcome per item."""
+    from clip_benchmark.metrics import zeroshot_classification
 
     device = enc.device if isinstance(enc.device, str) else enc.device.type
     amp = device == "cuda"
     enc.model.eval()
     with torch.no_grad():
         if bench.task == "zeroshot_retrieval":
-            return zeroshot_retrieval.evaluate(enc.model, batches, enc.tokenizer, device=device, amp=amp,
-                                               recall_k_list=list(RECALL_K))
+            return retrieval_metrics(enc.model, batches, enc.tokenizer, device, amp)
         classifier = zeroshot_classification.zero_shot_classifier(enc.model, enc.tokenizer, ds.classes,
                                                                   ds.templates, device, amp=amp)
         logits, target = zeroshot_classification.run_classification(enc.model, classifier, batches, device, amp=amp)
-        return classification_metrics(logits, target, len(ds.classes))
+        metrics = classification_metrics(logits, target, len(ds.classes))
+        outcomes = (logits.topk(1, dim=1).indices[:, 0] == target).int().tolist() if target.ndim == 1 else []
+        return metrics, outcomes
+
+
+def retrieval_metrics(model, batches, tokenizer, device: str, amp: bool) -> tuple[dict, list[int]]:
+    """CLIP_benchmark's zero-shot retrieval (`zeroshot_retrieval.evaluate`: its embedding pass
+    and its `recall_at_k`), keeping each caption's image recall@5 outcome (1 when its image is
+    among the 5 best): the metrics are the means of such per-query outcomes."""
+    import torch.nn.functional as F
+    from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+
+    images, texts, text_image, start = [], [], [], 0
+    for batch_images, batch_texts in batches:
+        tokens = tokenizer([t for captions in batch_texts for t in captions]).to(device)
+        with torch.autocast(device, enabled=amp):
+            images.append(F.normalize(model.encode_image(batch_images.to(device)), dim=-1).float().cpu())
+            texts.append(F.normalize(model.encode_text(tokens), dim=-1).float().cpu())
+        text_image += [start + i for i, captions in enumerate(batch_texts) for _ in captions]
+        start += len(batch_images)
+    scores = torch.cat(texts) @ torch.cat(images).t()
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), text_image] = True
+    size = len(images[0])
+    metrics, outcomes = {}, []
+    for k in RECALL_K:
+        per_text = (batchify(recall_at_k, scores, positive, size, device, k=k) > 0).int()
+        per_image = batchify(recall_at_k, scores.T, positive.T, size, device, k=k) > 0
+        metrics[f"image_retrieval_recall@{k}"] = per_text.float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = per_image.float().mean().item()
+        if f"image_retrieval_recall@{k}" == MAIN_METRIC["zeroshot_retrieval"]:
+            outcomes = per_text.tolist()
+    return metrics, outcomes
 
 
 def classification_metrics(logits: torch.Tensor, target: torch.Tensor, classes: int) -> dict:
@@ -222,7 +259,7 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor, classes: 
     return metrics
 
 
-NOT_METRICS = ("task", "root")
+NOT_METRICS = ("task", "root", "interval")
 
 
 def main_metric(record: dict) -> tuple[str, float]:
@@ -244,18 +281,33 @@ def duplicate_names(benchmarks: list[str]) -> list[str]:
 
 
 def write_outputs(results: dict, out: str | Path) -> dict:
+    """The CSV files and the chart, then the summary: `results` less each record's "outcomes",
+    plus its "interval" (eval.stats, %) when it has outcomes."""
+    from eval.stats import interval
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf)
+    buf, items = io.StringIO(), io.StringIO()
+    w, wi = csv.writer(buf), csv.writer(items)
     w.writerow(["model", "dataset", "task", "metric", "value"])
+    wi.writerow(["model", "dataset", "item", "correct"])
+    summary: dict = {}
     for model, per in results.items():
         for dataset, record in per.items():
+            outcomes = record.get("outcomes") or []
+            record = {k: v for k, v in record.items() if k != "outcomes"}
+            if outcomes:
+                record["interval"] = interval([outcomes])
+            summary.setdefault(model, {})[dataset] = record
             for metric, value in record.items():
                 if metric not in NOT_METRICS:
                     w.writerow([model, dataset, record["task"], metric, value])
+            wi.writerows([model, dataset, i, v] for i, v in enumerate(outcomes))
     with atomic_output(out / "zeroshot.csv", "w") as f:
         f.write(buf.getvalue())
+    with atomic_output(out / SAMPLES_NAME, "w") as f:
+        f.write(items.getvalue())
+    results = summary
     plot(results, out / "zeroshot.png")
     write_json(out / SUMMARY_NAME, results, sort_keys=False)  # last: it marks the evaluation done
     return results
@@ -272,9 +324,13 @@ def plot(results: dict, path: Path) -> Path:
     x, width = np.arange(len(datasets)), 0.8 / max(1, len(results))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(datasets) + 2), 4))
     for i, (name, per) in enumerate(results.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, [100 * main_metric(per[d])[1] for d in datasets], width, label=name)
+        scores = [100 * main_metric(per[d])[1] for d in datasets]
+        lows = [per[d].get("interval", {}).get("low", s) for d, s in zip(datasets, scores)]
+        highs = [per[d].get("interval", {}).get("high", s) for d, s in zip(datasets, scores)]
+        errors = np.clip([np.subtract(scores, lows), np.subtract(highs, scores)], 0, None)
+        ax.bar(x + i * width - 0.4 + width / 2, scores, width, yerr=errors, capsize=2, label=name)
     ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("%")
+    ax.set_ylabel("%  (bars: bootstrap 95% intervals)")
     ax.set_ylim(0, 100)
     ax.set_title("zero-shot (CLIP_benchmark)")
     ax.legend(fontsize=8)

@@ -10,6 +10,7 @@ spec is where each default is written); the run sets the others (paths, K, the t
     run_dir: runs/tiny                 # everything the run writes goes here
     data: data/train/{00000..00009}.tar
     mmvp: data/mmvp                    # optional: evaluate the merged model and each stage
+    sugarcrepe: data/sugar_crepe       # optional: SugarCrepe-format folder (eval.sugarcrepe)
     probes: data/probe                 # optional: held-out shards of the synthetic world for attribute probes
     benchmarks: [wds/cars=/data/cars, imagenet1k=/data/imagenet]  # optional: CLIP_benchmark sets (eval.zeroshot)
     method: mcl                        # mcl | ensemble (independently seeded plain CLIP stages, merged alike)
@@ -191,6 +192,7 @@ class RunConfig:
     run_dir: str
     data: str
     mmvp: str | None = None
+    sugarcrepe: str | None = None
     probes: str | None = None
     benchmarks: list[str] = field(default_factory=list)  # CLIP_benchmark data sets, NAME[=ROOT] (eval.zeroshot)
     method: str = "mcl"
@@ -481,6 +483,13 @@ def validate(cfg: RunConfig) -> list[str]:
         errors += _shards_gone(cfg, urls)
     if cfg.mmvp and not (Path(cfg.mmvp) / "Questions.csv").is_file():
         errors.append(f"mmvp: {cfg.mmvp}/Questions.csv missing")
+    if cfg.sugarcrepe:
+        from eval import sugarcrepe
+
+        try:
+            sugarcrepe.read_sets(cfg.sugarcrepe)
+        except UsageError as exc:
+            errors.append(f"sugarcrepe: {exc}")
     from eval import zeroshot
 
     if zeroshot.duplicate_names(cfg.benchmarks):

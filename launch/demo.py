@@ -7,9 +7,10 @@ runs/demo-persistent), where plain CLIP's suppression lasts for all the steps, a
 (configs/demo.yaml, out runs/demo), where it is slowness; --quick is the tests' small variant.
 
 1. Generates the world of the config's `data` section: training shards, held-out probe
-   shards, the MMVP-format benchmark (one pattern per attribute) and, from the probe shards,
-   CLIP_benchmark zero-shot sets (one classification set per attribute, one retrieval set),
-   and validates them.
+   shards, the MMVP-format benchmark (one pattern per attribute), a SugarCrepe-format set
+   (a caption with one attribute replaced, one file per attribute) and, from the probe
+   shards, CLIP_benchmark zero-shot sets (one classification set per attribute, one retrieval
+   set), and validates them.
 2. For each seed, runs three launch runs with the config's `run` section (local executor by
    default), in OUT/seed<S>/:
    - mcl: the MCL stages (clustering, sidecars, cluster-bucketed loader), merged;
@@ -17,11 +18,12 @@ runs/demo-persistent), where plain CLIP's suppression lasts for all the steps, a
      separates the MCL effect from mere ensembling); its stage 1 is trained exactly like
      MCL's stage 1 (plain CLIP, same seed), so it is copied from there, not trained twice;
    - baseline: plain CLIP, one stage, as many steps as all MCL stages together.
-   Each is evaluated on the benchmark, with the attribute probes and on the zero-shot sets. The config's `parallel`
+   Each is evaluated on both benchmarks, with the attribute probes and on the zero-shot sets. The config's `parallel`
    (default 1) runs up to that many of the three side by side; the ensemble starts once
    MCL's stage 1 is trained.
-3. Writes OUT/seed<S>/results.json, OUT/summary.json (mean and std over seeds), OUT/mmvp.png
-   and OUT/report.md, and prints the per-pattern table and the verdict.
+3. Writes OUT/seed<S>/results.json, OUT/summary.json (mean and std over seeds; bootstrap
+   intervals over pairs and seeds, paired differences with their p-values), OUT/mmvp.png and
+   OUT/report.md, and prints the per-pattern table and the verdict (eval.report).
 Every step is skipped when its outputs exist and check, so a rerun resumes and a finished
 demo does no work.
 """
@@ -41,6 +43,7 @@ from common.cli import UsageError
 from shards.generate import generate
 from common.io import project_file, read_yaml, write_json
 from shards.mmvp_writer import write_benchmark
+from shards.sugarcrepe_writer import write_sets as write_sugarcrepe
 from shards.zeroshot_writer import write_sets
 from shards.validate import validate
 
@@ -76,7 +79,7 @@ def make_world(config: str | Path, data: dict, out: Path, workers: int) -> dict[
     except (KeyError, ValueError) as exc:
         raise UsageError(f"{config}: data.world: {exc}") from exc
     paths = {"train": out / "data" / "train", "probe": out / "data" / "probe", "mmvp": out / "data" / "mmvp",
-             "zeroshot": out / "data" / "zeroshot"}
+             "zeroshot": out / "data" / "zeroshot", "sugarcrepe": out / "data" / "sugarcrepe"}
     seed = int(data.get("seed", 0))
     log.info("generating %d training samples in %s", data["num_samples"], paths["train"])
     sizes = generate(paths["train"], spec, int(data["num_samples"]), int(data.get("samples_per_shard", 1000)),
@@ -84,6 +87,8 @@ def make_world(config: str | Path, data: dict, out: Path, workers: int) -> dict[
     probe_samples = int(data.get("probe_samples", 2000))
     generate(paths["probe"], spec, probe_samples, probe_samples, seed + 1_000_003, 1, progress=False)
     write_benchmark(paths["mmvp"], spec, int(data.get("mmvp_pairs", 15)), int(data.get("mmvp_seed", 1)))
+    write_sugarcrepe(paths["sugarcrepe"], spec, int(data.get("sugarcrepe_samples", 100)),
+                     int(data.get("sugarcrepe_seed", 2)))
     paths["benchmarks"] = [f"wds/{name}={folder}"
                            for name, folder in write_sets(str(paths["probe"]), paths["zeroshot"]).items()]
     record = paths["train"] / "validation.json"
@@ -104,7 +109,8 @@ def method_configs(run: dict, paths: dict[str, Path], seed_dir: Path, seed: int)
     from launch.config import run_config, stage_train_config
 
     base = copy.deepcopy(run)
-    base.update(data=str(paths["train"]), mmvp=str(paths["mmvp"]), probes=str(paths["probe"]),
+    base.update(data=str(paths["train"]), mmvp=str(paths["mmvp"]), sugarcrepe=str(paths["sugarcrepe"]),
+                probes=str(paths["probe"]),
                 benchmarks=paths["benchmarks"])
     base["train"] = {**base.get("train", {}), "seed": 1000 * seed}  # stage seeds never overlap across seeds
     mcl = run_config({**base, "run_dir": str(seed_dir / "mcl"), "method": "mcl"}, "demo run (mcl)")

@@ -2,7 +2,7 @@
 
 For each stage: train -> embed (array) -> cluster -> assign (array) -> reduce (-> regroup
 (array), when the next stage streams its same-group batches: bucket=stream) -> next stage;
-then merge -> eval (MMVP-VLM, the attribute probes and CLIP_benchmark sets, when
+then merge -> eval (MMVP-VLM, SugarCrepe-format sets, the attribute probes and CLIP_benchmark sets, when
 configured); an ensemble run trains its stages alone. A step whose outputs exist and check
 is skipped, so running the same command again resumes a run (training from its latest
 checkpoint, also when submitit requeues it after a timeout or preemption) and a finished
@@ -50,6 +50,7 @@ class Step:
 
 def plan(cfg: RunConfig) -> list[Step]:
     """The steps of the run, in order, each with its job's spec."""
+    from eval.encoders import parse_model_arg
     from eval.suite import EvalSpec
     from pipeline.assign import AssignSpec
     from pipeline.save import SaveSpec
@@ -91,10 +92,12 @@ def plan(cfg: RunConfig) -> list[Step]:
     model_dirs = tuple(str(stages[s].model_dir) for s in names)
     out.append(Step("merge", [job_spec(cfg, "merge", stages=model_dirs, out=str(run.merged),
                                        names=tuple(f"stage{s}" for s in names))]))
-    if cfg.mmvp or cfg.probes or cfg.benchmarks:
+    if cfg.mmvp or cfg.sugarcrepe or cfg.probes or cfg.benchmarks:
         models = (f"{cfg.name or cfg.method}={run.merged}",) + tuple(f"stage{s}={stages[s].model_dir}" for s in names)
-        out.append(Step("eval", [EvalSpec(models=models, out=str(run.eval_dir), mmvp=cfg.mmvp, probes=cfg.probes,
-                                          benchmarks=tuple(cfg.benchmarks))]))
+        out.append(Step("eval", [EvalSpec(models=models, out=str(run.eval_dir), mmvp=cfg.mmvp,
+                                          sugarcrepe=cfg.sugarcrepe, probes=cfg.probes,
+                                          benchmarks=tuple(cfg.benchmarks),
+                                          compare=tuple(parse_model_arg(m)[0] for m in models))]))
     return out
 
 

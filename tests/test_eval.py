@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -140,12 +141,29 @@ def test_mmvp_cli_compares_models_and_rejects_bad_input(tmp_path, two_stages, ti
     bench = write_benchmark(tmp_path / "bench", tiny_spec, pairs=3, seed=1)
     merged = merge(two_stages, tmp_path / "merged.pt")
     r = run_cli("eval.mmvp", "--data", str(bench), "--model", f"mcl={merged}", "--model", f"s1={two_stages[0]}",
-                "--out", str(tmp_path / "out"))
+                "--model", f"same={two_stages[0]}", "--compare", "s1", "mcl", "same", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "mmvp_summary.json").read_text())
-    assert list(summary) == ["mcl", "s1"]
+    assert list(summary) == ["mcl", "s1", "same"]
     assert list(summary["mcl"]) == [a.pattern for a in tiny_spec.attributes] + ["average"]
-    assert "Background" in r.stdout and "mcl" in r.stdout
+    assert "Background" in r.stdout and "mcl" in r.stdout and "s1 - mcl: " in r.stdout
+    # the intervals and tests are those of eval.stats on the pairs' outcomes in mmvp_pairs.csv
+    from eval import outcomes as O
+    from eval import stats as S
+    record = json.loads((tmp_path / "out" / "mmvp_stats.json").read_text())
+    pairs = O.read(tmp_path / "out" / "mmvp_pairs.csv", "type")
+    assert record["chance"] == 25.0 and list(record["comparisons"]) == ["s1 - mcl", "s1 - same"]
+    assert record["models"]["mcl"] == S.intervals(pairs["mcl"])
+    assert all(record["models"][n][p]["score"] == pytest.approx(summary[n][p], abs=0.005)
+               for n in summary for p in summary[n])  # the summary keeps 2 decimals
+    assert record["comparisons"]["s1 - mcl"] == S.paired(pairs["s1"], pairs["mcl"])
+    same = record["comparisons"]["s1 - same"]  # one model under two names: no difference, p = 1
+    assert all(r["diff"] == r["low"] == r["high"] == 0 and r["p"] == 1.0 for r in same.values())
+    assert Image.open(tmp_path / "out" / "mmvp_patterns.png").size[0] > 300
+    r = run_cli("eval.mmvp", "--data", str(bench), "--model", f"mcl={merged}", "--compare", "mcl", "base",
+                "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "python -m eval.mmvp: error: --compare: unknown model 'base' (models: mcl)"
     # bad input: one line each, naming the file or model
     (bench / "MLLM_VLM Images" / "Spatial" / "20.jpg").unlink()
     r = run_cli("eval.mmvp", "--data", str(bench), "--model", str(merged), "--out", str(tmp_path / "o2"))
@@ -280,6 +298,23 @@ def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(t
     assert list(summary) == ["s1", "mcl"] and list(summary["mcl"]) == ["wds/shape", "folder/shape", "wds/captions"]
     assert (tmp_path / "out" / "zeroshot.png").stat().st_size > 1000
     assert "wds/shape (acc1)" in r.stdout
+    # each item's outcome of the main metric: their mean is the metric, their interval eval.stats'
+    from clip_benchmark.metrics import zeroshot_retrieval
+    from eval import outcomes as O
+    from eval import stats as S
+    from eval.zeroshot import dataloader, main_metric, parse_dataset_arg
+    items = O.read(tmp_path / "out" / "zeroshot_samples.csv", "dataset")
+    for name in ("s1", "mcl"):
+        for d, record in summary[name].items():
+            assert np.mean(items[name][d]) == pytest.approx(main_metric(record)[1], abs=1e-6), (name, d)
+            assert record["interval"] == S.interval([items[name][d]]), (name, d)
+    # the retrieval metrics kept per caption are CLIP_benchmark's own
+    enc = load_encoder(f"s1={two_stages[0]}")
+    _, loader = dataloader(parse_dataset_arg(f"wds/captions={sets['captions']}"), enc.preprocess, 32, 0, False)
+    theirs = zeroshot_retrieval.evaluate(enc.model, loader, enc.tokenizer, device="cpu", amp=False,
+                                         recall_k_list=[1, 5, 10])
+    assert {k: round(v, 6) for k, v in theirs.items()} == \
+        {k: v for k, v in summary["s1"]["wds/captions"].items() if "recall@" in k}
 
     # the two models share each set's pass (one preprocessing); each gets its own numbers
     assert "wds/shape: one pass for s1, mcl" in r.stderr
@@ -293,8 +328,11 @@ def test_clip_benchmark_job_matches_a_direct_computation_and_rejects_bad_input(t
     monkeypatch.setattr(Z, "dataloader", counted)
     encs = [load_encoder(f"s1={two_stages[0]}"), load_encoder(f"mcl={merged}")]
     shared = Z.evaluate([Z.parse_dataset_arg(f"wds/shape={sets['shape']}")], encs, batch_size=32)
-    assert built == ["wds/shape"] and {n: shared[n]["wds/shape"] for n in shared} == \
-        {n: summary[n]["wds/shape"] for n in ("s1", "mcl")}
+    assert built == ["wds/shape"]
+    for n in ("s1", "mcl"):  # the record without its outcomes (written to the CSV) and their interval
+        assert {k: v for k, v in shared[n]["wds/shape"].items() if k != "outcomes"} == \
+            {k: v for k, v in summary[n]["wds/shape"].items() if k != "interval"}
+        assert np.mean(shared[n]["wds/shape"]["outcomes"]) == pytest.approx(summary[n]["wds/shape"]["acc1"], abs=1e-6)
     classes = (sets["shape"] / "classnames.txt").read_text().split("\n")[:-1]
     templates = (sets["shape"] / "zeroshot_classification_templates.txt").read_text().split("\n")[:-1]
     cap_images, captions = _wds_set(sets["captions"])
@@ -372,3 +410,70 @@ def test_a_run_s_zero_shot_results_count_as_done_only_for_the_same_models_sets_a
     assert not covers(summary, ["mcl", "stage1", "stage2"], ["wds/a=/r1"])  # a model more
     assert not covers(summary, ["mcl"], ["wds/a=/r1", "wds/b=/r1"])  # a set more
     assert duplicate_names(["wds/a=/r1", "wds/a=/r2", "wds/b"]) == ["wds/a"]
+
+
+def test_sugarcrepe_job_matches_a_direct_computation_and_rejects_bad_input(tmp_path, two_stages, tiny_spec):
+    """eval.sugarcrepe on the world's SugarCrepe-format set (shards.sugarcrepe_writer): each
+    category's accuracy equals one computed here from the models' features, the intervals and
+    tests are eval.stats' on the per-sample outcomes, an unreadable image is skipped for every
+    model, and bad input gets one line and exit 2."""
+    from eval import outcomes as O
+    from eval import stats as S
+    from eval.encoders import load_encoder
+    from shards.sugarcrepe_writer import write_sets
+    data = write_sets(tmp_path / "sc", tiny_spec, per_attribute=8, seed=2)
+    kinds = sorted(a.kind for a in tiny_spec.attributes)
+    assert sorted(p.name for p in data.glob("*.json")) == [f"replace_{k}.json" for k in kinds]
+    first = json.loads((data / "replace_shape.json").read_text())["0"]
+    scene = json.loads((data / "world" / "attributes.json").read_text())[first["filename"]]
+    assert first["caption"].startswith("a photo of ") and scene["shape"] in first["caption"]
+    changed = [(w1, w2) for w1, w2 in zip(first["caption"].split(), first["negative_caption"].split()) if w1 != w2]
+    assert len(changed) == 1 and scene["shape"] in changed[0][0]  # only the shape word is replaced
+
+    merged = merge(two_stages, tmp_path / "merged.pt")
+    (data / "val2017" / "000003.jpg").write_bytes(b"not a jpeg")  # a sample of replace_background
+    out = tmp_path / "out"
+    r = run_cli("eval.sugarcrepe", "--data", str(data), "--model", f"mcl={merged}", "--model", f"s1={two_stages[0]}",
+                "--compare", "mcl", "s1", "--out", str(out), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "sugarcrepe_summary.json").read_text())
+    assert summary["skipped"] == [str(data / "val2017" / "000003.jpg")] and "cannot read image" in r.stderr
+    assert summary["samples"] == {f"replace_{k}": 8 - (k == "background") for k in kinds}
+    for name, spec in (("mcl", merged), ("s1", two_stages[0])):
+        enc = load_encoder(f"{name}={spec}")
+        for k in kinds:
+            records = [rec for rec in json.loads((data / f"replace_{k}.json").read_text()).values()
+                       if rec["filename"] != "000003.jpg"]
+            images = enc.images([Image.open(data / "val2017" / rec["filename"]).convert("RGB") for rec in records])
+            pos = (images * enc.texts([rec["caption"] for rec in records])).sum(-1)
+            neg = (images * enc.texts([rec["negative_caption"] for rec in records])).sum(-1)
+            want = 100 * float((pos > neg).float().mean())
+            assert summary["models"][name][f"replace_{k}"]["score"] == pytest.approx(want, abs=1e-3), (name, k)
+    samples = O.read(out / "sugarcrepe_samples.csv", "category")
+    assert summary["models"]["s1"] == S.intervals(samples["s1"])
+    assert summary["comparisons"]["mcl - s1"] == S.paired(samples["mcl"], samples["s1"])
+    assert "mcl - s1: " in r.stdout and (out / "sugarcrepe.png").read_bytes()[:4] == b"\x89PNG"
+
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    bad_json = tmp_path / "bad"
+    shutil.copytree(data, bad_json)
+    (bad_json / "replace_count.json").write_text('{"0": {"filename": "000001.jpg", "caption": "two"}}')
+    missing = tmp_path / "missing"
+    shutil.copytree(data, missing)
+    (missing / "val2017" / "000001.jpg").unlink()
+    from common.cli import UsageError
+    from eval.sugarcrepe import read_sets
+    for folder, want in ((tmp_path / "nowhere", "nowhere: not a folder"),
+                         (bad_json, "replace_count.json: entry '0' needs the string fields"),
+                         (missing, "000001.jpg: missing image (entry '1' of replace_background.json)"),
+                         (data / "val2017", "no <category>.json")):
+        with pytest.raises(UsageError, match=re.escape(want)):
+            read_sets(folder)
+    for (folder, model), want in (((bad_json, f"s1={two_stages[0]}"), "needs the string fields"),
+                                  ((data, tmp_path / "junk.pt"), "does not load")):
+        r = run_cli("eval.sugarcrepe", "--data", str(folder), "--model", str(model), "--out", str(tmp_path / "o2"))
+        assert r.returncode == 2 and want in r.stderr and len(r.stderr.strip().splitlines()) == 1, (want, r.stderr)
+    r = run_cli("eval.sugarcrepe", "--data", str(data), "--model", f"s1={two_stages[0]}", "--compare", "s1", "mcl",
+                "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "--compare: unknown model 'mcl' (models: s1)" in r.stderr
+    assert not (tmp_path / "o2").exists()
