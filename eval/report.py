@@ -373,7 +373,8 @@ def _training_table(stage_dirs: list[Path]) -> str:
 INTERVALS = ("Each cell: the mean over seeds with its bootstrap 95% interval, items (pairs within each pattern) "
              "and seeds resampled together (eval.stats). Rows in bold: the paired difference of two models on "
              "the same items with its interval and the bootstrap p-value of no difference; the verdict above "
-             "adds each seed's exact McNemar test. Chance is 25.")
+             "adds each seed's exact McNemar test. A score of 0 or 100 in every seed has an interval of zero "
+             "width (every resample alike), which is not certainty. Chance is 25.")
 
 
 def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[int, Path]) -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import rerun_quick_demo, run_cli
 
 PATTERNS = ["Background", "Structural Character", "Quantity", "Spatial"]  # the tiny world's attributes
@@ -15,13 +17,20 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
     assert (tmp_path / "data" / "mmvp" / "Questions.csv").read_text().count("\n") == 1 + 2 * 5 * len(PATTERNS)
 
     results = json.loads((tmp_path / "seed0" / "results.json").read_text())
-    assert set(results) == {"models", "seeds", "config", "comparison"} and results["seeds"] == [0]
+    assert set(results) == {"models", "outcomes", "seeds", "config", "comparison"} and results["seeds"] == [0]
     assert list(results["models"]) == ["mcl", "stage1", "stage2", "ensemble", "baseline"]
+    kinds = {f"replace_{a}" for a in ("background", "shape", "count", "position")}
     for name, rec in results["models"].items():
         assert list(rec["mmvp"]) == PATTERNS + ["average"], name
         assert all(0 <= v <= 100 for v in rec["mmvp"].values())
         assert set(rec["probe"]) == {"background", "shape", "count", "position"}, name
-        assert all(set(v) == {"linear", "zero_shot", "chance"} for v in rec["probe"].values())
+        assert all(set(v) == {"linear", "zero_shot", "chance", "intervals"} for v in rec["probe"].values())
+        assert set(rec["sugarcrepe"]) == kinds | {"average"}, name  # the world's SugarCrepe-format set
+        # every evaluation's per-item outcomes, as many as its items: 5 pairs a pattern, 20 samples a category
+        outcomes = {kind: results["outcomes"][kind][name] for kind in ("mmvp", "sugarcrepe", "zeroshot", "probe")}
+        assert {p: len(v) for p, v in outcomes["mmvp"].items()} == dict.fromkeys(PATTERNS, 5), name
+        assert {c: len(v) for c, v in outcomes["sugarcrepe"].items()} == dict.fromkeys(sorted(kinds), 20), name
+        assert 100 * outcomes["sugarcrepe"]["replace_count"].count("1") / 20 == rec["sugarcrepe"]["replace_count"]
         sets = {f"wds/{a}" for a in ("background", "shape", "count", "position", "captions")}
         assert set(rec["zeroshot"]) == sets, name  # the world's CLIP_benchmark sets
         assert 0 <= rec["zeroshot"]["wds/count"]["acc1"] <= 1 and "image_retrieval_recall@5" in rec["zeroshot"][
@@ -54,9 +63,16 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seeds"] == [0] and isinstance(summary["required_met"], bool)
     assert summary["models"]["mcl"]["mmvp"]["average"]["mean"] == results["models"]["mcl"]["mmvp"]["average"]
+    tests = summary["tests"]
+    assert set(tests) == {"mcl - ensemble", "mcl - baseline"}
+    assert set(tests["mcl - baseline"]) == {"mmvp", "sugarcrepe", "zeroshot", "probe"}
+    assert {"average", "suppressed", "easy", "persistent"} <= set(tests["mcl - baseline"]["mmvp"])
+    interval = summary["intervals"]["mmvp"]["mcl"]["average"]
+    assert interval["low"] <= summary["models"]["mcl"]["mmvp"]["average"]["mean"] <= interval["high"]
     report = (tmp_path / "report.md").read_text()
     for part in ("| baseline |", "| ensemble |", "| mcl |", "| stage1 |", "mmvp.png", "purity", "Zero-shot",
-                 "| model | background (acc1) |",
+                 "| model | background (acc1) |", "## SugarCrepe-format benchmark", "| **mcl - baseline** |",
+                 "95% interval [", "exact McNemar per seed", "| model | replace_background |",
                  "seed0/mcl/stage1/clusters/grid.png"):
         assert part in report, part
     stage2_row = next(line for line in report.splitlines() if line.startswith("| stage2 | ") and "->" in line)
@@ -83,13 +99,17 @@ def test_demo_config_errors_are_one_line(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
-def _seed(seed, stage1, baseline, mcl, ensemble):
+def _seed(seed, stage1, baseline, mcl, ensemble, pairs=50):
+    """One seed's results of MMVP scores (%): each model gets the first pairs of a pattern right."""
     from eval.report import compare
 
     patterns = ["Background", "Spatial", "Orientation"]
-    models = {name: {"mmvp": dict(zip(patterns, scores))} for name, scores in
-              (("stage1", stage1), ("baseline", baseline), ("mcl", mcl), ("ensemble", ensemble))}
-    return {"models": models, "seeds": [seed], "config": {}, "comparison": compare(models)}
+    scores = (("stage1", stage1), ("baseline", baseline), ("mcl", mcl), ("ensemble", ensemble))
+    models = {name: {"mmvp": dict(zip(patterns, v))} for name, v in scores}
+    outcomes = {name: {p: "1" * round(x * pairs / 100) + "0" * (pairs - round(x * pairs / 100))
+                       for p, x in zip(patterns, v)} for name, v in scores}
+    return {"models": models, "outcomes": {"mmvp": outcomes}, "seeds": [seed], "config": {},
+            "comparison": compare(models)}
 
 
 def test_the_report_rounds_each_mean_and_std_once():
@@ -112,7 +132,14 @@ def test_mcl_is_compared_with_the_baseline_where_plain_clip_stays_suppressed():
     summary = summarize(runs)
     assert summary["persistent"] == {"0": ["Spatial", "Orientation"], "1": ["Spatial"]}
     assert summary["gains"]["gain_vs_baseline_persistent"]["mean"] == (38 + 74) / 2 and summary["beats_baseline"]
+    persistent = summary["tests"]["mcl - baseline"]["mmvp"]["persistent"]
+    assert persistent["diff"] == (38 + 74) / 2 and 0 < persistent["low"] < 38 and persistent["p"] < 0.05
+    # each seed's exact McNemar test on its persistent pairs; seed 0: MCL alone right on 45 - 2 Spatial
+    # pairs, the baseline alone on 15 - 10 Orientation pairs
+    from scipy.stats import binomtest
+    assert persistent["mcnemar"][0] == {"a_only": 43, "b_only": 5, "p": pytest.approx(binomtest(5, 48).pvalue)}
     assert any("MCL beats plain CLIP at equal steps" in line and line.endswith("yes") for line in verdict(summary))
+    assert any(line.startswith("MCL - baseline on those: +56.0 points, 95% interval [") for line in verdict(summary))
 
     lost_easy = [runs[0], _seed(1, (100, 14, 2), (100, 6, 50), (80, 80, 30), (100, 10, 2))]
     assert not summarize(lost_easy)["beats_baseline"]  # MCL lost the easy attribute (80 < 90)
@@ -120,7 +147,9 @@ def test_mcl_is_compared_with_the_baseline_where_plain_clip_stays_suppressed():
     assert summarize(learned)["persistent"] == {"0": [], "1": []} and not summarize(learned)["beats_baseline"]
     spread = [_seed(0, (100, 10, 4), (100, 4, 2), (100, 60, 2), (100, 8, 4)),
               _seed(1, (100, 10, 4), (100, 4, 2), (100, 4, 2), (100, 8, 4))]
-    assert not summarize(spread)["beats_baseline"]  # gains 28 and 0: mean 14, std 19.8, mean - std < 5
+    spread_summary = summarize(spread)  # gains 28 and 0: a draw of seed 1 twice (1 in 4) gives 0
+    assert spread_summary["tests"]["mcl - baseline"]["mmvp"]["persistent"]["low"] == 0
+    assert not spread_summary["beats_baseline"]
     unmeasured = [runs[0], _seed(1, (100, 14, 2), (100, 6, 50), (98, 80, 30), (100, 10, 2))]
     del unmeasured[1]["models"]["baseline"]  # a seed run without its baseline
     unmeasured[1]["comparison"] = compare(unmeasured[1]["models"])
