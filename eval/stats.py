@@ -10,7 +10,7 @@ scores (MMVP-VLM's average is the mean of its patterns, not of its pairs).
   with one sample per group, `method="percentile"`, the same seeded Generator). A group at 0
   or with every item right resamples to itself only: its interval is [0, 0] or [100, 100], of
   zero width. That is what the percentile method gives, not certainty (with 15 pairs, 0 right
-  is consistent with a true rate up to about 20%, exact one-sided 95%).
+  is consistent with a true rate up to about 18%, exact one-sided 95%).
 - `paired`: the difference of two models on the same items with its interval (the same items
   resampled for both: the bootstrap of the per-item differences) and an exact McNemar test on
   the items where they disagree (two-sided binomial, p = 1 when they never disagree).

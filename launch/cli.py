@@ -7,7 +7,8 @@ pipeline.cluster --help`):
   jobs         train, save, embed, cluster, assign,   (python -m pipeline.<job>;
                reduce, regroup, merge, eval            eval: python -m eval)
   tools        world, validate, from-files,           (python -m shards.generate, .validate,
-               mmvp-bench, mmvp, probes, zeroshot      .from_files, .mmvp_writer; eval.mmvp, ...)
+               mmvp-bench, sugarcrepe-bench, mmvp,     .from_files, .mmvp_writer, .sugarcrepe_writer;
+               sugarcrepe, probes, zeroshot            eval.mmvp, eval.sugarcrepe, ...)
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ JOBS = {"train": "pipeline.train", "save": "pipeline.save", "embed": "pipeline.e
         "cluster": "pipeline.cluster", "assign": "pipeline.assign", "reduce": "pipeline.reduce",
         "regroup": "pipeline.regroup", "merge": "pipeline.merge", "eval": "eval.suite"}
 TOOLS = {"world": "shards.generate", "validate": "shards.validate", "from-files": "shards.from_files",
-         "mmvp-bench": "shards.mmvp_writer", "mmvp": "eval.mmvp", "probes": "eval.probes",
-         "zeroshot": "eval.zeroshot"}
+         "mmvp-bench": "shards.mmvp_writer", "sugarcrepe-bench": "shards.sugarcrepe_writer",
+         "mmvp": "eval.mmvp", "probes": "eval.probes",
+         "zeroshot": "eval.zeroshot", "sugarcrepe": "eval.sugarcrepe"}
 
 
 def module_of(command: str) -> str:
