@@ -25,6 +25,7 @@ import json
 import statistics
 from pathlib import Path
 
+from common.cli import UsageError
 from common.io import atomic_output, write_json
 from eval import outcomes as O
 from eval import stats as S
@@ -151,7 +152,13 @@ def _seed_outcomes(per_seed: list[dict], kind: str, name: str) -> list[dict] | N
     found = [r.get("outcomes", {}).get(kind, {}).get(name) for r in per_seed]
     if not all(found):
         return None
-    return [{g: O.unpack(bits) for g, bits in f.items()} for f in found]
+    seeds = [{g: O.unpack(bits) for g, bits in f.items()} for f in found]
+    shape = {g: len(v) for g, v in seeds[0].items()}
+    for r, s in zip(per_seed, seeds):
+        if {g: len(v) for g, v in s.items()} != shape:
+            raise UsageError(f"{kind} outcomes of {name} in seed {r['seeds'][0]} are not on the items of seed "
+                             f"{per_seed[0]['seeds'][0]}: evaluate every seed on the same benchmark")
+    return seeds
 
 
 def pooled_intervals(per_seed: list[dict]) -> dict:
@@ -159,7 +166,7 @@ def pooled_intervals(per_seed: list[dict]) -> dict:
     out: dict = {}
     kinds = dict.fromkeys(k for r in per_seed for k in r.get("outcomes", {}))
     for kind in kinds:
-        for name in dict.fromkeys(n for r in per_seed for n in r["outcomes"].get(kind, {})):
+        for name in dict.fromkeys(n for r in per_seed for n in r.get("outcomes", {}).get(kind, {})):
             seeds = _seed_outcomes(per_seed, kind, name)
             if seeds is None:
                 continue
@@ -242,9 +249,11 @@ def verdict(summary: dict) -> list[str]:
             lines.append(f"MCL - {other} on the suppressed attributes: {_test_line(mmvp.get('suppressed'))}; "
                          f"on the easy ones: {_test_line(mmvp.get('easy'))} (mean ± std over seeds: "
                          f"{_fmt(g[f'gain_vs_{other}_suppressed'])} and {_fmt(g[f'gain_vs_{other}_easy'])})")
+    measured = bool(tests)  # results kept without per-item outcomes have no tests
     lines.append(f"required (MCL beats the equal-size ensemble on the suppressed attributes by >= {GAIN:.0f} points "
                  f"with its 95% interval above 0, and the interval of its difference on the easy ones stays above "
-                 f"-{MARGIN:.0f}): {'met' if summary['required_met'] else 'NOT met'}")
+                 f"-{MARGIN:.0f}): "
+                 f"{'met' if summary['required_met'] else 'NOT met' if measured else 'not measured (no outcomes)'}")
     persistent = summary.get("persistent", {})
     lines.append(f"still suppressed by plain CLIP after all the steps (baseline <= {SUPPRESSED:.0f}): "
                  + "; ".join(f"seed {s}: {'no baseline run' if p is None else ', '.join(p) or 'none'}"
@@ -256,7 +265,7 @@ def verdict(summary: dict) -> list[str]:
     lines.append(f"MCL beats plain CLIP at equal steps (a hard attribute the baseline keeps suppressed, MCL >= "
                  f"{GAIN:.0f} points better there with its 95% interval above 0, easy ones >= {EASY:.0f}, and better "
                  f"than the ensemble on the suppressed ones, interval above 0): "
-                 f"{'yes' if summary.get('beats_baseline') else 'no'}")
+                 f"{'yes' if summary.get('beats_baseline') else 'no' if measured else 'not measured (no outcomes)'}")
     return lines
 
 

@@ -25,7 +25,6 @@ defaults are what the project's records and reports use.
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -45,10 +44,24 @@ def _groups(outcomes: Mapping[str, Sequence] | Sequence[Sequence]) -> list[np.nd
     return groups
 
 
+def _draws(rng: np.random.Generator, n: int, resamples: int, copies: int = 1):
+    """Yield (rows, indices) blocks of a (resamples, n) draw of item indices, about CHUNK values
+    (times `copies` once used) at a time; the blocks come out of the generator's stream exactly
+    as one whole draw would."""
+    step = max(1, CHUNK // (n * copies))
+    for start in range(0, resamples, step):
+        rows = slice(start, min(resamples, start + step))
+        yield rows, rng.integers(0, n, (rows.stop - rows.start, n))
+
+
 def resampled_means(groups: list[np.ndarray], resamples: int, rng: np.random.Generator) -> np.ndarray:
     """(groups, resamples): each group's mean over its items drawn with replacement, group by
     group in order (scipy.stats.bootstrap's order of draws for independent samples)."""
-    return np.stack([g[rng.integers(0, g.size, (resamples, g.size))].mean(-1) for g in groups])
+    out = np.empty((len(groups), resamples))
+    for j, g in enumerate(groups):
+        for rows, items in _draws(rng, g.size, resamples):
+            out[j, rows] = g[items].mean(-1)
+    return out
 
 
 def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
@@ -84,9 +97,11 @@ def mcnemar_exact(a: Sequence, b: Sequence) -> dict:
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"the two models have {a.size} and {b.size} outcomes: not the same items")
+    from scipy.stats import binom
+
     a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
     n, k = a_only + b_only, min(a_only, b_only)
-    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    p = 1.0 if n == 0 else min(1.0, 2 * float(binom.cdf(k, n, 0.5)))
     return {"a_only": a_only, "b_only": b_only, "p": p}
 
 
@@ -126,7 +141,7 @@ def pooled(a: Sequence[Mapping[str, Sequence]], b: Sequence[Mapping[str, Sequenc
            level: float = LEVEL) -> dict:
     """The mean over seeds of `a` - `b` (%), each seed's difference the mean over its `groups`
     (default: all) of the group differences; a[s] and b[s] are seed s's outcomes, every seed on
-    the same items. Returns {"diff", "low", "high", "p", "seeds"}; None when no seed has a group."""
+    the same items. Returns {"diff", "low", "high", "p", "seeds"}; None when a seed has no group."""
     if len(a) != len(b) or not a:
         raise ValueError(f"{len(a)} and {len(b)} seeds: the two models need the same seeds")
     names = list(a[0])
@@ -136,6 +151,9 @@ def pooled(a: Sequence[Mapping[str, Sequence]], b: Sequence[Mapping[str, Sequenc
     groups = [list(g) for g in groups] if groups is not None else [names] * len(a)
     if len(groups) != len(a):
         raise ValueError(f"{len(groups)} group lists for {len(a)} seeds")
+    unknown = sorted({n for g in groups for n in g} - set(names))
+    if unknown:
+        raise ValueError(f"no outcomes for group(s) {unknown} (groups: {names})")
     used = [n for n in names if any(n in g for g in groups)]
     if not used or not all(groups):
         return None

@@ -208,8 +208,7 @@ def _metrics(bench: Benchmark, ds, enc: Encoder, batches) -> tuple[dict, list[in
                                                                   ds.templates, device, amp=amp)
         logits, target = zeroshot_classification.run_classification(enc.model, classifier, batches, device, amp=amp)
         metrics = classification_metrics(logits, target, len(ds.classes))
-        outcomes = (logits.topk(1, dim=1).indices[:, 0] == target).int().tolist() if target.ndim == 1 else []
-        return metrics, outcomes
+        return metrics, top1_outcomes(logits, target, len(ds.classes))
 
 
 def retrieval_metrics(model, batches, tokenizer, device: str, amp: bool) -> tuple[dict, list[int]]:
@@ -251,12 +250,21 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor, classes: 
 
     if target.ndim == 2:
         return {"mean_average_precision": average_precision_per_class(logits, target).mean().item()}
-    hits = logits.topk(min(5, classes), dim=1).indices == target[:, None]
+    hits = _hits(logits, target, classes)
     metrics = {"acc1": hits[:, 0].float().mean().item()}
     if classes >= 5:
         metrics["acc5"] = hits.any(dim=1).float().mean().item()
     metrics["mean_per_class_recall"] = float(balanced_accuracy_score(target.numpy(), logits.argmax(1).numpy()))
     return metrics
+
+
+def _hits(logits: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
+    return logits.topk(min(5, classes), dim=1).indices == target[:, None]
+
+
+def top1_outcomes(logits: torch.Tensor, target: torch.Tensor, classes: int) -> list[int]:
+    """Each image's top-1 outcome, as acc1 counts it (ties broken alike); none for multi-label sets."""
+    return _hits(logits, target, classes)[:, 0].int().tolist() if target.ndim == 1 else []
 
 
 NOT_METRICS = ("task", "root", "interval")

@@ -194,3 +194,33 @@ def test_the_persistent_world_is_the_default_and_its_mcl_stages_start_from_scrat
     assert r.returncode == 2 and "give one of them" in r.stderr and not (tmp_path / "q").exists()
     r = run_cli("launch", "demo", "--world", "default", "--out", str(tmp_path / "q"))  # renamed: fading
     assert r.returncode == 2 and "invalid choice" in r.stderr and not (tmp_path / "q").exists()
+
+
+def test_the_verdict_claims_a_gain_by_its_interval_and_needs_the_outcomes():
+    from common.cli import UsageError
+    from eval.report import claim, kept, summarize, verdict
+
+    runs = [_seed(s, (100, 10, 4), (100, 40, 50), (100, 90, 60), (100, 8, 4)) for s in (0, 1)]
+    summary = summarize(runs)
+    suppressed = summary["tests"]["mcl - ensemble"]["mmvp"]["suppressed"]
+    assert suppressed["diff"] == (82 + 56) / 2 and suppressed["low"] > 0 and summary["required_met"]
+    assert summary["tests"]["mcl - ensemble"]["mmvp"]["easy"]["low"] == 0  # 100 against 100: kept
+    assert any(line.endswith(": met") for line in verdict(summary))
+    from eval.stats import interval  # two seeds alike: the seed draws change nothing, the pairs' interval remains
+    assert summary["intervals"]["mmvp"]["mcl"]["Spatial"] == {**interval([[1] * 45 + [0] * 5]), "seeds": 2}
+    # the thresholds: a gain of at least 10 points whose interval lies above 0; a loss whose interval stays above -5
+    assert claim({"diff": 10.0, "low": 0.1}) and not claim({"diff": 9.9, "low": 5.0})
+    assert not claim({"diff": 30.0, "low": 0.0}) and not claim(None)
+    assert kept({"low": -4.9}) and not kept({"low": -5.0}) and not kept(None)
+    lost = [_seed(s, (100, 10, 4), (100, 40, 50), (80, 90, 60), (100, 8, 4)) for s in (0, 1)]
+    assert summarize(lost)["tests"]["mcl - ensemble"]["mmvp"]["easy"]["high"] < 0
+    assert not summarize(lost)["required_met"]  # MCL lost 20 points on the easy attribute
+
+    old = dict(runs[1])
+    del old["outcomes"]  # a seed's results.json from before per-item outcomes were kept
+    mixed = summarize([runs[0], old])
+    assert mixed["tests"] == {} and not mixed["required_met"]
+    assert any(line.endswith("not measured (no outcomes)") for line in verdict(mixed))
+    other = _seed(1, (100, 10, 4), (100, 40, 50), (100, 90, 60), (100, 8, 4), pairs=40)
+    with pytest.raises(UsageError, match="mmvp outcomes of mcl in seed 1 are not on the items of seed 0"):
+        summarize([runs[0], other])

@@ -172,10 +172,11 @@ def test_later_keys_reach_every_stage_after_the_first_and_finetune_keys_win_over
 def test_the_whole_config_is_validated_first(tmp_path):
     r = run_cli("launch", "run", "--config", str(REPO / "configs" / "tiny_mcl.yaml"), f"run_dir={tmp_path}",
                 "data=/nonexistent/{0..3}.tar", "clusters=1", "train.model=no-such-net", "mmvp=/nowhere",
-                "method=bagging", "finetune.learning_rate=1")
+                "sugarcrepe=/nowhere/sc", "method=bagging", "finetune.learning_rate=1")
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip().splitlines()[-1]
     for problem in ("data: /nonexistent/0.tar: no such shard", "mmvp: /nowhere/Questions.csv missing",
+                    "sugarcrepe: /nowhere/sc: not a folder",
                     "clusters: every K must be an integer >= 2", "train.model: unknown architecture 'no-such-net'",
                     "method: must be mcl or ensemble, got 'bagging'",
                     "finetune.learning_rate: unknown key"):

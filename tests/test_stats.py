@@ -121,3 +121,23 @@ def test_comparisons_name_an_unknown_model():
         S.comparisons(["mcl", "base"], ["mcl", "stage1"])
     with pytest.raises(UsageError, match="at least two"):
         S.comparisons(["mcl"], ["mcl"])
+
+
+def test_draws_in_blocks_give_the_same_resamples(monkeypatch):
+    """Memory stays bounded for many items (the indices are drawn in blocks of about CHUNK values)
+    and the blocks change nothing: the same generator stream, the same intervals."""
+    rng = np.random.default_rng(6)
+    a = [_outcomes(rng, (40, 25)) for _ in range(2)]
+    b = [_outcomes(rng, (40, 25)) for _ in range(2)]
+    whole = (S.intervals(a[0], resamples=700), S.paired(a[0], b[0], resamples=700), S.pooled(a, b, resamples=700))
+    monkeypatch.setattr(S, "CHUNK", 97)  # blocks of 2 or 3 rows, a ragged last block
+    assert (S.intervals(a[0], resamples=700), S.paired(a[0], b[0], resamples=700),
+            S.pooled(a, b, resamples=700)) == whole
+
+
+def test_a_group_the_outcomes_lack_is_refused_not_weighted():
+    a = [{"x": [1, 1, 1, 1]}]
+    b = [{"x": [0, 0, 0, 0]}]
+    assert S.pooled(a, b, [["x"]], resamples=50)["diff"] == 100.0
+    with pytest.raises(ValueError, match=r"no outcomes for group\(s\) \['typo'\]"):
+        S.pooled(a, b, [["x", "typo"]])
