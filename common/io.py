@@ -1,4 +1,4 @@
-"""Atomic file output: a half-written file never replaces a good one.
+"""Atomic file output: a half-written file (or folder) never replaces a good one.
 
 Every job of the project writes through these helpers: the data goes to a temporary
 file in the destination folder, is flushed to disk, and is renamed over the target
@@ -51,6 +51,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` to fill; on success it is renamed to `path` (which
+    must not exist), on failure removed."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_UMASK)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -40,6 +40,20 @@ def parse_model_arg(arg: str) -> tuple[str, str]:
     return name, spec
 
 
+def add_model_options(parser) -> None:
+    """The evaluations' --model (repeated) and --compare options."""
+    parser.add_argument("--model", action="append", required=True, metavar="[NAME=]SPEC", help="a model; repeat")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="NAME",
+                        help="model names: the first is compared with each other one (paired difference, McNemar)")
+
+
+def check_compare(args) -> None:
+    """--compare names models of --model (a UsageError naming the one that is not), before any loads."""
+    from eval.stats import comparisons
+
+    comparisons(args.compare, [parse_model_arg(m)[0] for m in args.model])
+
+
 def load_encoder(arg: str, device="cpu") -> Encoder:
     """NAME=SPEC -> Encoder; raises UsageError naming the spec when it does not load."""
     name, spec = parse_model_arg(arg)

@@ -41,7 +41,7 @@ from PIL import Image
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
 from common.io import atomic_output, write_json
 from eval import stats as S
-from eval.encoders import Encoder, load_encoder
+from eval.encoders import Encoder, add_model_options, check_compare, load_encoder
 
 log = logging.getLogger("eval.mmvp")
 SUMMARY_NAME = "mmvp_summary.json"  # what launch checks to call the evaluation done
@@ -191,16 +191,12 @@ def write_outputs(results: dict, out: str | Path, compare: Sequence[str] = ()) -
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m eval.mmvp", description=__doc__)
     p.add_argument("--data", required=True, help="MMVP_VLM folder (Questions.csv + 'MLLM_VLM Images/')")
-    p.add_argument("--model", action="append", required=True, metavar="[NAME=]SPEC", help="a model; repeat")
-    p.add_argument("--compare", nargs="+", default=[], metavar="NAME",
-                   help="model names: the first is compared with each other one (paired difference, McNemar)")
+    add_model_options(p)
     p.add_argument("--out", required=True, help="folder for the CSV, JSON and PNG")
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
     setup_logging()
-    from eval.encoders import parse_model_arg
-
-    S.comparisons(args.compare, [parse_model_arg(m)[0] for m in args.model])
+    check_compare(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_images(Path(args.data), read_questions(Path(args.data)))  # bad data fails before models load
     encoders = [load_encoder(m, device) for m in args.model]

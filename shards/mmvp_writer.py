@@ -20,8 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +27,7 @@ import numpy as np
 
 from shards import world as W
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
-from common.io import write_json
+from common.io import atomic_folder, write_json
 
 log = logging.getLogger("shards.mmvp_writer")
 IMAGES_DIR = "MLLM_VLM Images"
@@ -60,9 +58,7 @@ def write_benchmark(out: str | Path, spec: W.WorldSpec, pairs: int = 15, seed: i
             return out
         raise UsageError(f"{out}: exists and is not this benchmark (other parameters or incomplete); "
                          "choose another folder or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         rows, labels = [], {}
         qid = 0
         for pattern, _kind, scene_a, scene_b, render_seed in benchmark_pairs(spec, pairs, seed):
@@ -80,11 +76,6 @@ def write_benchmark(out: str | Path, spec: W.WorldSpec, pairs: int = 15, seed: i
             writer.writerows(rows)
         write_json(tmp / "attributes.json", labels)
         write_json(tmp / "world.json", params)
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %d pairs (%d patterns x %d) to %s", qid // 2, len(spec.attributes), pairs, out)
     return out
 

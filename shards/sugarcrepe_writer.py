@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
-from common.io import write_json
+from common.io import atomic_folder, write_json
 from shards import world as W
 
 log = logging.getLogger("shards.sugarcrepe_writer")
@@ -60,9 +58,7 @@ def write_sets(out: str | Path, spec: W.WorldSpec, per_attribute: int = 100, see
             return out
         raise UsageError(f"{out}: exists and is not this set (other parameters or incomplete); "
                          "choose another folder or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         (tmp / IMAGES_DIR).mkdir()
         sets: dict[str, dict] = {}
         scenes = {}
@@ -79,11 +75,6 @@ def write_sets(out: str | Path, spec: W.WorldSpec, per_attribute: int = 100, see
         (tmp / PARAMS.parent).mkdir()
         write_json(tmp / PARAMS.parent / "attributes.json", scenes)
         write_json(tmp / PARAMS, params)
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %d samples (%d categories) to %s", len(scenes), len(sets), out)
     return out
 
