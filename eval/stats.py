@@ -166,11 +166,8 @@ def pooled(a: Sequence[Mapping[str, Sequence]], b: Sequence[Mapping[str, Sequenc
     estimate = float((weights * np.stack([d.mean(1) for d in diffs], 1)).sum(1).mean())
     per_seed = np.zeros((seeds, resamples))
     for j, d in enumerate(diffs):
-        items = rng.integers(0, d.shape[1], (resamples, d.shape[1]))
-        chunk = max(1, CHUNK // (seeds * d.shape[1]))  # bounded memory for many items
-        for start in range(0, resamples, chunk):
-            rows = slice(start, start + chunk)
-            per_seed[:, rows] += weights[:, j:j + 1] * d[:, items[rows]].mean(-1)  # (seeds, resamples)
+        for rows, items in _draws(rng, d.shape[1], resamples, seeds):
+            per_seed[:, rows] += weights[:, j:j + 1] * d[:, items].mean(-1)  # (seeds, rows)
     drawn = rng.integers(0, seeds, (resamples, seeds))
     stat = per_seed[drawn, np.arange(resamples)[:, None]].mean(1)
     low, high = percentile_interval(stat, level)
