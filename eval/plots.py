@@ -21,7 +21,12 @@ def save_png(fig, path: Path) -> Path:
 
 def plot_intervals(models: dict, path: Path, title: str, ylabel: str, chance: float | None = None) -> Path:
     """Grouped bars: {model: {group: {"score", "low", "high"}}} (%) with the intervals as error
-    bars and, when given, the chance line (dotted)."""
+    bars and, when given, the chance line (dotted); saved to `path`."""
+    return save_png(intervals_figure(models, title, ylabel, chance), path)
+
+
+def intervals_figure(models: dict, title: str, ylabel: str, chance: float | None = None):
+    """The figure of `plot_intervals`."""
     import numpy as np
 
     groups = list(next(iter(models.values())))
@@ -41,4 +46,4 @@ def plot_intervals(models: dict, path: Path, title: str, ylabel: str, chance: fl
     ax.set_ylim(0, 100)
     ax.set_title(title + " (bars: bootstrap 95% intervals)", fontsize=10)
     ax.legend(fontsize=8)
-    return save_png(fig, path)
+    return fig

@@ -141,3 +141,23 @@ def test_a_group_the_outcomes_lack_is_refused_not_weighted():
     assert S.pooled(a, b, [["x"]], resamples=50)["diff"] == 100.0
     with pytest.raises(ValueError, match=r"no outcomes for group\(s\) \['typo'\]"):
         S.pooled(a, b, [["x", "typo"]])
+
+
+def test_the_chart_draws_each_interval_and_the_chance_line():
+    import matplotlib.pyplot as plt
+
+    from eval.plots import intervals_figure
+    models = {"mcl": S.intervals({"Orientation": [1] * 9 + [0] * 6, "Spatial": [0] * 15}),
+              "baseline": S.intervals({"Orientation": [1] * 2 + [0] * 13, "Spatial": [1] * 15})}
+    fig = intervals_figure(models, "MMVP", "pairs correct (%)", S.CHANCE_MMVP)
+    ax = fig.axes[0]
+    chance = [line for line in ax.get_lines() if list(line.get_ydata()) == [25.0, 25.0]]
+    assert len(chance) == 1 and chance[0].get_linestyle() == ":"
+    bars = [round(b.get_height(), 4) for b in ax.patches]
+    assert bars == [models[m][g]["score"] for m in models for g in ("Orientation", "Spatial", "average")]
+    # each bar's error bar spans its interval
+    spans = sorted((round(min(seg[:, 1]), 4), round(max(seg[:, 1]), 4)) for c in ax.collections
+                   for seg in c.get_segments())
+    assert spans == sorted((models[m][g]["low"], models[m][g]["high"]) for m in models
+                           for g in ("Orientation", "Spatial", "average"))
+    plt.close(fig)
