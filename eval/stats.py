@@ -32,8 +32,8 @@ import numpy as np
 RESAMPLES = 10_000
 SEED = 0
 LEVEL = 0.95
-CHANCE_MMVP = 25.0
-CHUNK = 4_000_000  # resampled outcomes held at once by `pooled`  # a pair counts when both of its statements pick their image: 1/2 x 1/2
+CHANCE_MMVP = 25.0  # a pair counts when both of its statements pick their image: 1/2 x 1/2
+CHUNK = 2_000_000  # item indices drawn at once (times the seeds in `pooled`): memory bounded whatever the items
 
 
 def _groups(outcomes: Mapping[str, Sequence] | Sequence[Sequence]) -> list[np.ndarray]:

@@ -7,8 +7,9 @@ CLIP_benchmark sets of several models, in one job (each model is loaded once).
 
 A model is NAME=SPEC (eval.encoders); --compare names models, the first compared with each
 other one on MMVP and SugarCrepe (paired differences, McNemar). Writes what eval.mmvp,
-eval.sugarcrepe, eval.probes and eval.zeroshot write, for the benchmarks given, then OUT/done.json: the spec and the fingerprints of the
-models evaluated. The job is done while they match and its records exist.
+eval.sugarcrepe, eval.probes and eval.zeroshot write, for the benchmarks given, then
+OUT/done.json: the spec and the fingerprints of the models evaluated. The job is done while
+they match and its records exist.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def test_the_interval_is_scipys_percentile_bootstrap_within_each_group():
         assert got[name]["score"] == pytest.approx(100 * values.mean(), abs=ROUNDED)
     ref = st.bootstrap(tuple(v.astype(float) for v in groups.values()), _mean_of_means, n_resamples=3000,
                        method="percentile", rng=np.random.default_rng(7)).confidence_interval
-    assert (got["average"]["low"], got["average"]["high"]) == pytest.approx((100 * ref.low, 100 * ref.high), abs=ROUNDED)
+    assert (got["average"]["low"], got["average"]["high"]) == \
+        pytest.approx((100 * ref.low, 100 * ref.high), abs=ROUNDED)
     assert got["average"]["score"] == pytest.approx(100 * np.mean([v.mean() for v in groups.values()]), abs=ROUNDED)
 
 
@@ -59,7 +60,8 @@ def test_the_paired_difference_is_scipys_paired_bootstrap_and_mcnemar_its_binomi
     diffs = tuple((a[n] - b[n]).astype(float) for n in a)  # the paired bootstrap of the average: differences
     ref = st.bootstrap(diffs, _mean_of_means, n_resamples=2000, method="percentile",
                        rng=np.random.default_rng(3)).confidence_interval
-    assert (got["average"]["low"], got["average"]["high"]) == pytest.approx((100 * ref.low, 100 * ref.high), abs=ROUNDED)
+    assert (got["average"]["low"], got["average"]["high"]) == \
+        pytest.approx((100 * ref.low, 100 * ref.high), abs=ROUNDED)
     everything = st.binomtest(min(sum(r["a_only"] for n, r in got.items() if n != "average"),
                                   sum(r["b_only"] for n, r in got.items() if n != "average")),
                               sum(r["a_only"] + r["b_only"] for n, r in got.items() if n != "average"), 0.5)
