@@ -228,13 +228,19 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _p(p: float, space: str = "") -> str:
+    """'p=0.002', or 'p<=0.0001' at the bootstrap's floor."""
+    text = S.fmt_p(p, S.RESAMPLES)
+    return f"p{space}{'' if text.startswith('<') else '='}{space}{text}"
+
+
 def _test_line(test: dict | None) -> str:
     """'+18.3 points, 95% interval [6.0, 31.0], p = 0.0004 (McNemar per seed: 0.001, 0.2, 0.03)'."""
     if not test:
         return "not measured"
     seeds = ", ".join("-" if m is None else S.fmt_p(m["p"]) for m in test.get("mcnemar", []))
     return (f"{test['diff']:+.1f} points, 95% interval [{test['low']:.1f}, {test['high']:.1f}], "
-            f"p = {S.fmt_p(test['p'])} (exact McNemar per seed: {seeds})")
+            f"{_p(test['p'], ' ')} (exact McNemar per seed: {seeds})")
 
 
 def verdict(summary: dict) -> list[str]:
@@ -284,7 +290,8 @@ def interval_table(summary: dict, kind: str, names: list[str] | None = None) -> 
         rec = per_kind.get(kind)
         if rec:
             lines.append(f"| **{label}** | " + " | ".join(
-                "-" if not rec.get(g) else f"{S.fmt_interval(rec[g], 'diff', True)} p={S.fmt_p(rec[g]['p'])}"
+                "-" if not rec.get(g) else
+                f"{S.fmt_interval(rec[g], 'diff', True)} {_p(rec[g]['p'])}"
                 for g in groups) + " |")
     return "\n".join(lines)
 

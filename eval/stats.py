@@ -231,7 +231,11 @@ def fmt_interval(rec: Mapping | None, key: str = "score", signed: bool = False) 
     return f"{rec[key]:{sign}.1f} [{rec['low']:.1f}, {rec['high']:.1f}]"
 
 
-def fmt_p(p: float | None) -> str:
+def fmt_p(p: float | None, resamples: int | None = None) -> str:
+    """A p-value in two significant digits; a bootstrap p-value (`resamples` given) at its floor
+    1 / resamples reads "<=0.0001": no resampled difference reached 0."""
     if p is None:
         return "-"
+    if resamples and p <= 1 / resamples:
+        return f"<={1 / resamples:.2g}"
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
