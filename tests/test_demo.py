@@ -177,10 +177,12 @@ def test_the_persistent_world_is_the_default_and_its_mcl_stages_start_from_scrat
     data = quick_demo[0] / "data"  # any valid shards: only the configs are built here
     cfg["run"]["train"]["batch_size"] = 8  # the quick world's 600 samples fill 64 clusters of 8
     cfg["run"]["train"]["max_fallback"] = 1.0  # about 9 samples a cluster: a fifth of them would fall back
-    paths = {"train": data / "train", "probe": data / "probe", "mmvp": data / "mmvp", "benchmarks": []}
+    paths = {"train": data / "train", "probe": data / "probe", "mmvp": data / "mmvp", "sugarcrepe": data / "sugarcrepe",
+             "benchmarks": []}
     runs = method_configs(cfg["run"], paths, tmp_path / "seed3", 3)
     mcl = [stage_train_config(runs["mcl"], s) for s in (1, 2)]
     assert runs["mcl"].stages == 2 and [c.steps for c in mcl] == [300, 900]  # the `later` section
+    assert runs["mcl"].sugarcrepe == runs["baseline"].sugarcrepe == str(data / "sugarcrepe")
     assert [c.pretrained for c in mcl] == [None] * 2 and [c.seed for c in mcl] == [3000, 3001]
     assert [c.labels for c in mcl] == ["none", f"sidecars:{tmp_path}/seed3/mcl/stage1"]
     ensemble = [stage_train_config(runs["ensemble"], s) for s in (1, 2)]
