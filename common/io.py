@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -70,6 +70,19 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_csv(path: str | os.PathLike, header: Sequence, rows: Iterable[Sequence]) -> None:
+    """Write a header row and `rows` as CSV (the csv module's default dialect), atomically."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    with atomic_output(path, "w") as f:
+        f.write(buf.getvalue())
 
 
 def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True, if_changed: bool = False) -> None:

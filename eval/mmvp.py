@@ -28,7 +28,6 @@ OUT/mmvp_summary.json (the scores; written last), each atomically.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 from collections import OrderedDict
@@ -39,7 +38,7 @@ import torch
 from PIL import Image
 
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
-from common.io import atomic_output, write_json
+from common.io import write_csv, write_json
 from eval import stats as S
 from eval.encoders import Encoder, add_model_options, check_compare, load_encoder
 
@@ -168,15 +167,10 @@ def pair_outcomes(rows: list[dict]) -> OrderedDict:
 def write_outputs(results: dict, out: str | Path, compare: Sequence[str] = ()) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["model", "type", "qid1", "qid2", "pred1", "pred2", "gt1", "gt2", "q1score", "q2score", "correct"])
-    for name, r in results.items():
-        for p in r["pairs"]:
-            w.writerow([name, p["type"], p["qid1"], p["qid2"], p["pred1"], p["pred2"], p["gt1"], p["gt2"],
-                        p["q1score"], p["q2score"], int(p["correct"])])
-    with atomic_output(out / PAIRS_NAME, "w") as f:
-        f.write(buf.getvalue())
+    write_csv(out / PAIRS_NAME,
+              ["model", "type", "qid1", "qid2", "pred1", "pred2", "gt1", "gt2", "q1score", "q2score", "correct"],
+              ([name, p["type"], p["qid1"], p["qid2"], p["pred1"], p["pred2"], p["gt1"], p["gt2"],
+                p["q1score"], p["q2score"], int(p["correct"])] for name, r in results.items() for p in r["pairs"]))
     stats = S.outcome_stats({name: pair_outcomes(r["pairs"]) for name, r in results.items()}, compare)
     write_json(out / STATS_NAME, {**stats, "chance": S.CHANCE_MMVP}, sort_keys=False)
     from eval.plots import plot_intervals

@@ -93,27 +93,20 @@ def plot(results: dict, path: Path) -> Path:
 def write_outputs(results: dict, out: str | Path) -> dict:
     """OUT/probes_samples.csv, OUT/probes.png, then OUT/probes.json: `results` with each
     attribute's "outcomes" replaced by "intervals" ({"linear", "zero_shot"}: eval.stats)."""
-    import csv
-    import io
-
-    from common.io import atomic_output
+    from common.io import write_csv
     from eval.stats import interval
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["model", "attribute", "probe", "item", "correct"])
-    record: dict = {}
+    rows, record = [], {}
     for name, per in results.items():
         for attr, rec in per.items():
             outcomes = rec.get("outcomes", {})
             for kind, values in outcomes.items():
-                w.writerows([name, attr, kind, i, v] for i, v in enumerate(values))
+                rows += ([name, attr, kind, i, v] for i, v in enumerate(values))
             record.setdefault(name, {})[attr] = {**{k: v for k, v in rec.items() if k != "outcomes"},
                                                  "intervals": {k: interval([v]) for k, v in outcomes.items()}}
-    with atomic_output(out / SAMPLES_NAME, "w") as f:
-        f.write(buf.getvalue())
+    write_csv(out / SAMPLES_NAME, ["model", "attribute", "probe", "item", "correct"], rows)
     plot(record, out / "probes.png")
     write_json(out / RECORD_NAME, record, sort_keys=False)
     return record

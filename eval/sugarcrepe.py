@@ -25,8 +25,6 @@ atomically.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from collections import OrderedDict
@@ -37,7 +35,7 @@ import torch
 from PIL import Image
 
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
-from common.io import atomic_output, write_json
+from common.io import write_csv, write_json
 from eval import stats as S
 from eval.encoders import Encoder, add_model_options, check_compare, load_encoder
 
@@ -136,14 +134,9 @@ def write_outputs(result: dict, out: str | Path, compare: Sequence[str] = ()) ->
     summary = S.outcome_stats(result["outcomes"], compare)
     summary["samples"] = {cat: len(v) for cat, v in next(iter(result["outcomes"].values())).items()}
     summary["skipped"] = result["skipped"]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["model", "category", "id", "margin", "correct"])
-    for name in names:
-        for r in result["samples"]:
-            w.writerow([name, r["category"], r["id"], round(r[name], 6), int(r[name] > 0)])
-    with atomic_output(out / SAMPLES_NAME, "w") as f:
-        f.write(buf.getvalue())
+    write_csv(out / SAMPLES_NAME, ["model", "category", "id", "margin", "correct"],
+              ([name, r["category"], r["id"], round(r[name], 6), int(r[name] > 0)]
+               for name in names for r in result["samples"]))
     plot_intervals(summary["models"], out / "sugarcrepe.png", "SugarCrepe-format benchmark per category",
                    "caption preferred to its negative (%)", CHANCE)
     write_json(out / SUMMARY_NAME, summary, sort_keys=False)  # last: it marks the evaluation done

@@ -25,9 +25,7 @@ and OUT/zeroshot.png (each dataset's main metric per model, with its interval), 
 """
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import logging
 import os
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from typing import Sequence
 import torch
 
 from common.cli import ArgumentParser, UsageError, run_main, setup_logging
-from common.io import atomic_output, write_json
+from common.io import write_csv, write_json
 from eval.encoders import Encoder, load_encoder
 from eval.fanout import fan_out
 
@@ -295,10 +293,7 @@ def write_outputs(results: dict, out: str | Path) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    buf, items = io.StringIO(), io.StringIO()
-    w, wi = csv.writer(buf), csv.writer(items)
-    w.writerow(["model", "dataset", "task", "metric", "value"])
-    wi.writerow(["model", "dataset", "item", "correct"])
+    metrics, items = [], []
     summary: dict = {}
     for model, per in results.items():
         for dataset, record in per.items():
@@ -309,12 +304,10 @@ def write_outputs(results: dict, out: str | Path) -> dict:
             summary.setdefault(model, {})[dataset] = record
             for metric, value in record.items():
                 if metric not in NOT_METRICS:
-                    w.writerow([model, dataset, record["task"], metric, value])
-            wi.writerows([model, dataset, i, v] for i, v in enumerate(outcomes))
-    with atomic_output(out / "zeroshot.csv", "w") as f:
-        f.write(buf.getvalue())
-    with atomic_output(out / SAMPLES_NAME, "w") as f:
-        f.write(items.getvalue())
+                    metrics.append([model, dataset, record["task"], metric, value])
+            items += ([model, dataset, i, v] for i, v in enumerate(outcomes))
+    write_csv(out / "zeroshot.csv", ["model", "dataset", "task", "metric", "value"], metrics)
+    write_csv(out / SAMPLES_NAME, ["model", "dataset", "item", "correct"], items)
     results = summary
     plot(results, out / "zeroshot.png")
     write_json(out / SUMMARY_NAME, results, sort_keys=False)  # last: it marks the evaluation done
