@@ -22,6 +22,11 @@ class Encoder:
     def __init__(self, name: str, model, preprocess, tokenizer, device="cpu"):
         self.name, self.model, self.preprocess, self.tokenizer, self.device = name, model, preprocess, tokenizer, device
 
+    @property
+    def has_text(self) -> bool:
+        """False for an image-only model (pipeline.image_model, or a merge of them)."""
+        return getattr(self.model, "modality", "clip") != "image"
+
     @torch.no_grad()
     def images(self, pils: list) -> torch.Tensor:
         x = torch.stack([self.preprocess(p) for p in pils]).to(self.device)

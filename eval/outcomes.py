@@ -20,6 +20,7 @@ SOURCES = {
     "sugarcrepe": ("sugarcrepe_samples.csv", "category", {}),
     "zeroshot": ("zeroshot_samples.csv", "dataset", {}),
     "probe": ("probes_samples.csv", "attribute", {"probe": "linear"}),
+    "probe_knn": ("probes_samples.csv", "attribute", {"probe": "knn"}),
 }
 
 

@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     worlds = "; ".join(f"{name}: {config}, out {out}" for name, (config, out) in demo_module.WORLDS.items())
     demo.add_argument("--world", choices=tuple(demo_module.WORLDS),
                       help=f"the world and its demo config (default {demo_module.DEFAULT_WORLD}; {worlds})")
+    demo.add_argument("--modality", choices=("clip", "image"), default="clip",
+                      help="image: the unimodal demo, image-only SimCLR stages (configs/demo_image.yaml, out "
+                           "runs/demo-image; with --quick demo_image_quick.yaml)")
     demo.add_argument("--config", help="demo config (default: the world's; demo_quick.yaml with --quick)")
     demo.add_argument("--out", help="run folder (default: the world's; runs/demo with --quick)")
     demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
@@ -61,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "demo":
         from launch.demo import choose, run_demo
 
-        run_demo(*choose(args.world, args.quick, args.config, args.out), args.workers, args.seeds)
+        run_demo(*choose(args.world, args.quick, args.config, args.out, args.modality), args.workers, args.seeds)
     return 0
 
 

@@ -14,6 +14,8 @@ spec is where each default is written); the run sets the others (paths, K, the t
     probes: data/probe                 # optional: held-out shards of the synthetic world for attribute probes
     benchmarks: [wds/cars=/data/cars, imagenet1k=/data/imagenet]  # optional: CLIP_benchmark sets (eval.zeroshot)
     method: mcl                        # mcl | ensemble (independently seeded plain CLIP stages, merged alike)
+    modality: clip                     # clip | image: image-only stages (SimCLR views, NT-Xent; an image-only
+                                       # train.model; captions not needed; evaluated by the probes)
     name: null                         # the merged model's name in the evaluations (default: the method)
     stages: 3                          # trained stages (a stage 0 is added when train.pretrained is set)
     clusters: 10                       # K after each stage (a number, or a list per stage)
@@ -196,6 +198,7 @@ class RunConfig:
     probes: str | None = None
     benchmarks: list[str] = field(default_factory=list)  # CLIP_benchmark data sets, NAME[=ROOT] (eval.zeroshot)
     method: str = "mcl"
+    modality: str = "clip"
     name: str | None = None
     stages: int = 3
     clusters: list[int] = field(default_factory=lambda: [10])
@@ -256,7 +259,7 @@ def stage_train_config(cfg: RunConfig, stage: int) -> TrainConfig:
     run = RunDir(cfg.run_dir)
     train = section_keys(cfg, stage_sections(cfg, stage))
     previous = cfg.parent(stage)
-    train.update(data=cfg.data, out=str(run.stage(stage).path),
+    train.update(data=cfg.data, out=str(run.stage(stage).path), modality=cfg.modality,
                  labels=run.stage(previous).label_source if previous is not None else "none")
     if cfg.stage_init == "previous" and previous is not None:
         train["pretrained"] = str(run.stage(previous).model_dir)
@@ -322,6 +325,21 @@ def _remote(data: str | None) -> bool:
         return any(not is_local(u) for u in expand_urls(data)) if data else False
     except UsageError:
         return False
+
+
+def _modality_problems(cfg: RunConfig) -> list[str]:
+    """What an image-only run cannot take: text benchmarks, a text tower to cluster on, a
+    stage's own modality key."""
+    if cfg.modality not in ("clip", "image"):
+        return [f"modality: must be clip or image, got {cfg.modality!r}"]
+    errors = [f"{section}.modality: the run's `modality` key sets every stage's" for section in
+              ("train", "later", "finetune") if getattr(cfg, section).get("modality", cfg.modality) != cfg.modality]
+    if cfg.modality == "image":
+        errors += [f"{name}: needs a text tower; an image-only run (modality: image) is evaluated by the probes"
+                   for name in ("mmvp", "sugarcrepe", "benchmarks") if getattr(cfg, name)]
+        if cfg.embed.get("tower", "image") != "image":
+            errors.append(f"embed.tower: an image-only model has only an image tower, got {cfg.embed['tower']!r}")
+    return errors
 
 
 def _unwritable(location: str) -> str | None:
@@ -501,6 +519,7 @@ def validate(cfg: RunConfig) -> list[str]:
             errors.append(f"benchmarks[{i}]: {exc}")
     if cfg.method not in ("mcl", "ensemble"):
         errors.append(f"method: must be mcl or ensemble, got {cfg.method!r}")
+    errors += _modality_problems(cfg)
     if cfg.method == "ensemble" and (cfg.has_stage0 or cfg.stage_init != "scratch"):
         errors.append("method: an ensemble trains every stage from scratch (no train.pretrained, stage_init scratch)")
     if cfg.method == "ensemble" and cfg.later.get("pretrained"):
@@ -522,8 +541,11 @@ def validate(cfg: RunConfig) -> list[str]:
         model = getattr(cfg, section).get("model", TrainConfig.model if section == "train" else None)
         if model is not None and not models.known_architecture(model):
             errors.append(f"{section}.model: unknown architecture {model!r}")
+        elif model is not None and models.is_image_only(model) != (cfg.modality == "image"):
+            errors.append(f"{section}.model: {model} is {'an image-only' if cfg.modality != 'image' else 'a CLIP'} "
+                          f"model, the run's modality is {cfg.modality}")
     trained = [s for s in cfg.stage_numbers if s >= 1]
-    placeholder = {"data": cfg.data or "-", "out": "-"}
+    placeholder = {"data": cfg.data or "-", "out": "-", "modality": cfg.modality}
     # every section over those it overrides, then what each stage really takes
     combos = [("train",), ("train", "later"), ("train", "later", "finetune")]
     combos += [c for c in dict.fromkeys(stage_sections(cfg, s) for s in trained) if c not in combos]

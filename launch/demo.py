@@ -1,10 +1,18 @@
 """The demo (the README's main command): MCL against plain CLIP on the synthetic world.
 
     python -m launch demo [--world persistent|fading | --quick | --config FILE] [--out DIR] [--seeds 0 1 2]
+    python -m launch demo --modality image [--quick] [--seeds 0 1 2]
 
 Two worlds (RESULTS.md): `persistent`, the default (configs/demo_persistent.yaml, out
 runs/demo-persistent), where plain CLIP's suppression lasts for all the steps, and `fading`
 (configs/demo.yaml, out runs/demo), where it is slowness; --quick is the tests' small variant.
+
+`--modality image` is the paper's unimodal experiment (configs/demo_image.yaml, out
+runs/demo-image; a config whose run section says `modality: image` is one too): image-only
+SimCLR stages on the persistent world's images written without captions, plain SimCLR as
+the baseline and the ensemble, MCL's same-cluster negatives, compared by the linear and kNN
+probes per attribute (eval.image_report). Its world has no MMVP, SugarCrepe or zero-shot
+sets: those need a text tower.
 
 1. Generates the world of the config's `data` section: training shards, held-out probe
    shards, the MMVP-format benchmark (one pattern per attribute), a SugarCrepe-format set
@@ -52,14 +60,32 @@ WORLDS = {"persistent": ("configs/demo_persistent.yaml", "runs/demo-persistent")
           "fading": ("configs/demo.yaml", "runs/demo")}
 DEFAULT_WORLD = "persistent"
 QUICK = ("configs/demo_quick.yaml", "runs/demo")
+IMAGE = ("configs/demo_image.yaml", "runs/demo-image")
+IMAGE_QUICK = ("configs/demo_image_quick.yaml", "runs/demo-image-quick")
+MODALITIES = ("clip", "image")
 
 
-def choose(world: str | None, quick: bool, config: str | None, out: str | None) -> tuple[str, str]:
-    """The demo config and run folder of the command line's --world / --quick / --config / --out."""
+def choose(world: str | None, quick: bool, config: str | None, out: str | None,
+           modality: str = "clip") -> tuple[str, str]:
+    """The demo config and run folder of the command line's --world / --quick / --config / --out
+    / --modality."""
     if sum(bool(x) for x in (world, quick, config)) > 1:
         raise UsageError("--world, --quick and --config each choose the demo config: give one of them")
-    default_config, default_out = QUICK if quick else WORLDS[world or DEFAULT_WORLD]
+    if modality not in MODALITIES:
+        raise UsageError(f"--modality: must be one of {list(MODALITIES)}, got {modality!r}")
+    if modality == "image":
+        if world or config:
+            raise UsageError("--modality image has its own world (configs/demo_image.yaml); for another, give "
+                             "--config with `modality: image` in its run section")
+        default_config, default_out = IMAGE_QUICK if quick else IMAGE
+    else:
+        default_config, default_out = QUICK if quick else WORLDS[world or DEFAULT_WORLD]
     return str(project_file(config or default_config)), out or default_out
+
+
+def modality(cfg: dict) -> str:
+    """The demo's modality: its run section's (clip by default)."""
+    return cfg["run"].get("modality", "clip")
 
 
 def load_config(path: str | Path) -> dict:
@@ -72,35 +98,41 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
-def make_world(config: str | Path, data: dict, out: Path, workers: int) -> dict[str, Path]:
-    """Training shards, probe shards and the benchmark under OUT/data; returns their paths."""
+def make_world(config: str | Path, data: dict, out: Path, workers: int, text_benchmarks: bool = True) -> dict:
+    """Training shards (without captions when `data.captions` is false), probe shards and, with
+    `text_benchmarks`, the MMVP, SugarCrepe and zero-shot sets under OUT/data; returns their paths."""
     try:
         spec = W.load_spec(str(project_file(data["world"])))
     except (KeyError, ValueError) as exc:
         raise UsageError(f"{config}: data.world: {exc}") from exc
-    paths = {"train": out / "data" / "train", "probe": out / "data" / "probe", "mmvp": out / "data" / "mmvp",
-             "zeroshot": out / "data" / "zeroshot", "sugarcrepe": out / "data" / "sugarcrepe"}
+    paths = {"train": out / "data" / "train", "probe": out / "data" / "probe"}
     seed = int(data.get("seed", 0))
-    log.info("generating %d training samples in %s", data["num_samples"], paths["train"])
+    captions = bool(data.get("captions", True))
+    log.info("generating %d training samples in %s%s", data["num_samples"], paths["train"],
+             "" if captions else " (images only, no captions)")
     sizes = generate(paths["train"], spec, int(data["num_samples"]), int(data.get("samples_per_shard", 1000)),
-                     seed, workers)
+                     seed, workers, captions=captions)
     probe_samples = int(data.get("probe_samples", 2000))
     generate(paths["probe"], spec, probe_samples, probe_samples, seed + 1_000_003, 1, progress=False)
-    write_benchmark(paths["mmvp"], spec, int(data.get("mmvp_pairs", 15)), int(data.get("mmvp_seed", 1)))
-    write_sugarcrepe(paths["sugarcrepe"], spec, int(data.get("sugarcrepe_samples", 100)),
-                     int(data.get("sugarcrepe_seed", 2)))
-    paths["benchmarks"] = [f"wds/{name}={folder}"
-                           for name, folder in write_sets(str(paths["probe"]), paths["zeroshot"]).items()]
+    if text_benchmarks:
+        paths.update(mmvp=out / "data" / "mmvp", zeroshot=out / "data" / "zeroshot",
+                     sugarcrepe=out / "data" / "sugarcrepe")
+        write_benchmark(paths["mmvp"], spec, int(data.get("mmvp_pairs", 15)), int(data.get("mmvp_seed", 1)))
+        write_sugarcrepe(paths["sugarcrepe"], spec, int(data.get("sugarcrepe_samples", 100)),
+                         int(data.get("sugarcrepe_seed", 2)))
+        paths["benchmarks"] = [f"wds/{name}={folder}"
+                               for name, folder in write_sets(str(paths["probe"]), paths["zeroshot"]).items()]
     record = paths["train"] / "validation.json"
     if record.exists():
         report = json.loads(record.read_text())
     else:
-        report = validate(str(paths["train"]), decode=True, workers=workers)
+        report = validate(str(paths["train"]), decode=True, workers=workers, captions=captions)
         if report["problems"]:
             raise RuntimeError(f"{paths['train']}: generated shards have problems: {report['problem_counts']}")
         write_json(record, report)
-    print(f"world: {report['samples']} training samples in {len(sizes)} shards at {paths['train']}; "
-          f"benchmark {paths['mmvp']} with patterns {', '.join(a.pattern for a in spec.attributes)}", flush=True)
+    print(f"world: {report['samples']} training samples in {len(sizes)} shards at {paths['train']}; " + (
+          f"benchmark {paths['mmvp']} with patterns {', '.join(a.pattern for a in spec.attributes)}"
+          if text_benchmarks else f"probe shards {paths['probe']}"), flush=True)
     return paths
 
 
@@ -109,9 +141,9 @@ def method_configs(run: dict, paths: dict[str, Path], seed_dir: Path, seed: int)
     from launch.config import run_config, stage_train_config
 
     base = copy.deepcopy(run)
-    base.update(data=str(paths["train"]), mmvp=str(paths["mmvp"]), sugarcrepe=str(paths["sugarcrepe"]),
-                probes=str(paths["probe"]),
-                benchmarks=paths["benchmarks"])
+    base.update(data=str(paths["train"]), probes=str(paths["probe"]))
+    if "mmvp" in paths:
+        base.update(mmvp=str(paths["mmvp"]), sugarcrepe=str(paths["sugarcrepe"]), benchmarks=paths["benchmarks"])
     base["train"] = {**base.get("train", {}), "seed": 1000 * seed}  # stage seeds never overlap across seeds
     mcl = run_config({**base, "run_dir": str(seed_dir / "mcl"), "method": "mcl"}, "demo run (mcl)")
     ensemble = run_config({**base, "run_dir": str(seed_dir / "ensemble"), "method": "ensemble",
@@ -180,14 +212,17 @@ def run_methods(runs: dict, parallel: int, seed: int) -> None:
 
 
 def run_demo(config: str | Path, out: str | Path, workers: int = 1, seeds: list[int] | None = None) -> dict:
-    from eval import report
-
     cfg = load_config(config)
+    if modality(cfg) == "image":
+        from eval import image_report as report
+    else:
+        from eval import report
+
     parallel = cfg.get("parallel", 1)
     if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
         raise UsageError(f"{config}: parallel: must be an integer >= 1, got {parallel!r}")
     out = Path(out)
-    paths = make_world(config, cfg["data"], out, workers)
+    paths = make_world(config, cfg["data"], out, workers, text_benchmarks=modality(cfg) != "image")
     seeds = seeds if seeds is not None else list(cfg.get("seeds", [0]))
     per_seed, mcl_runs = [], {}
     for seed in seeds:

@@ -72,8 +72,10 @@ class ShardBatches(IterableDataset):
     to drop what it had of the shard; after the last attempt a `{"url", "failed": detail}`
     item replaces the last batch."""
 
-    def __init__(self, urls, transform, tokenizer, batch_size: int, read_attempts: int = 1, retry_wait: float = 0.0):
+    def __init__(self, urls, transform, tokenizer, batch_size: int, read_attempts: int = 1, retry_wait: float = 0.0,
+                 captions: bool = True):
         super().__init__()
+        self.captions = captions  # False (an image-only model): a sample needs no caption
         self.urls, self.transform, self.tokenizer, self.batch_size = list(urls), transform, tokenizer, batch_size
         self.read_attempts, self.retry_wait = max(1, read_attempts), retry_wait
 
@@ -83,7 +85,8 @@ class ShardBatches(IterableDataset):
         for url in self.urls[worker::workers]:
             for attempt in range(1, self.read_attempts + 1):
                 problems = ProblemLog()  # a new count per attempt: a read again counts its problems again
-                samples = wds.DataPipeline(lambda: iter([url]), *good_samples(problems, decode=True))
+                stages = good_samples(problems, decode=True, captions=self.captions)
+                samples = wds.DataPipeline(lambda: iter([url]), *stages)
                 batch = []
                 for s in samples:
                     batch.append(s)
@@ -187,9 +190,12 @@ def embed(spec: EmbedSpec, progress: bool = True) -> list[Path]:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model, preprocess, tokenizer = models.load(spec.model, spec.pretrained, device)
+    image_only = getattr(model, "modality", "clip") == "image"
+    if image_only and tower != "image":
+        raise UsageError(f"{spec.model}: an image-only model has no text tower; embed it with --tower image")
     loader = DataLoader(ShardBatches(todo, preprocess if tower != "text" else None,  # only what the tower needs
                                      tokenizer if tower != "image" else None, spec.batch_size,
-                                     spec.read_attempts, spec.retry_wait), batch_size=None,
+                                     spec.read_attempts, spec.retry_wait, captions=not image_only), batch_size=None,
                         num_workers=min(spec.workers, len(todo)), pin_memory=device.type == "cuda")
     pending: dict[str, dict] = {}
     bar = tqdm(total=len(todo), desc="embed", unit="shard", disable=not progress)

@@ -26,7 +26,7 @@ import torch
 from common.cli import UsageError, run_main, setup_logging
 from common.io import atomic_path, write_json
 from common.spec import fingerprint, from_args, param, parser, result_fields
-from pipeline import models
+from pipeline import image_model, models
 from pipeline.merged_model import FORMAT, record_path
 
 log = logging.getLogger("pipeline.merge")
@@ -77,9 +77,11 @@ def merge(spec: MergeSpec) -> Path:
     names = list(spec.names) or [Path(d).parent.name if Path(d).name == "model" else Path(d).name
                                  for d in stage_dirs]
     entries = [_stage_entry(Path(d), n) for d, n in zip(stage_dirs, names)]
-    text_cfgs = {json.dumps({k: e["model_cfg"]["text_cfg"].get(k) for k in ("context_length", "vocab_size",
-                                                                            "hf_tokenizer_name")})
-                 for e in entries}
+    kinds = {image_model.is_image_config(e["model_cfg"]) for e in entries}
+    if len(kinds) > 1:
+        raise UsageError("stages mix image-only and CLIP models: merge one kind")
+    text_cfgs = {json.dumps({k: e["model_cfg"].get("text_cfg", {}).get(k)
+                             for k in ("context_length", "vocab_size", "hf_tokenizer_name")}) for e in entries}
     if len(text_cfgs) > 1:
         raise UsageError(f"stages use different tokenizers / context lengths: {sorted(text_cfgs)}")
     artifact = {"format": FORMAT, "per_stage_norm": spec.per_stage_norm, "stages": entries}

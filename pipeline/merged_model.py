@@ -11,7 +11,9 @@ open_clip config and weights; it needs no run folder:
 image = normalize(concat_s normalize(f_s(image))), text likewise; without per-stage
 normalisation the unnormalised stage features are concatenated (the reference notebook's
 way). Stages may differ in image size and normalisation (images are preprocessed for the
-first stage and resized / renormalised for the others); they share a tokenizer.
+first stage and resized / renormalised for the others); they share a tokenizer. Image-only
+stages (pipeline.image_model) merge the same way: their backbones' features concatenated,
+no text tower, no tokens.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import UsageError
+from pipeline import image_model
 
 FORMAT = "mcl-merged-v1"
 
@@ -38,8 +41,13 @@ class MergedCLIP(torch.nn.Module):
             preprocess_cfgs[0]["size"], is_train=False, mean=preprocess_cfgs[0].get("mean"),
             std=preprocess_cfgs[0].get("std"), interpolation=preprocess_cfgs[0].get("interpolation"),
             resize_mode=preprocess_cfgs[0].get("resize_mode"))
-        self.tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=models[0].context_length) \
-            if hasattr(models[0], "context_length") else open_clip.get_tokenizer("ViT-B-32")
+        self.modality = getattr(models[0], "modality", "clip")
+        if self.modality == "image":
+            self.tokenizer = image_model.no_tokens
+        elif hasattr(models[0], "context_length"):
+            self.tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=models[0].context_length)
+        else:
+            self.tokenizer = open_clip.get_tokenizer("ViT-B-32")
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -117,14 +125,19 @@ def from_artifact(artifact: dict, device="cpu") -> MergedCLIP:
     models, cfgs, names = [], [], []
     for entry in artifact["stages"]:
         model_cfg = dict(entry["model_cfg"])
-        cls = open_clip.model.CustomTextCLIP if "hf_model_name" in model_cfg.get("text_cfg", {}) \
-            else open_clip.model.CLIP
-        model = cls(**model_cfg)
+        if image_model.is_image_config(model_cfg):
+            model = image_model.create(model_cfg)
+        else:
+            cls = open_clip.model.CustomTextCLIP if "hf_model_name" in model_cfg.get("text_cfg", {}) \
+                else open_clip.model.CLIP
+            model = cls(**model_cfg)
         state = {k: v.reshape(model.state_dict()[k].shape) if k in model.state_dict() else v
                  for k, v in entry["state_dict"].items()}
         model.load_state_dict(state)
         models.append(model.to(device).eval())
-        pre = {"size": model_cfg["vision_cfg"]["image_size"], **entry.get("preprocess_cfg", {})}
+        size = model_cfg["image_size"] if image_model.is_image_config(model_cfg) else \
+            model_cfg["vision_cfg"]["image_size"]
+        pre = {"size": size, **entry.get("preprocess_cfg", {})}
         pre.setdefault("mean", open_clip.constants.OPENAI_DATASET_MEAN)
         pre.setdefault("std", open_clip.constants.OPENAI_DATASET_STD)
         cfgs.append(pre)

@@ -13,6 +13,10 @@ A saved stage model is a plain open_clip artifact that needs no project code:
     open_clip.add_model_config("model_dir/<arch>.json")
     open_clip.create_model("<arch>", pretrained="model_dir/open_clip_pytorch_model.bin")
 
+Image-only architectures (`"modality": "image"` in their config: pipeline.image_model,
+SimCLR backbones from timm or torchvision) go through the same functions: their saved
+folder has the same two files, and their tokenizer gives no tokens.
+
 `load(spec)` is the one way from a model spec to a ready model (every job that reads a
 model uses it): a saved stage folder, a training checkpoint (`checkpoints/step_N.pt`), a
 merged MCL artifact (`.pt` from pipeline.merge, see pipeline.merged_model), or an open_clip
@@ -32,6 +36,7 @@ import torch
 
 from common.cli import UsageError
 from common.io import atomic_path, write_json
+from pipeline import image_model
 from pipeline import merged_model as merged
 from pipeline.artifacts import file_fingerprint
 
@@ -51,7 +56,37 @@ def register_project_configs() -> None:
 
 def known_architecture(arch: str) -> bool:
     register_project_configs()
-    return arch in open_clip.list_models()
+    return arch in open_clip.list_models() or arch in image_model.architectures()
+
+
+def saved_config(folder: str | os.PathLike) -> dict | None:
+    """The model config of a saved stage folder (None when it has none)."""
+    path = Path(folder) / CONFIG_NAME
+    return json.loads(path.read_text())["model_cfg"] if path.is_file() else None
+
+
+def is_image_only(arch: str, pretrained: str | None = None) -> bool:
+    """Whether the architecture (or the saved folder it starts from) is an image-only model."""
+    if pretrained and os.path.isdir(pretrained):
+        return image_model.is_image_config(saved_config(pretrained))
+    return arch in image_model.architectures()
+
+
+def _create_image_only(arch: str, pretrained: str | None, device):
+    folder = pretrained if pretrained and os.path.isdir(pretrained) else None
+    cfg = saved_config(folder) if folder else image_model.architectures()[arch]
+    image_model.check_config(cfg, folder or arch)
+    model = image_model.create(cfg)
+    if pretrained:
+        weights = Path(folder) / WEIGHTS_NAME if folder else Path(pretrained)
+        if not weights.is_file():
+            raise ValueError(f"{pretrained}: no such weights file (an image-only model starts from scratch, a "
+                             f"saved stage folder or a state_dict file)")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        target = model if any(k.startswith("backbone.") for k in state) else model.backbone
+        target.load_state_dict(state)  # a whole model's weights, or a backbone's alone
+    return model.to(device), None, image_model.eval_transform(cfg), image_model.no_tokens
 
 
 def quick_gelu_for(arch: str, pretrained: str | None, quick_gelu: bool | None = None) -> bool:
@@ -74,8 +109,11 @@ def create(arch: str, pretrained: str | None = None, precision: str = "fp32", de
            lock_image: bool = False, lock_image_unlocked_groups: int = 0,
            lock_text: bool = False, lock_text_unlocked_layers: int = 0, quick_gelu: bool | None = None):
     """(model, train transform, eval transform, tokenizer) for an architecture and init. A saved
-    stage folder rebuilds the activation it was saved with; otherwise see `quick_gelu_for`."""
+    stage folder rebuilds the activation it was saved with; otherwise see `quick_gelu_for`.
+    An image-only model has no train transform (pipeline.loader.views makes its views)."""
     register_project_configs()
+    if is_image_only(arch, pretrained):
+        return _create_image_only(arch, pretrained, device)
     if pretrained and os.path.isdir(pretrained):
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
             f"local-dir:{pretrained}", precision=precision, device=device)
@@ -99,6 +137,8 @@ def model_config(arch: str, pretrained: str | None = None, quick_gelu: bool | No
     """The open_clip model config a stage is saved with (its activation recorded)."""
     if pretrained and os.path.isdir(pretrained):
         return json.loads((Path(pretrained) / CONFIG_NAME).read_text())["model_cfg"]
+    if arch in image_model.architectures():
+        return image_model.architectures()[arch]
     register_project_configs()
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
@@ -122,8 +162,9 @@ def save_model(model: torch.nn.Module, arch: str, model_cfg: dict, out_dir: str 
     """Write the plain open_clip artifact (see the module doc); each file atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    preprocess = open_clip.get_model_preprocess_cfg(model)
-    reference = _fresh_shapes(model_cfg)
+    image_only = image_model.is_image_config(model_cfg)
+    preprocess = image_model.preprocess_cfg(model_cfg) if image_only else open_clip.get_model_preprocess_cfg(model)
+    reference = {} if image_only else _fresh_shapes(model_cfg)
     state = {}
     for k, v in model.state_dict().items():
         v = v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
@@ -165,8 +206,9 @@ def load(spec: str | os.PathLike, pretrained: str | None = None, device="cpu") -
                 return Loaded(model, model.preprocess, model.tokenizer)
             if isinstance(blob, dict) and "state_dict" in blob and "name" in blob:  # a training checkpoint
                 trained = blob.get("config") or {}
-                model, _, pre, tok = create(blob["name"], device=device, quick_gelu=quick_gelu_for(
-                    blob["name"], trained.get("pretrained"), trained.get("quick_gelu")))
+                gelu = None if is_image_only(blob["name"]) else quick_gelu_for(
+                    blob["name"], trained.get("pretrained"), trained.get("quick_gelu"))
+                model, _, pre, tok = create(blob["name"], device=device, quick_gelu=gelu)
                 model.load_state_dict({k: v.reshape(model.state_dict()[k].shape)
                                        for k, v in blob["state_dict"].items()})
                 return Loaded(model.eval(), pre, tok)

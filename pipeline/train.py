@@ -1,5 +1,11 @@
 """Train one MCL stage: a CLIP model on streamed shards with the masked contrastive loss.
 
+With `modality: image` the stage is the paper's unimodal one: an image-only model
+(pipeline.image_model: timm or torchvision backbone, projection head) trained on two
+augmented views of each image (pipeline.loader.views) with the masked NT-Xent loss
+(pipeline.trainer.ntxent); captions are not read. Everything else (loaders, engines,
+checkpoints, resume, dashboards) is the same.
+
     python -m pipeline.train --config FILE [key=value ...]
     torchrun --nproc-per-node 2 -m pipeline.train --config FILE engine=deepspeed
 
@@ -26,6 +32,7 @@ checkpoints, loss, metrics log, trackers, distributed setup, the config).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -40,12 +47,14 @@ from pipeline.trainer.checkpoints import Checkpoints, Position
 from pipeline.loader.build import make_stream, resolve_loader
 from pipeline.loader.decode import blank_image
 from pipeline.loader.images import DeviceNormalize, split_transform
+from pipeline.loader.views import TwoViews
 from pipeline.loader.labels import seed_of
 from pipeline.loader.progress import LoaderProgress
 from pipeline.loader.workers import start_batches
 from pipeline.trainer.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed, node_name
 from pipeline.trainer.engine import Engine, create_engine
 from pipeline.trainer.loss import MaskedClipLoss
+from pipeline.trainer.ntxent import MaskedNTXentLoss
 from pipeline.trainer.preemption import StopSignals
 from pipeline.trainer.problem_rate import ProblemRate
 from pipeline.stage import StageDir
@@ -60,16 +69,19 @@ from shards.reader import expand_urls
 log = logging.getLogger("pipeline.train")
 # Keys of the config that change what is trained; others (logging, workers...) may differ on resume.
 LOCAL_LOSS_ABOVE = 4096  # global batches above this should use the local loss (warned)
-RESULT_KEYS = ("data", "model", "pretrained", "quick_gelu", "lock_image", "lock_image_unlocked_groups", "lock_text",
+RESULT_KEYS = ("data", "modality", "views", "model",
+               "pretrained", "quick_gelu", "lock_image", "lock_image_unlocked_groups", "lock_text",
                "lock_text_unlocked_layers", "seed", "batch_size", "augment", "train_num_samples", "epochs",
                "steps", "labels", "bucket", "bucket_cap", "fallback_min_batches", "missing_labels",
                "caption_dedup", "local_loss", "lr", "wd", "beta1", "beta2", "eps", "warmup", "lr_scheduler",
                "grad_clip")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 def _config_matches(record: dict, cfg: TrainConfig) -> bool:
     old = record.get("config", {})
-    return all(old.get(k) == getattr(cfg, k) for k in RESULT_KEYS if k != "bucket") and \
+    # a key a record lacks (written before it existed) had its default
+    return all(old.get(k, _DEFAULTS.get(k)) == getattr(cfg, k) for k in RESULT_KEYS if k != "bucket") and \
         recorded_batching(record) == batching(cfg)
 
 
@@ -135,6 +147,10 @@ def train(cfg: TrainConfig) -> dict:
         log.info("%s: stage already trained (%d steps), skipped", out, record["steps"])
         return record
     urls = expand_urls(cfg.data)
+    if models.is_image_only(cfg.model, cfg.pretrained) != (cfg.modality == "image"):
+        kind = "an image-only" if cfg.modality == "clip" else "a CLIP"
+        raise UsageError(f"model: {cfg.pretrained or cfg.model!r} is {kind} model; modality: {cfg.modality} "
+                         f"needs {'an image-only' if cfg.modality == 'image' else 'a CLIP'} one")
     missing = missing_packages(cfg.report_to)
     if missing:
         raise UsageError(f"report_to: {', '.join(missing)} is not installed (pip install {' '.join(missing)}), "
@@ -176,7 +192,11 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
     model_cfg = models.model_config(cfg.model, cfg.pretrained, cfg.quick_gelu)
 
     # the workers make uint8 images; the step normalises them on the device (pipeline.loader.images)
-    to_uint8, normalize = split_transform(pre_train if cfg.augment else pre_val)
+    if cfg.modality == "image":
+        to_uint8 = TwoViews(cfg.views, model.image_size)
+        normalize = DeviceNormalize(model.mean, model.std)
+    else:
+        to_uint8, normalize = split_transform(pre_train if cfg.augment else pre_val)
     normalize = normalize.to(info.device)
     cfg, _ = resolve_loader(cfg, tuple(blank_image(to_uint8).shape), tokenizer, info)
     stream, mode, num_samples, steps_per_epoch = make_stream(cfg, urls, info, to_uint8, tokenizer)
@@ -200,8 +220,8 @@ def _train(cfg: TrainConfig, info: DistInfo, urls: list[str], out: Path) -> dict
     from open_clip_train.scheduler import const_lr, cosine_lr
     schedule = (cosine_lr if cfg.lr_scheduler == "cosine" else const_lr)(engine.optimizer, cfg.lr, cfg.warmup,
                                                                          total_steps)
-    loss_fn = MaskedClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
-                             rank=info.rank, world_size=info.world_size)
+    loss_fn = (MaskedNTXentLoss if cfg.modality == "image" else MaskedClipLoss)(
+        local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, rank=info.rank, world_size=info.world_size)
     ckpts = Checkpoints(out / "checkpoints", engine, cfg, info)
     at = _resume(ckpts, cfg, info)
     if info.is_main:  # the epochs from the resumed one on write their loader lines again
@@ -317,9 +337,11 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
-def _step(engine: Engine, loss_fn: MaskedClipLoss, batch: Batch, cfg: TrainConfig,
+def _step(engine: Engine, loss_fn: MaskedClipLoss | MaskedNTXentLoss, batch: Batch, cfg: TrainConfig,
           normalize: DeviceNormalize) -> torch.Tensor:
-    """One optimisation step on `batch` (on the device, its images uint8); returns its loss."""
+    """One optimisation step on `batch` (on the device, its images uint8: [B, 3, H, W], or
+    [B, 2, 3, H, W] two views for an image-only model, whose (a, b, scale) are its views'
+    projections); returns its loss."""
     images = normalize(batch.images)
     with engine.autocast():
         image_f, text_f, scale = _features(engine.model(images, batch.tokens))

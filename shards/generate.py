@@ -37,8 +37,9 @@ def make_key(shard: int, index: int) -> str:
     return f"{shard:05d}{index:0{SAMPLE_DIGITS}d}"
 
 
-def shard_samples(spec: W.WorldSpec, seed: int, shard: int, n: int):
-    """The samples of shard `shard` (a generator, deterministic in (seed, shard))."""
+def shard_samples(spec: W.WorldSpec, seed: int, shard: int, n: int, captions: bool = True):
+    """The samples of shard `shard` (a generator, deterministic in (seed, shard)); without
+    `captions`, image-only data: no .txt member (the same images and .json)."""
     rng = np.random.default_rng([seed, shard])
     for i in range(n):
         key = make_key(shard, i)
@@ -48,26 +49,27 @@ def shard_samples(spec: W.WorldSpec, seed: int, shard: int, n: int):
         jpg = W.encode_jpeg(W.render(spec, scene, rng), spec.jpeg_quality)
         meta = sample_meta(key, text, jpg, spec.image_size, spec.image_size,
                            attributes=scene, mentioned=sorted(k for k, v in mentioned.items() if v))
-        yield {"__key__": key, "jpg": jpg, "txt": text, "json": meta}
+        yield {"__key__": key, "jpg": jpg, "json": meta, **({"txt": text} if captions else {})}
 
 
 def _write_one(args) -> tuple[str, int]:
-    spec_dict, seed, shard, n, out = args
+    spec_dict, seed, shard, n, out, captions = args
     spec = W.spec_from_dict(spec_dict)
     name = shard_name(shard)
-    return name, write_shard(out, name, shard_samples(spec, seed, shard, n))
+    return name, write_shard(out, name, shard_samples(spec, seed, shard, n, captions))
 
 
 def generate(out: str | os.PathLike, spec: W.WorldSpec, num_samples: int, samples_per_shard: int = 1000,
-             seed: int = 0, workers: int = 1, progress: bool = True) -> dict:
-    """Write the training shards; returns {shard basename: count}. Resumes a partial run."""
+             seed: int = 0, workers: int = 1, progress: bool = True, captions: bool = True) -> dict:
+    """Write the training shards (without `captions`: images and .json only); returns
+    {shard basename: count}. Resumes a partial run."""
     if num_samples < 1 or samples_per_shard < 1:
         raise UsageError("--num-samples and --samples-per-shard must be >= 1")
     if samples_per_shard >= 10 ** SAMPLE_DIGITS:
         raise UsageError(f"--samples-per-shard must be < {10 ** SAMPLE_DIGITS}")
     out = Path(out)
     params = {"world": spec.to_dict(), "num_samples": num_samples,
-              "samples_per_shard": samples_per_shard, "seed": seed}
+              "samples_per_shard": samples_per_shard, "seed": seed, **({} if captions else {"captions": False})}
     _claim_folder(out, params)
     n_shards = -(-num_samples // samples_per_shard)
     jobs, sizes = [], {}
@@ -76,7 +78,7 @@ def generate(out: str | os.PathLike, spec: W.WorldSpec, num_samples: int, sample
         if (out / f"{shard_name(s)}.tar").exists():
             sizes[f"{shard_name(s)}.tar"] = n
         else:
-            jobs.append((spec.to_dict(), seed, s, n, str(out)))
+            jobs.append((spec.to_dict(), seed, s, n, str(out), captions))
     if len(jobs) < n_shards:
         log.info("%s: %d of %d shards already written, resuming", out, n_shards - len(jobs), n_shards)
     bar = tqdm(total=len(jobs), desc="shards", unit="shard", disable=not progress or not jobs)
@@ -122,10 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    p.add_argument("--no-captions", action="store_true", help="image-only shards: no .txt members")
     args = p.parse_args(argv)
     setup_logging()
     spec = W.spec_from_args(args)
-    sizes = generate(args.out, spec, args.num_samples, args.samples_per_shard, args.seed, args.workers)
+    sizes = generate(args.out, spec, args.num_samples, args.samples_per_shard, args.seed, args.workers,
+                     captions=not args.no_captions)
     log.info("wrote %d samples in %d shards to %s", sum(sizes.values()), len(sizes), args.out)
     return 0
 

@@ -30,7 +30,9 @@ node/worker splitters and shuffles:
                      tar_samples(problems), check_samples(problems), decode_images(problems))
 
 Samples come out as {"__key__", "__url__", "image" (bytes, or PIL after decode_images),
-"image_ext", "text" (str), "json" (dict or None)}.
+"image_ext", "text" (str), "json" (dict or None)}. A job that reads no caption (image-only
+training, embedding the image tower) passes `captions=False`: a sample without a caption is
+then a good one, with text "".
 """
 from __future__ import annotations
 
@@ -290,7 +292,10 @@ def _tar_samples(urls: Iterable[Any], problems: ProblemLog) -> Iterator[dict]:
         yield from group_members(tar_members(url, problems), url, problems)
 
 
-def _check_samples(samples: Iterable[dict], problems: ProblemLog) -> Iterator[dict]:
+def _check_samples(samples: Iterable[dict], problems: ProblemLog, captions: bool = True) -> Iterator[dict]:
+    """Good samples of raw ones, each problem counted. Without `captions` (image-only
+    training) a sample needs no caption: its "text" is its caption if it has a readable one,
+    else ""."""
     for raw in samples:
         url, key = raw["__url__"], raw["__key__"]
         if raw.get("__duplicate__"):
@@ -300,18 +305,21 @@ def _check_samples(samples: Iterable[dict], problems: ProblemLog) -> Iterator[di
         if ext is None:
             problems.add("missing_image", url, key)
             continue
-        if "txt" not in raw:
+        if not captions:
+            text = _text_or_empty(raw.get("txt"))
+        elif "txt" not in raw:
             problems.add("missing_caption", url, key)
             continue
-        try:
-            text = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problems.add("bad_text_encoding", url, key, _short(exc))
-            continue
-        text = text.strip()
-        if not text:
-            problems.add("empty_caption", url, key)
-            continue
+        else:
+            try:
+                text = raw["txt"].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problems.add("bad_text_encoding", url, key, _short(exc))
+                continue
+            text = text.strip()
+            if not text:
+                problems.add("empty_caption", url, key)
+                continue
         meta = None
         if "json" in raw:
             try:
@@ -320,6 +328,13 @@ def _check_samples(samples: Iterable[dict], problems: ProblemLog) -> Iterator[di
                 problems.add("bad_json", url, key, _short(exc))
         yield {"__key__": key, "__url__": url, "__span__": raw.get("__span__"), "image": raw[ext], "image_ext": ext,
                "text": text, "json": meta}
+
+
+def _text_or_empty(data: bytes | None) -> str:
+    try:
+        return data.decode("utf-8").strip() if data is not None else ""
+    except UnicodeDecodeError:
+        return ""
 
 
 def decode_image(data: bytes, mode: str = "RGB") -> Image.Image:
@@ -344,22 +359,23 @@ check_samples = wds.pipelinefilter(_check_samples)
 decode_images = wds.pipelinefilter(_decode_images)
 
 
-def good_samples(problems: ProblemLog, decode: bool = False) -> list:
+def good_samples(problems: ProblemLog, decode: bool = False, captions: bool = True) -> list:
     """The pipeline stages from shard URLs to good samples (every problem counted in
-    `problems`), for every job that reads shards: tar_samples, check_samples and, with
-    `decode`, decode_images."""
-    return [tar_samples(problems), check_samples(problems)] + ([decode_images(problems)] if decode else [])
+    `problems`), for every job that reads shards: tar_samples, check_samples (without
+    `captions`, a sample needs none) and, with `decode`, decode_images."""
+    return [tar_samples(problems), check_samples(problems, captions=captions)] + \
+        ([decode_images(problems)] if decode else [])
 
 
 def read_samples(spec: str | Sequence[str], problems: ProblemLog | None = None, *,
-                 decode: bool = True, split: bool = False) -> Iterator[dict]:
-    """All good samples of a spec, in shard order. `split` divides shards over
-    torch.distributed ranks and DataLoader workers."""
+                 decode: bool = True, split: bool = False, captions: bool = True) -> Iterator[dict]:
+    """All good samples of a spec, in shard order (without `captions`, a sample needs none).
+    `split` divides shards over torch.distributed ranks and DataLoader workers."""
     problems = problems if problems is not None else ProblemLog()
     stages: list = [wds.SimpleShardList(expand_urls(spec))]
     if split:
         stages += [wds.split_by_node, wds.split_by_worker]
-    return iter(wds.DataPipeline(*stages, *good_samples(problems, decode)))
+    return iter(wds.DataPipeline(*stages, *good_samples(problems, decode, captions)))
 
 
 def shard_basename(url: str) -> str:

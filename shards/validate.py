@@ -27,8 +27,9 @@ from shards.reader import (ProblemLog, is_local, check_samples, decode_images, e
 log = logging.getLogger("shards.validate")
 
 
-def validate_shard(url: str, decode: bool = True) -> dict:
-    """Good-sample count and problems of one shard (run in a worker process)."""
+def validate_shard(url: str, decode: bool = True, captions: bool = True) -> dict:
+    """Good-sample count and problems of one shard (run in a worker process); without
+    `captions`, a sample needs no caption (image-only data)."""
     problems = ProblemLog(logger=None)
     keys_in_tar: set[str] = set()
 
@@ -37,7 +38,7 @@ def validate_shard(url: str, decode: bool = True) -> dict:
             keys_in_tar.add(s["__key__"])
             yield s
 
-    good = check_samples(problems)(note_keys(tar_samples(problems)([url])))
+    good = check_samples(problems, captions=captions)(note_keys(tar_samples(problems)([url])))
     if decode:
         good = decode_images(problems)(good)
     count = sum(1 for _ in good)
@@ -62,7 +63,8 @@ def _missing_from_parquet(path: Path, keys_in_tar: set[str]) -> list[str]:
     return sorted(r["key"] for r in rows if r["status"] == "success" and r["key"] not in keys_in_tar)
 
 
-def validate(spec: str | Sequence[str], decode: bool = True, workers: int = 1, progress: bool = True) -> dict:
+def validate(spec: str | Sequence[str], decode: bool = True, workers: int = 1, progress: bool = True,
+             captions: bool = True) -> dict:
     """Validate every shard of `spec`; returns a report with per-shard counts and problems."""
     urls = expand_urls(spec)
     results = []
@@ -70,12 +72,12 @@ def validate(spec: str | Sequence[str], decode: bool = True, workers: int = 1, p
     if workers > 1 and len(urls) > 1:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(urls)), mp_context=ctx) as pool:
-            for r in pool.map(validate_shard, urls, [decode] * len(urls)):
+            for r in pool.map(validate_shard, urls, [decode] * len(urls), [captions] * len(urls)):
                 results.append(r)
                 bar.update()
     else:
         for url in urls:
-            results.append(validate_shard(url, decode))
+            results.append(validate_shard(url, decode, captions))
             bar.update()
     bar.close()
     problems = [p for r in results for p in r["problems"] + r["missing"]]
@@ -113,12 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-decode", action="store_true", help="do not decode images (faster, misses corrupt images)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     p.add_argument("--show", type=int, default=20, help="problems to list (all go to --report)")
+    p.add_argument("--no-captions", action="store_true",
+                   help="image-only data: a sample without a caption is a good one")
     args = p.parse_args(argv)
     setup_logging()
     if not 0.0 <= args.max_problem_rate <= 1.0:
         raise UsageError(f"--max-problem-rate must be in [0, 1], got {args.max_problem_rate}")
     urls = expand_urls(args.spec)
-    report = validate(urls, decode=not args.no_decode, workers=args.workers)
+    report = validate(urls, decode=not args.no_decode, workers=args.workers, captions=not args.no_captions)
 
     width = max(len(shard_basename(s["url"])) for s in report["shards"])
     print(f"{'shard':<{width}}  {'samples':>8}  {'problems':>8}")

@@ -40,6 +40,11 @@ def resolve_loader(cfg: TrainConfig, image_shape: tuple[int, ...], tokenizer=Non
     return dataclasses.replace(cfg, workers=plan.workers, prefetch_factor=plan.prefetch), plan
 
 
+def needs_captions(cfg: TrainConfig) -> bool:
+    """Whether a training sample needs a caption: not for image-only training."""
+    return cfg.modality != "image"
+
+
 def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, tokenizer):
     """(the rank's batch stream, its batching mode: global | slot | off, samples per epoch,
     steps per epoch) for the config's `labels` and `bucket`."""
@@ -54,7 +59,7 @@ def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, to
             raise UsageError(f"{stage.path}: the ranks read different sidecars ({len(set(seen))} versions: "
                              f"sample counts {sorted({s[0] for s in seen})}); is assign still running?")
         stream = GlobalBatchStream(index, transform, tokenizer, cfg.batch_size, cfg.seed,
-                                   info.rank, info.world_size, cfg.fallback_min_batches)
+                                   info.rank, info.world_size, cfg.fallback_min_batches, captions=needs_captions(cfg))
         check_fallback(cfg, stage, int(stream.fell.sum()), len(stream.index), len(np.unique(stream.index.label)),
                        stream.global_batch)
         if info.is_main:
@@ -72,7 +77,8 @@ def make_stream(cfg: TrainConfig, urls: list[str], info: DistInfo, transform, to
     worker_batches, steps_per_epoch = epoch_plan(num_samples, cfg.batch_size, info.world_size, cfg.workers)
     stream = TrainStream(urls, transform, tokenizer, cfg.batch_size, worker_batches, cfg.seed, info.rank,
                          info.world_size, cfg.shuffle_buffer, labeler,
-                         bucket_cap=(cfg.bucket_cap or 16 * cfg.batch_size) if mode == "slot" else None, sizes=sizes)
+                         bucket_cap=(cfg.bucket_cap or 16 * cfg.batch_size) if mode == "slot" else None, sizes=sizes,
+                         captions=needs_captions(cfg))
     return stream, mode, num_samples, steps_per_epoch
 
 
@@ -84,7 +90,7 @@ def regrouped_stream(cfg: TrainConfig, info: DistInfo, transform, tokenizer):
 
     stage = StageDir.from_label_source(cfg.labels)
     stream = RegroupedStream(cfg.regrouped, transform, tokenizer, cfg.batch_size, cfg.seed, info.rank,
-                             info.world_size)
+                             info.world_size, captions=needs_captions(cfg))
     if stream.meta["record"] != current_record(stage).to_json():
         raise UsageError(f"{cfg.regrouped}: regrouped from other labels than {stage.path}'s current ones; "
                          "run the regroup step again")

@@ -168,7 +168,7 @@ class GlobalBatchStream(IterableDataset):
     resumed epoch: since the resume point)."""
 
     def __init__(self, index: SampleIndex, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, min_batches: float = 1.0):
+                 world_size: int = 1, min_batches: float = 1.0, captions: bool = True):
         super().__init__()
         self.index, self.transform, self.tokenizer = index, transform, tokenizer
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -176,6 +176,7 @@ class GlobalBatchStream(IterableDataset):
         self.group, self.parent, self.fell = coarse_groups(index.label, index.ks, min_batches * self.global_batch)
         self.epoch, self.start, self.plan, self.mine = 0, {}, None, None
         self.problems = ProblemLog()
+        self.captions = captions  # False: image-only training, a sample needs no caption
 
     def steps_per_epoch(self) -> int:
         _, counts = np.unique(self.group, return_counts=True)
@@ -220,7 +221,7 @@ class GlobalBatchStream(IterableDataset):
         except Exception as exc:  # noqa: BLE001 - a moved, truncated or rewritten shard: counted, masked
             self.problems.add("unreadable_shard", url, f"@{start}", f"bytes at {start}: {str(exc)[:200]}")
             return None
-        checked = next(iter(check_samples(self.problems)([raw])), None)
+        checked = next(iter(check_samples(self.problems, captions=self.captions)([raw])), None)
         if checked is not None:
             checked.update(label=int(self.group[i]), parent=int(self.parent[i]),
                            caption_id=stable_hash64(checked["text"]), round=0)

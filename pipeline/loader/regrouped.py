@@ -63,8 +63,9 @@ class RegroupedStream(IterableDataset):
     batch's `info` carries its worker's position, problems and counters."""
 
     def __init__(self, root: str, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, captions: bool = True):
         super().__init__()
+        self.captions = captions  # False: image-only training, a sample needs no caption
         self.root = root.rstrip("/")
         self.meta = read_layout(self.root)
         if (self.meta["world_size"], self.meta["batch_size"]) != (world_size, batch_size):
@@ -146,7 +147,7 @@ class RegroupedStream(IterableDataset):
                 raise UsageError(f"{raw['__url__']}: sample {raw['__key__']} has no .cls member: not a regrouped "
                                  "file (pipeline.regroup writes them)")
             raw["__duplicate__"] = False  # two sources' samples may share a key: the regroup keeps both
-            checked = next(iter(check_samples(self.problems)([raw])), None)
+            checked = next(iter(check_samples(self.problems, captions=self.captions)([raw])), None)
             if checked is None:
                 continue
             group = int(label)

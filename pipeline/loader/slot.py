@@ -69,12 +69,14 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: Sequence[str], transform, tokenizer, batch_size: int, worker_batches: int | None,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
-                 labeler: Labeler = no_labels, bucket_cap: int | None = None, sizes: Sequence[int] | None = None):
+                 labeler: Labeler = no_labels, bucket_cap: int | None = None, sizes: Sequence[int] | None = None,
+                 captions: bool = True):
         super().__init__()
         self.urls, self.transform, self.tokenizer, self.sizes = list(urls), transform, tokenizer, sizes
         self.batch_size, self.worker_batches, self.bucket_cap = batch_size, worker_batches, bucket_cap
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.labeler = shuffle_buffer, labeler
+        self.captions = captions  # False: image-only training, a sample needs no caption
         self.epoch = 0
         self.start: dict[int, int] = {}  # worker -> batches already consumed this epoch
         self.problems = ProblemLog()
@@ -90,7 +92,7 @@ class TrainStream(IterableDataset):
             rng = random.Random(seed_of(self.seed, self.epoch, slot, rnd))
             order = shards[:]
             rng.shuffle(order)
-            stream = wds.DataPipeline(lambda: iter(order), *good_samples(self.problems),
+            stream = wds.DataPipeline(lambda: iter(order), *good_samples(self.problems, captions=self.captions),
                                       lambda samples: self._labelled(samples, rnd),
                                       wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng))
             n = 0

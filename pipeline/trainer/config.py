@@ -23,7 +23,10 @@ class TrainConfig:
     data: str = ""                   # shard spec (brace pattern, folder, ::-joined, URLs)
     out: str = ""                    # the stage folder: checkpoints/, model/, metrics.jsonl, done.json
     # model and init
-    model: str = "mcl-tiny-vit"      # open_clip architecture or a config in configs/models
+    modality: str = "clip"           # clip (image-text pairs, MaskedClipLoss) | image (two augmented views of each
+                                     # image, SimCLR's NT-Xent: pipeline.trainer.ntxent; captions not needed)
+    model: str = "mcl-tiny-vit"      # open_clip architecture or a config in configs/models (image: an image-only
+                                     # one, pipeline.image_model)
     pretrained: str | None = None    # open_clip tag, checkpoint file, or saved stage folder
     quick_gelu: bool | None = None   # None: as the pretrained tag was trained (OpenAI: QuickGELU)
     lock_image: bool = False
@@ -37,7 +40,9 @@ class TrainConfig:
     prefetch_factor: int | None = None  # batches each worker keeps ready; None: what loader_memory_gb holds (1-4)
     loader_memory_gb: float = 4.0    # host memory per rank for prefetched batches (prefetch_factor: None)
     shuffle_buffer: int = 1000
-    augment: bool = False            # open_clip's train transform instead of the eval one
+    augment: bool = False            # open_clip's train transform instead of the eval one (clip)
+    views: list | None = None        # image: the augmentations of the two views (pipeline.loader.views; None:
+                                     # SimCLR's crops, flips, colour jitter and grayscale)
     train_num_samples: int | None = None  # samples per epoch (default: the shards' sizes.json)
     epochs: int = 1
     steps: int | None = None         # total steps; overrides epochs
@@ -122,11 +127,28 @@ class TrainConfig:
             errors.append(f"max_fallback: must be between 0 and 1, got {self.max_fallback}")
         if not 0 <= self.max_problem_rate <= 1:
             errors.append(f"max_problem_rate: must be between 0 and 1, got {self.max_problem_rate}")
+        errors += self._modality_errors()
         if self.missing_labels not in ("error", "own"):
             errors.append(f"missing_labels: must be 'error' or 'own', got {self.missing_labels!r}")
         errors += check_trackers(self.report_to)
         if self.bucket_cap is not None and self.bucket_cap < self.batch_size:
             errors.append(f"bucket_cap: must be >= batch_size ({self.batch_size}), got {self.bucket_cap}")
+        return errors
+
+
+    def _modality_errors(self) -> list[str]:
+        if self.modality not in ("clip", "image"):
+            return [f"modality: must be one of ['clip', 'image'], got {self.modality!r}"]
+        if self.modality == "clip":
+            return [] if self.views is None else ["views: applies to modality: image only"]
+        errors = [f"{name}: does not apply to modality: image" for name in
+                  ("caption_dedup", "lock_image", "lock_text", "augment") if getattr(self, name)]
+        from pipeline.loader.views import augmentations
+
+        try:
+            augmentations(self.views, 32)
+        except ValueError as exc:
+            errors.append(str(exc))
         return errors
 
 
