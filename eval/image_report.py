@@ -5,15 +5,19 @@ SimCLR, one stage, all stages' steps), `ensemble` (independently seeded plain Si
 merged) and `mcl` (with its stages alone as stage1, stage2, ...). Each is scored by the
 attribute probes on the held-out shards (eval.probes: linear and kNN).
 
-Which attribute plain SimCLR suppresses is read off its probe, per seed: an attribute is
-"suppressed" when the baseline's linear probe stays within SUPPRESSED of the way from chance
-to 100% while some model of the seed gets past LEARNABLE of it (the attribute can be learned
-with these augmentations, yet plain SimCLR did not); the "easy" attribute is the one the
-baseline learns best (by the same chance-relative measure). The verdict is the unimodal
-claim: MCL's linear probe beats the baseline's on the suppressed attributes by >= GAIN
-points with mean - std over seeds > MARGIN, and loses at most MARGIN points to it on the
-easy one (a gain there is no loss); every difference also gets its pooled bootstrap 95% interval
-and p-value (eval.stats), items and seeds resampled together, as in eval.report.
+Which attribute plain SimCLR suppresses is read off MCL's stage 1, plain SimCLR after one
+stage's steps, per seed, as eval.report does for CLIP: an attribute is "suppressed" when its
+linear probe stays within SUPPRESSED of the way from chance to 100%; the "easy" attribute is the
+one it learns best (by the same chance-relative measure). The models compared (the baseline, the
+ensemble, MCL) are not the one that chose: the baseline's and the ensemble's scores carry no
+selection, and MCL's merged features include stage 1's, so the choice can only cost MCL. That
+an attribute can be learned at all is the views' part (docs/unimodal.md): they keep every
+attribute the probes ask. The verdict is the unimodal claim: MCL's linear probe beats the
+baseline's (plain SimCLR for all the steps) on the suppressed attributes by >= GAIN points,
+with mean - std over seeds > MARGIN and the pooled bootstrap 95% interval above 0, and loses
+at most MARGIN points to it on the easy one (the mean and the interval's low end >= -MARGIN;
+a gain there is no loss). Intervals and p-values: eval.stats, items and seeds resampled
+together, with each seed's exact McNemar test, as in eval.report.
 """
 from __future__ import annotations
 
@@ -24,13 +28,13 @@ from common.io import atomic_output, write_json
 from eval import outcomes as O
 from eval import report as R
 from eval import stats as S
-from eval.probes import PROBE_TITLES, RECORD_NAME
+from eval.probes import KNN_K, PROBE_TITLES, RECORD_NAME
 from pipeline.stage import RunDir
 
 METHODS = ("baseline", "ensemble", "mcl")
 PROBES = ("linear", "knn")
 OUTCOME_KINDS = {"linear": "probe", "knn": "probe_knn"}  # eval.outcomes.SOURCES
-SUPPRESSED, LEARNABLE = 0.25, 0.5  # shares of the way from chance to 100%
+SUPPRESSED = 0.25  # a share of the way from chance to 100%
 GAIN, MARGIN = 10.0, 5.0
 
 
@@ -59,16 +63,14 @@ def seed_results(runs: dict[str, Path], seed: int, config: dict) -> dict:
 
 
 def compare(models: dict) -> dict:
-    """The seed's suppressed and easy attributes (from the baseline's linear probe) and MCL's
-    gains over the baseline and the ensemble on each attribute and group."""
-    base = models.get("baseline", {}).get("linear", {})
-    chance = models.get("baseline", {}).get("chance", {})
-    if not base:
+    """The seed's suppressed and easy attributes (from stage 1's linear probe) and MCL's gains
+    over the baseline and the ensemble on each attribute and group."""
+    first = models.get("stage1", {}).get("linear", {})
+    chance = models.get("stage1", {}).get("chance", {})
+    if not first:
         return {"suppressed": [], "easy": [], "gains": {}}
-    share = {a: _share(v, chance[a]) for a, v in base.items()}
-    best = {a: max(_share(m["linear"][a], chance[a]) for m in models.values() if a in m.get("linear", {}))
-            for a in base}
-    suppressed = [a for a in base if share[a] <= SUPPRESSED and best[a] >= LEARNABLE]
+    share = {a: _share(v, chance[a]) for a, v in first.items()}
+    suppressed = [a for a in first if share[a] <= SUPPRESSED]
     easy = [max(share, key=share.get)]
     gains = {}
     for other in ("baseline", "ensemble"):
@@ -103,8 +105,13 @@ def pooled_tests(per_seed: list[dict]) -> dict:
                 lists = [r["comparison"][group] for r in per_seed]
                 if all(lists):
                     sets[group] = lists
-            out.setdefault(f"mcl - {other}", {})[probe] = {label: S.pooled(a, b, groups)
-                                                           for label, groups in sets.items()}
+            rec = {}
+            for label, groups in sets.items():
+                test = S.pooled(a, b, groups)
+                if test is not None:
+                    test["mcnemar"] = [R._mcnemar(x, y, g) for x, y, g in zip(a, b, groups)]
+                rec[label] = test
+            out.setdefault(f"mcl - {other}", {})[probe] = rec
     return out
 
 
@@ -134,11 +141,15 @@ def summarize(per_seed: list[dict]) -> dict:
                  for g in dict.fromkeys(g for r in per_seed for g in r["comparison"]["gains"].get(k, {}))}
              for k in keys}
     base = gains.get("baseline/linear", {})
-    suppressed_ok = _holds(base.get("suppressed"), lambda s: s["mean"] >= GAIN and s["mean"] - s["std"] > MARGIN)
-    easy_ok = _holds(base.get("easy"), lambda s: s["mean"] >= -MARGIN)
+    tests = pooled_tests(per_seed)
+    pooled = tests.get("mcl - baseline", {}).get("linear", {})
+    suppressed_ok = _holds(base.get("suppressed"), lambda s: s["mean"] >= GAIN and s["mean"] - s["std"] > MARGIN) \
+        and _holds(pooled.get("suppressed"), lambda t: t["low"] > 0)
+    easy_ok = _holds(base.get("easy"), lambda s: s["mean"] >= -MARGIN) \
+        and _holds(pooled.get("easy"), lambda t: t["low"] >= -MARGIN)
     every_seed = all(r["comparison"]["suppressed"] for r in per_seed)
     return {"seeds": [s for r in per_seed for s in r["seeds"]], "models": models, "gains": gains,
-            "intervals": pooled_intervals(per_seed), "tests": pooled_tests(per_seed),
+            "intervals": pooled_intervals(per_seed), "tests": tests,
             "suppressed": {str(r["seeds"][0]): r["comparison"]["suppressed"] for r in per_seed},
             "easy": {str(r["seeds"][0]): r["comparison"]["easy"] for r in per_seed},
             "shows_suppression": every_seed, "required_met": bool(every_seed and suppressed_ok and easy_ok),
@@ -164,10 +175,10 @@ def table(summary: dict, probe: str = "linear") -> str:
 
 def verdict(summary: dict) -> list[str]:
     g, tests = summary["gains"], summary.get("tests", {})
-    lines = [f"suppressed by plain SimCLR (baseline's linear probe <= {SUPPRESSED:.0%} of the way from chance to 100, "
-             f"some model >= {LEARNABLE:.0%}): "
-             + "; ".join(f"seed {s}: {', '.join(p) or 'none'}" for s, p in summary["suppressed"].items()),
-             "easy (what the baseline learns best): "
+    lines = [f"suppressed by plain SimCLR after one stage (stage1's linear probe <= {SUPPRESSED:.0%} of the way from "
+             "chance to 100): " + "; ".join(f"seed {s}: {', '.join(p) or 'none'}"
+                                           for s, p in summary["suppressed"].items()),
+             "easy (what stage1 learns best): "
              + "; ".join(f"seed {s}: {', '.join(p)}" for s, p in summary["easy"].items())]
     for other in ("baseline", "ensemble"):
         rec = g.get(f"{other}/linear", {})
@@ -176,7 +187,8 @@ def verdict(summary: dict) -> list[str]:
                      f"(mean ± std over seeds; pooled: {R._test_line(test.get('suppressed'))}); easy: "
                      f"{R._fmt(rec.get('easy'))} (pooled: {R._test_line(test.get('easy'))})")
     lines.append(f"required (MCL's linear probe on the suppressed attributes >= {GAIN:.0f} points above plain "
-                 f"SimCLR's with mean - std > {MARGIN:.0f}, the easy attribute at most {MARGIN:.0f} points below): "
+                 f"SimCLR's with mean - std > {MARGIN:.0f} and the 95% interval above 0; the easy attribute at most "
+                 f"{MARGIN:.0f} points below, mean and interval): "
                  f"{'met' if summary['required_met'] else 'NOT met'}")
     return lines
 
@@ -245,7 +257,7 @@ def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[
         f"Seeds: {', '.join(map(str, summary['seeds']))}. Image-only SimCLR stages; attribute probes on held-out "
         "shards: accuracy (%), mean ± std over seeds.", "",
         "### Linear probe", "", table(summary, "linear"), "",
-        f"### kNN probe (k={PROBE_TITLES['knn'].split('=')[1]}", "", table(summary, "knn"), "",
+        f"### kNN probe (k={KNN_K})", "", table(summary, "knn"), "",
         *[f"- {line}" for line in verdict(summary)], "",
         f"### Linear probe with 95% intervals and paired tests ({seeds})", "", R.INTERVALS.replace(
             "items (pairs within each pattern)", "items (test samples of each attribute)").replace(

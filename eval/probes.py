@@ -44,7 +44,7 @@ def probe(encoders: list[Encoder], data: str, max_samples: int = 2000, seed: int
     from sklearn.neighbors import KNeighborsClassifier
 
     spec = read_world(data, "probes")
-    samples = labelled_samples(data, max_samples)
+    samples = labelled_samples(data, max_samples, captions=False)  # attributes and images, no caption needed
     if len(samples) < 20:
         raise UsageError(f"{data}: only {len(samples)} samples with attribute labels")
     rng = np.random.default_rng(seed)

@@ -74,7 +74,7 @@ def choose(world: str | None, quick: bool, config: str | None, out: str | None,
     if modality not in MODALITIES:
         raise UsageError(f"--modality: must be one of {list(MODALITIES)}, got {modality!r}")
     if modality == "image":
-        if world or config:
+        if world:
             raise UsageError("--modality image has its own world (configs/demo_image.yaml); for another, give "
                              "--config with `modality: image` in its run section")
         default_config, default_out = IMAGE_QUICK if quick else IMAGE

@@ -104,8 +104,9 @@ def _in_features(layer: nn.Module) -> int:
 
 class ImageSSL(nn.Module):
     """Backbone + SimCLR projection head. `forward(images)` takes views [B, V, 3, H, W]
-    (or one view [B, 3, H, W]) and returns (first view's projections, last view's, logit_scale),
-    the projections L2-normalised: the (a, b, scale) a CLIP model returns, for the same trainer."""
+    (or one view [B, 3, H, W]) and returns (first view's projections, last view's, 1 / temperature),
+    the projections L2-normalised: the (a, b, logit_scale.exp()) a CLIP model returns, for the same
+    trainer and loss call."""
 
     modality = MODALITY
 
@@ -133,7 +134,7 @@ class ImageSSL(nn.Module):
             images = images[:, None]
         b, v = images.shape[:2]
         z = F.normalize(self.head(self.backbone(images.flatten(0, 1))), dim=-1).view(b, v, -1)
-        return z[:, 0], z[:, -1], self.logit_scale
+        return z[:, 0], z[:, -1], self.logit_scale.exp()  # as open_clip's CLIP returns its scale: 1 / temperature
 
 
 def create(model_cfg: dict) -> ImageSSL:

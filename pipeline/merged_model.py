@@ -42,7 +42,10 @@ class MergedCLIP(torch.nn.Module):
             std=preprocess_cfgs[0].get("std"), interpolation=preprocess_cfgs[0].get("interpolation"),
             resize_mode=preprocess_cfgs[0].get("resize_mode"))
         self.modality = getattr(models[0], "modality", "clip")
-        if self.modality == "image":
+        if self.modality == "image":  # the stages' own eval transform and no tokens
+            self.preprocess = image_model.eval_transform({"image_size": preprocess_cfgs[0]["size"],
+                                                          "mean": preprocess_cfgs[0]["mean"],
+                                                          "std": preprocess_cfgs[0]["std"]})
             self.tokenizer = image_model.no_tokens
         elif hasattr(models[0], "context_length"):
             self.tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=models[0].context_length)

@@ -80,12 +80,18 @@ def _create_image_only(arch: str, pretrained: str | None, device):
     if pretrained:
         weights = Path(folder) / WEIGHTS_NAME if folder else Path(pretrained)
         if not weights.is_file():
-            raise ValueError(f"{pretrained}: no such weights file (an image-only model starts from scratch, a "
-                             f"saved stage folder or a state_dict file)")
+            raise UsageError(f"{pretrained}: no such weights file (an image-only model starts from scratch, a "
+                             f"saved stage folder or a state_dict file; nothing is downloaded)")
         state = torch.load(weights, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
-        target = model if any(k.startswith("backbone.") for k in state) else model.backbone
-        target.load_state_dict(state)  # a whole model's weights, or a backbone's alone
+        whole = any(k.startswith("backbone.") for k in state)
+        target = model if whole else model.backbone  # a whole model's weights, or a backbone's alone
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        if missing:
+            raise UsageError(f"{pretrained}: not weights of this backbone: {len(missing)} of its tensors missing "
+                             f"(e.g. {missing[0]})")
+        if unexpected:  # a classifier's head of a stock checkpoint (fc, classifier, head): the backbone has none
+            log.info("%s: %d tensors not in the model ignored (e.g. %s)", pretrained, len(unexpected), unexpected[0])
     return model.to(device), None, image_model.eval_transform(cfg), image_model.no_tokens
 
 

@@ -152,7 +152,7 @@ def cluster_grid(data: str | Sequence[str], key_cluster: dict[tuple[str, str], i
         urls = expand_urls(data)
         names = dict(zip(urls, shard_names(urls)))
     chosen: dict[int, list] = collections.defaultdict(list)
-    for s in read_samples(data, ProblemLog(logger=None)):
+    for s in read_samples(data, ProblemLog(logger=None), captions=False):  # images only: image-only data too
         c = key_cluster.get((names.get(s["__url__"], ""), s["__key__"]))
         if c is not None and len(chosen[c]) < per_cluster:
             chosen[c].append(s["image"])

@@ -31,8 +31,10 @@ node/worker splitters and shuffles:
 
 Samples come out as {"__key__", "__url__", "image" (bytes, or PIL after decode_images),
 "image_ext", "text" (str), "json" (dict or None)}. A job that reads no caption (image-only
-training, embedding the image tower) passes `captions=False`: a sample without a caption is
-then a good one, with text "".
+training, the embedding by an image-only model, the probes) passes `captions=False`: a sample
+without a caption is then a good one, with text "". Counting a shard's samples by reading it
+(`shard_sizes` without sizes.json) counts those with a caption: image-only data needs its
+sizes.json (`shards.validate --no-captions` writes it).
 """
 from __future__ import annotations
 

@@ -18,10 +18,11 @@ def read_world(data: str, what: str) -> W.WorldSpec:
     return W.spec_from_dict(json.loads(record.read_text())["world"], source=str(record))
 
 
-def labelled_samples(data: str, max_samples: int) -> list[dict]:
-    """Up to `max_samples` decoded samples of `data` that carry their attributes, in order."""
+def labelled_samples(data: str, max_samples: int, captions: bool = True) -> list[dict]:
+    """Up to `max_samples` decoded samples of `data` that carry their attributes, in order
+    (without `captions`, samples without one count too: image-only shards)."""
     samples = []
-    for s in read_samples(data, ProblemLog()):
+    for s in read_samples(data, ProblemLog(), captions=captions):
         if isinstance(s["json"], dict) and "attributes" in s["json"]:
             samples.append(s)
         if len(samples) >= max_samples:

@@ -143,12 +143,16 @@ class TrainConfig:
             return [] if self.views is None else ["views: applies to modality: image only"]
         errors = [f"{name}: does not apply to modality: image" for name in
                   ("caption_dedup", "lock_image", "lock_text", "augment") if getattr(self, name)]
-        from pipeline.loader.views import augmentations
+        from PIL import Image
 
-        try:
-            augmentations(self.views, 32)
+        from pipeline.loader.views import TwoViews
+
+        try:  # built and applied once: a transform for tensors only fails here, not in a DataLoader worker
+            TwoViews(self.views, 32)(Image.new("RGB", (40, 40), (120, 60, 30)))
         except ValueError as exc:
             errors.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - whatever a transform raises on a PIL image
+            errors.append(f"views: the transforms fail on a PIL image ({type(exc).__name__}: {str(exc)[:160]})")
         return errors
 
 

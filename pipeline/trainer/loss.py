@@ -25,6 +25,15 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 
+def gather_ids(ids: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's `ids` (labels, caption ids, valid flags) concatenated in rank order."""
+    if world_size == 1:
+        return ids
+    out = [torch.empty_like(ids) for _ in range(world_size)]
+    dist.all_gather(out, ids.contiguous())
+    return torch.cat(out)
+
+
 class MaskedClipLoss(ClipLoss):
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = False,
                  rank: int = 0, world_size: int = 1):
@@ -33,11 +42,7 @@ class MaskedClipLoss(ClipLoss):
         self.last_effective_negatives = float("nan")
 
     def _gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return ids
-        out = [torch.empty_like(ids) for _ in range(self.world_size)]
-        dist.all_gather(out, ids.contiguous())
-        return torch.cat(out)
+        return gather_ids(ids, self.world_size)
 
     def negative_mask(self, labels: torch.Tensor | None, caption_ids: torch.Tensor | None,
                       valid: torch.Tensor | None, n_rows: int, n_cols: int, device) -> torch.Tensor | None:

@@ -15,9 +15,10 @@ negatives per valid anchor.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.loss import gather_features
+
+from pipeline.trainer.loss import gather_ids
 
 
 class MaskedNTXentLoss(torch.nn.Module):
@@ -28,11 +29,7 @@ class MaskedNTXentLoss(torch.nn.Module):
         self.last_effective_negatives = float("nan")
 
     def _gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return ids
-        out = [torch.empty_like(ids) for _ in range(self.world_size)]
-        dist.all_gather(out, ids.contiguous())
-        return torch.cat(out)
+        return gather_ids(ids, self.world_size)
 
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor, logit_scale: torch.Tensor,
                 labels: torch.Tensor | None = None, caption_ids: torch.Tensor | None = None,
