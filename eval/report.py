@@ -231,7 +231,7 @@ def table(summary: dict) -> str:
 def _p(p: float, space: str = "") -> str:
     """'p=0.002', or 'p<=0.0001' at the bootstrap's floor."""
     text = S.fmt_p(p, S.RESAMPLES)
-    return f"p{space}{'' if text.startswith('<') else '='}{space}{text}"
+    return f"p{space}{text[:2]}{space}{text[2:]}" if text.startswith("<=") else f"p{space}={space}{text}"
 
 
 def _test_line(test: dict | None) -> str:
