@@ -24,7 +24,7 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
         assert list(rec["mmvp"]) == PATTERNS + ["average"], name
         assert all(0 <= v <= 100 for v in rec["mmvp"].values())
         assert set(rec["probe"]) == {"background", "shape", "count", "position"}, name
-        assert all(set(v) == {"linear", "zero_shot", "chance", "intervals"} for v in rec["probe"].values())
+        assert all(set(v) == {"linear", "knn", "zero_shot", "chance", "intervals"} for v in rec["probe"].values())
         assert set(rec["sugarcrepe"]) == kinds | {"average"}, name  # the world's SugarCrepe-format set
         # every evaluation's per-item outcomes, as many as its items: 5 pairs a pattern, 20 samples a category
         outcomes = {kind: results["outcomes"][kind][name] for kind in ("mmvp", "sugarcrepe", "zeroshot", "probe")}
@@ -65,7 +65,7 @@ def test_quick_demo_runs_mcl_ensemble_and_baseline_and_reports(quick_demo):
     assert summary["models"]["mcl"]["mmvp"]["average"]["mean"] == results["models"]["mcl"]["mmvp"]["average"]
     tests = summary["tests"]
     assert set(tests) == {"mcl - ensemble", "mcl - baseline"}
-    assert set(tests["mcl - baseline"]) == {"mmvp", "sugarcrepe", "zeroshot", "probe"}
+    assert set(tests["mcl - baseline"]) == {"mmvp", "sugarcrepe", "zeroshot", "probe", "probe_knn"}
     assert {"average", "suppressed", "easy", "persistent"} <= set(tests["mcl - baseline"]["mmvp"])
     interval = summary["intervals"]["mmvp"]["mcl"]["average"]
     assert interval["low"] <= summary["models"]["mcl"]["mmvp"]["average"]["mean"] <= interval["high"]
