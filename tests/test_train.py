@@ -128,8 +128,9 @@ def test_a_bare_srun_environment_on_two_nodes_forms_one_process_group(tmp_path, 
     assert len(_losses(stage)) == 4 and (stage / "done.json").is_file()
 
 
-def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_shards):
-    args = [f"data={tiny_shards}", "steps=30", "workers=2", "save_every=6", *COMMON]
+def kill_and_resume(tmp_path, args: list[str], kill_after: int, steps: int) -> tuple[list, list]:
+    """Train `args` once cleanly, and once SIGKILLed after the checkpoint of step `kill_after`
+    and run again; returns (the clean run's losses, the killed and resumed run's)."""
     clean = tmp_path / "clean"
     r = run_cli("pipeline.train", f"out={clean}", *args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -138,18 +139,21 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_shards):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", f"out={killed}", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_00000012.pt").exists() and time.time() < deadline:
+    while not (killed / "checkpoints" / f"step_{kill_after:08d}.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "done.json").exists(), "the run finished before it could be killed"
-    steps_before = len(_losses(killed))
-    assert 12 <= steps_before < 30
+    assert kill_after <= len(_losses(killed)) < steps
 
     r = run_cli("pipeline.train", f"out={killed}", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
-    a, b = _losses(clean), _losses(killed)
+    return _losses(clean), _losses(killed)
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_shards):
+    a, b = kill_and_resume(tmp_path, [f"data={tiny_shards}", "steps=30", "workers=2", "save_every=6", *COMMON], 12, 30)
     assert len(a) == len(b) == 30
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, list(zip(a, b))
 
