@@ -24,14 +24,14 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from common.io import atomic_output, write_json
+from common.io import write_json
 from eval import outcomes as O
 from eval import report as R
 from eval import stats as S
 from eval.probes import KNN_K, PROBE_TITLES, RECORD_NAME
 from pipeline.stage import RunDir
 
-METHODS = ("baseline", "ensemble", "mcl")
+METHODS = R.METHODS
 PROBES = ("linear", "knn")
 OUTCOME_KINDS = {"linear": "probe", "knn": "probe_knn"}  # eval.outcomes.SOURCES
 SUPPRESSED = 0.25  # a share of the way from chance to 100%
@@ -162,8 +162,7 @@ def _holds(stat: dict | None, test) -> bool:
 
 def table(summary: dict, probe: str = "linear") -> str:
     """One probe's accuracy per attribute and model (mean ± std over seeds), chance last, as Markdown."""
-    names = [n for n in (*METHODS, *sorted(n for n in summary["models"] if n.startswith("stage")))
-             if n in summary["models"]]
+    names = R.model_names(summary)
     attrs = list(summary["models"][names[0]][probe])
     chance = summary["models"][names[0]]["chance"]
     lines = ["| model | " + " | ".join(attrs) + " |", "|---" * (len(attrs) + 1) + "|"]
@@ -191,23 +190,6 @@ def verdict(summary: dict) -> list[str]:
                  f"{MARGIN:.0f} points below, mean and interval): "
                  f"{'met' if summary['required_met'] else 'NOT met'}")
     return lines
-
-
-def interval_table(summary: dict, probe: str, names: list[str]) -> str:
-    per_model = summary.get("intervals", {}).get(probe, {})
-    names = [n for n in names if n in per_model]
-    if not names:
-        return "(not measured)"
-    groups = list(per_model[names[0]])
-    lines = ["| model | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(S.fmt_interval(per_model[n].get(g)) for g in groups) + " |")
-    for label, per_probe in summary.get("tests", {}).items():
-        rec = per_probe.get(probe, {})
-        lines.append(f"| **{label}** | " + " | ".join(
-            "-" if not rec.get(g) else f"{S.fmt_interval(rec[g], 'diff', True)} {R._p(rec[g]['p'])}"
-            for g in groups) + " |")
-    return "\n".join(lines)
 
 
 def plot(summary: dict, path: Path) -> Path:
@@ -248,9 +230,8 @@ def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[
     write_json(out / "summary.json", summary, sort_keys=False)
     plot(summary, out / "probes.png")
     seed, mcl = next(iter(mcl_runs.items()))
-    stage_dirs = sorted(p for p in mcl.glob("stage*") if p.is_dir())
-    names = [n for n in (*METHODS, *sorted(n for n in summary["models"] if n.startswith("stage")))
-             if n in summary["models"]]
+    stages = R.run_stage_dirs(mcl)
+    names = R.model_names(summary)
     seeds = f"pooled over {len(summary['seeds'])} seed(s)"
     parts = [
         "# MCL image-only demo report", "",
@@ -262,14 +243,12 @@ def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[
         f"### Linear probe with 95% intervals and paired tests ({seeds})", "", R.INTERVALS.replace(
             "items (pairs within each pattern)", "items (test samples of each attribute)").replace(
             " Chance is 25.", ""), "",
-        interval_table(summary, "linear", names), "",
-        f"### kNN probe with 95% intervals ({seeds})", "", interval_table(summary, "knn", names), "",
+        R.interval_table(summary, "linear", names), "",
+        f"### kNN probe with 95% intervals ({seeds})", "", R.interval_table(summary, "knn", names), "",
         "![probes per attribute](probes.png)", "",
         f"## Clusters of the MCL stages (seed {seed}): purity per attribute", "",
-        R._purity_table(stage_dirs), "",
+        R._purity_table(stages), "",
         f"## Training of the MCL stages (seed {seed}): loss and the loader's batches", "",
-        R._training_table(stage_dirs), "",
+        R._training_table(stages), "",
     ]
-    with atomic_output(out / "report.md", "w") as f:
-        f.write("\n".join(parts) + "\n")
-    return out / "report.md"
+    return R.write_markdown(out / "report.md", parts)

@@ -217,10 +217,27 @@ def _fmt(stat) -> str:
     return f"{stat['mean']:.1f}" + (f" ± {stat['std']:.1f}" if stat.get("std") else "")
 
 
+def model_names(summary: dict) -> list[str]:
+    """The summary's models in report order: the methods, then MCL's stages."""
+    return [n for n in (*METHODS, *sorted(n for n in summary["models"] if n.startswith("stage")))
+            if n in summary["models"]]
+
+
+def run_stage_dirs(run_dir: Path) -> list[Path]:
+    """The stage folders of a run, in order."""
+    return sorted(p for p in run_dir.glob("stage*") if p.is_dir())
+
+
+def write_markdown(path: Path, parts: list[str]) -> Path:
+    """`parts` as lines of a Markdown file, written atomically."""
+    with atomic_output(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    return path
+
+
 def table(summary: dict) -> str:
     """The per-pattern MMVP table (mean ± std over seeds), as Markdown."""
-    names = [n for n in (*METHODS, *sorted(n for n in summary["models"] if n.startswith("stage")))
-             if n in summary["models"]]
+    names = model_names(summary)
     patterns = list(summary["models"]["mcl"]["mmvp"])
     lines = ["| model | " + " | ".join(patterns) + " |", "|---" * (len(patterns) + 1) + "|"]
     for n in names:
@@ -398,10 +415,9 @@ def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[
     write_json(out / "summary.json", summary, sort_keys=False)
     plot(summary, out / "mmvp.png")
     seed, mcl = next(iter(mcl_runs.items()))
-    stage_dirs = sorted(p for p in mcl.glob("stage*") if p.is_dir())
-    grids = [StageDir(d).grid for d in stage_dirs if StageDir(d).grid.is_file()]
-    names = [n for n in (*METHODS, *sorted(n for n in summary["models"] if n.startswith("stage")))
-             if n in summary["models"]]
+    stages = run_stage_dirs(mcl)
+    grids = [StageDir(d).grid for d in stages if StageDir(d).grid.is_file()]
+    names = model_names(summary)
     seeds = f"pooled over {len(summary['seeds'])} seed(s)"
     parts = [
         "# MCL demo report", "",
@@ -428,13 +444,11 @@ def write_report(out: Path, summary: dict, per_seed: list[dict], mcl_runs: dict[
         interval_table(summary, "zeroshot", names), "",
         f"## Clusters of the MCL stages (seed {seed}): purity per attribute", "",
         "Purity: the share of samples whose attribute value is their cluster's most common one.", "",
-        _purity_table(stage_dirs), "",
+        _purity_table(stages), "",
         f"## Training of the MCL stages (seed {seed}): loss and the loader's batches", "",
         "Stage 1 trains on random batches; later stages on batches of one cluster of the stage before "
         "(pure), or mixed where a group ran short.", "",
-        _training_table(stage_dirs), "",
+        _training_table(stages), "",
         *[f"![{g.parent.parent.name} clusters]({g.relative_to(out)})\n" for g in grids],
     ]
-    with atomic_output(out / "report.md", "w") as f:
-        f.write("\n".join(parts) + "\n")
-    return out / "report.md"
+    return write_markdown(out / "report.md", parts)

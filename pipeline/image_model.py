@@ -23,6 +23,7 @@ so fingerprints, merging and loading treat it as any stage model.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -39,8 +40,9 @@ DEFAULT_STD = (0.25, 0.25, 0.25)
 LIBRARIES = ("timm", "torchvision")
 
 
+@functools.lru_cache(maxsize=1)
 def architectures() -> dict[str, dict]:
-    """The image-only architectures of configs/models, by name."""
+    """The image-only architectures of configs/models, by name (read once; not to be mutated)."""
     found = {}
     for path in sorted(MODEL_CONFIG_DIR.glob("*.json")):
         try:
@@ -142,17 +144,16 @@ def create(model_cfg: dict) -> ImageSSL:
 
 
 def preprocess_cfg(model_cfg: dict) -> dict:
+    """The input a model takes: {"size", "mean", "std"} (what a saved folder records, `eval_transform`'s keywords)."""
     return {"size": model_cfg["image_size"], "mean": list(model_cfg.get("mean", DEFAULT_MEAN)),
             "std": list(model_cfg.get("std", DEFAULT_STD))}
 
 
-def eval_transform(model_cfg: dict):
-    """PIL image -> normalised tensor: resized (shorter side) and centre-cropped to the model's size."""
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]):
+    """PIL image -> normalised tensor: resized (shorter side) and centre-cropped to `size`."""
     from torchvision import transforms as T
 
-    size = model_cfg["image_size"]
-    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(model_cfg.get("mean", DEFAULT_MEAN), model_cfg.get("std", DEFAULT_STD))])
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def no_tokens(texts: Sequence[str]) -> torch.Tensor:

@@ -37,20 +37,17 @@ class MergedCLIP(torch.nn.Module):
         self.stages = torch.nn.ModuleList(models)
         self.names, self.per_stage_norm = names, per_stage_norm
         self.preprocess_cfgs = preprocess_cfgs
-        self.preprocess = open_clip.image_transform(
-            preprocess_cfgs[0]["size"], is_train=False, mean=preprocess_cfgs[0].get("mean"),
-            std=preprocess_cfgs[0].get("std"), interpolation=preprocess_cfgs[0].get("interpolation"),
-            resize_mode=preprocess_cfgs[0].get("resize_mode"))
+        first = preprocess_cfgs[0]
         self.modality = getattr(models[0], "modality", "clip")
         if self.modality == "image":  # the stages' own eval transform and no tokens
-            self.preprocess = image_model.eval_transform({"image_size": preprocess_cfgs[0]["size"],
-                                                          "mean": preprocess_cfgs[0]["mean"],
-                                                          "std": preprocess_cfgs[0]["std"]})
+            self.preprocess = image_model.eval_transform(first["size"], first["mean"], first["std"])
             self.tokenizer = image_model.no_tokens
-        elif hasattr(models[0], "context_length"):
-            self.tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=models[0].context_length)
         else:
-            self.tokenizer = open_clip.get_tokenizer("ViT-B-32")
+            self.preprocess = open_clip.image_transform(
+                first["size"], is_train=False, mean=first.get("mean"), std=first.get("std"),
+                interpolation=first.get("interpolation"), resize_mode=first.get("resize_mode"))
+            self.tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=models[0].context_length) \
+                if hasattr(models[0], "context_length") else open_clip.get_tokenizer("ViT-B-32")
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()

@@ -92,7 +92,7 @@ def _create_image_only(arch: str, pretrained: str | None, device):
                              f"(e.g. {missing[0]})")
         if unexpected:  # a classifier's head of a stock checkpoint (fc, classifier, head): the backbone has none
             log.info("%s: %d tensors not in the model ignored (e.g. %s)", pretrained, len(unexpected), unexpected[0])
-    return model.to(device), None, image_model.eval_transform(cfg), image_model.no_tokens
+    return model.to(device), None, image_model.eval_transform(**image_model.preprocess_cfg(cfg)), image_model.no_tokens
 
 
 def quick_gelu_for(arch: str, pretrained: str | None, quick_gelu: bool | None = None) -> bool:
@@ -142,9 +142,9 @@ def create(arch: str, pretrained: str | None = None, precision: str = "fp32", de
 def model_config(arch: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> dict:
     """The open_clip model config a stage is saved with (its activation recorded)."""
     if pretrained and os.path.isdir(pretrained):
-        return json.loads((Path(pretrained) / CONFIG_NAME).read_text())["model_cfg"]
+        return saved_config(pretrained)
     if arch in image_model.architectures():
-        return image_model.architectures()[arch]
+        return dict(image_model.architectures()[arch])
     register_project_configs()
     cfg = open_clip.get_model_config(arch)
     if cfg is None:

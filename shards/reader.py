@@ -307,21 +307,9 @@ def _check_samples(samples: Iterable[dict], problems: ProblemLog, captions: bool
         if ext is None:
             problems.add("missing_image", url, key)
             continue
-        if not captions:
-            text = _text_or_empty(raw.get("txt"))
-        elif "txt" not in raw:
-            problems.add("missing_caption", url, key)
+        text = _caption(raw, problems) if captions else _text_or_empty(raw.get("txt"))
+        if text is None:
             continue
-        else:
-            try:
-                text = raw["txt"].decode("utf-8")
-            except UnicodeDecodeError as exc:
-                problems.add("bad_text_encoding", url, key, _short(exc))
-                continue
-            text = text.strip()
-            if not text:
-                problems.add("empty_caption", url, key)
-                continue
         meta = None
         if "json" in raw:
             try:
@@ -330,6 +318,23 @@ def _check_samples(samples: Iterable[dict], problems: ProblemLog, captions: bool
                 problems.add("bad_json", url, key, _short(exc))
         yield {"__key__": key, "__url__": url, "__span__": raw.get("__span__"), "image": raw[ext], "image_ext": ext,
                "text": text, "json": meta}
+
+
+def _caption(raw: dict, problems: ProblemLog) -> str | None:
+    """The sample's caption; None (the problem counted) when it has no usable one."""
+    url, key = raw["__url__"], raw["__key__"]
+    if "txt" not in raw:
+        problems.add("missing_caption", url, key)
+        return None
+    try:
+        text = raw["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        problems.add("bad_text_encoding", url, key, _short(exc))
+        return None
+    if not text:
+        problems.add("empty_caption", url, key)
+        return None
+    return text
 
 
 def _text_or_empty(data: bytes | None) -> str:

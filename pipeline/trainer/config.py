@@ -135,7 +135,6 @@ class TrainConfig:
             errors.append(f"bucket_cap: must be >= batch_size ({self.batch_size}), got {self.bucket_cap}")
         return errors
 
-
     def _modality_errors(self) -> list[str]:
         if self.modality not in ("clip", "image"):
             return [f"modality: must be one of ['clip', 'image'], got {self.modality!r}"]
